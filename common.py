@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from models import build_model
+from models import build_model, model_config
 from models.sit import SiT
 
 CHECKPOINT_FORMAT = "vae-repa/1"
@@ -21,15 +21,24 @@ STEP_FILE = re.compile(r"^\d{7,}\.pt$")  # checkpoints/NNNNNNN.pt
 
 class UsageError(ValueError):
     """A problem with the command line or the files it names; entry points report it without a traceback."""
-# Run arguments that determine the architecture; saved in every checkpoint.
-ARCH_KEYS = ("model", "depth", "hidden_size", "num_heads", "qk_norm", "encoder_depth", "head_layers", "head_width",
-             "num_classes", "latent_shape", "align")
+# Run arguments that determine the architecture (backbone and alignment heads); saved in every checkpoint.
+ARCH_KEYS = ("model", "depth", "hidden_size", "num_heads", "qk_norm", "num_classes", "latent_shape", "align",
+             "vae_repa_depth", "vae_repa_head_layers", "vae_repa_head_width", "enc_type", "encoder_depth",
+             "sra_student_depth", "sra_teacher_depth")
 
 
 def model_from_args(args: dict, with_heads: bool = True) -> SiT:
-    """Build the SiT a run describes (keys of ARCH_KEYS); `with_heads=False` builds the backbone only."""
+    """Build the SiT a run describes (keys of ARCH_KEYS), with the heads of its alignment methods;
+    `with_heads=False` builds the backbone only."""
+    from alignment import build_methods, head_specs  # alignment imports loss, which imports models
+
     channels, size, _ = args["latent_shape"]
-    align = with_heads and args.get("align", True)
+    config = model_config(args["model"])
+    config.update({k: args[k] for k in ("depth", "hidden_size") if args.get(k) is not None})
+    heads = []
+    if with_heads:
+        heads = head_specs(build_methods(args), config["hidden_size"], config["patch_size"], channels,
+                           config["depth"])
     return build_model(
         args["model"],
         input_size=size,
@@ -39,9 +48,8 @@ def model_from_args(args: dict, with_heads: bool = True) -> SiT:
         hidden_size=args.get("hidden_size"),
         num_heads=args.get("num_heads"),
         qk_norm=args.get("qk_norm", False),
-        encoder_depth=args.get("encoder_depth"),
-        vae_head_layers=args.get("head_layers", 5) if align else 0,
-        vae_head_width=args.get("head_width"),
+        vae_head_layers=0,
+        heads=heads,
     )
 
 
@@ -116,6 +124,24 @@ def load_vae(name: str) -> torch.nn.Module:
     except (OSError, ValueError) as e:
         raise UsageError(f"VAE {name} ({where}): cannot load an AutoencoderKL ({e}). Offline, download it once "
                          f"(e.g. `huggingface-cli download {name} --local-dir vae/`) and pass the folder") from e
+
+
+# How decoder output x in [-1, 1] becomes 8-bit pixels (the metrics are computed on these bytes).
+# "repa": uint8(clamp(255 (x + 1) / 2)) = floor(127.5 x + 127.5), REPA's generate.py and so the paper's protocol;
+# "dit": uint8(clamp(127.5 x + 128)), DiT's and SiT's sample_ddp.py: about half of all pixels one level brighter.
+PIXEL_ROUNDINGS = ("repa", "dit")
+
+
+def to_uint8(images: torch.Tensor, rounding: str = "repa") -> torch.Tensor:
+    """Decoder output in [-1, 1], (N, 3, H, W) -> uint8 (N, H, W, 3), truncated after clamping to [0, 255]."""
+    x = images.float()
+    if rounding == "repa":
+        x = 255.0 * ((x + 1) / 2)  # REPA's order of float32 operations, so the bytes match on ties too
+    elif rounding == "dit":
+        x = x * 127.5 + 128
+    else:
+        raise ValueError(f"unknown pixel rounding {rounding!r}; choose one of {PIXEL_ROUNDINGS}")
+    return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def decode_latents(vae: torch.nn.Module, x: torch.Tensor, scale, shift) -> torch.Tensor:

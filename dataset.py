@@ -26,20 +26,26 @@ class LatentDataset(Dataset):
 
     With z = mean + std * eps (eps ~ N(0, I), a fresh posterior sample) an item is
         x      = (z + shift) * scale       the diffusion model's input
-        target = (mean + shift) * scale    the clean latent that the VAE-REPA loss aligns to
+        target = (mean + shift) * scale    the posterior mean: the VAE-REPA alignment target with
+                                           --vae-repa-target mean (the default target is x itself)
     with the same flip choice for both (probability 0.5 when flipped latents exist and use_flip is set).
     eps and the flip are a pure function of (seed, epoch, index): independent of the DataLoader workers and
     of the process. The epoch lives in shared memory, so set_epoch also reaches persistent workers.
 
     `path` is a folder written by preprocessing/encode.py (manifest.json), or REPA's layout: the folder that
     holds vae-sd/, or vae-sd/ itself (dataset.json + */img-mean-std-*.npy).
+
+    With `with_images`, an item also holds `images`: the uint8 (R, R, 3) center crop the latent came from (flipped
+    with it), for REPA's encoder. Our shards store them with `--save-images` (memory-mapped, never decoded);
+    REPA's layout keeps PNGs in images/ beside vae-sd/, matched by sorted file order as REPA's loader does.
     """
 
-    def __init__(self, path: str | Path, in_memory: bool = False, use_flip: bool = True, seed: int = 0):
+    def __init__(self, path: str | Path, in_memory: bool = False, use_flip: bool = True, seed: int = 0,
+                 with_images: bool = False):
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
         self.root = Path(path)
-        self.in_memory, self.use_flip, self.seed = in_memory, use_flip, seed
+        self.in_memory, self.use_flip, self.seed, self.with_images = in_memory, use_flip, seed, with_images
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._data = None
         if (self.root / "manifest.json").is_file():
@@ -85,6 +91,11 @@ class LatentDataset(Dataset):
         if len(m["latent_shape"]) != 3:
             raise DatasetError(f"{path}: latent_shape must be [C, H, W], got {m['latent_shape']}")
         kinds = ["mean", "std"] + (["flip-mean", "flip-std"] if m.get("flip") and self.use_flip else [])
+        if self.with_images:
+            if not m.get("images"):
+                raise DatasetError(f"{path}: the dataset holds no images, which REPA's encoder needs. Preprocess "
+                                   "with --save-images (into a new --dest; 196 KB per 256 px image)")
+            kinds.append("images")
         try:
             counts = [int(shard["count"]) for shard in m["shards"]]
             self._shard_files = [{kind: self.root / shard["files"][kind] for kind in kinds} for shard in m["shards"]]
@@ -95,7 +106,7 @@ class LatentDataset(Dataset):
                                f"{m['num_images']}")
         self.manifest = m
         self._repa_files = None
-        self._flip = len(kinds) == 4
+        self._flip = "flip-mean" in kinds
         self._offsets = np.cumsum([0] + counts)
         self._labels_source = self.root / m.get("labels", "labels.npy")
         self.labels = self._load(self._labels_source, (m["num_images"],), None, mmap=False)
@@ -121,6 +132,7 @@ class LatentDataset(Dataset):
         if len(shape) != 3 or shape[0] % 2:
             raise DatasetError(f"{vae_dir / files[0]}: expected a (2C, H, W) array (mean and std), got {first.shape}")
         self._repa_files = [vae_dir / f for f in files]
+        self._repa_images = self._list_repa_images(vae_dir.parent / "images", len(files)) if self.with_images else None
         self._flip = False
         self._labels_source = meta_path
         try:
@@ -139,6 +151,18 @@ class LatentDataset(Dataset):
             "flip": False,
             "source": str(vae_dir),
         }
+
+    @staticmethod
+    def _list_repa_images(folder: Path, count: int) -> list[Path]:
+        """REPA's images/ folder: PNGs (any PIL format) in sorted order, one per latent file."""
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: missing; REPA's encoder needs the images (REPA's preprocessing writes "
+                               "them beside vae-sd/)")
+        exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+        files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in exts), key=lambda p: p.as_posix())
+        if len(files) != count:
+            raise DatasetError(f"{folder}: holds {len(files)} images but vae-sd/ holds {count} latents")
+        return files
 
     def _load(self, path: Path, shape: tuple | None, dtype: str | None, mmap: bool) -> np.ndarray:
         """np.load with the failure modes of a damaged dataset turned into DatasetError."""
@@ -165,8 +189,16 @@ class LatentDataset(Dataset):
         shape, dtype = tuple(self.latent_shape), self.manifest["dtype"]
         data = []
         for files, count in zip(self._shard_files, np.diff(self._offsets)):
-            arrays = {kind: self._load(path, (count, *shape), dtype, mmap=True) for kind, path in files.items()}
-            data.append({k: np.array(a) for k, a in arrays.items()} if self.in_memory else arrays)
+            arrays = {kind: self._load(path, (count, *shape), dtype, mmap=True) for kind, path in files.items()
+                      if kind != "images"}
+            if self.in_memory:  # the images (~50x the latents' size) stay memory-mapped
+                arrays = {k: np.array(a) for k, a in arrays.items()}
+            if "images" in files:
+                arrays["images"] = self._load(files["images"], None, "uint8", mmap=True)
+                if arrays["images"].shape[0] != count or arrays["images"].ndim != 4 or arrays["images"].shape[3] != 3:
+                    raise DatasetError(f"{files['images']}: expected ({count}, R, R, 3) uint8 images, got "
+                                       f"{arrays['images'].shape}")
+            data.append(arrays)
         return data
 
     def _read_repa(self, i: int) -> np.ndarray:
@@ -218,6 +250,24 @@ class LatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _image(self, i: int, flip: bool) -> np.ndarray:
+        """The uint8 (R, R, 3) center crop of image i, mirrored when its flipped latent is used."""
+        if self._repa_files is not None:
+            from PIL import Image
+
+            with Image.open(self._repa_images[i]) as im:
+                return np.asarray(im.convert("RGB"))
+        k = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        image = self._data[k]["images"][i - int(self._offsets[k])]
+        return np.ascontiguousarray(image[:, ::-1] if flip else image)
+
+    @property
+    def image_size(self) -> int | None:
+        """Side of the stored images (None without with_images)."""
+        if not self.with_images:
+            return None
+        return int(self._image(0, False).shape[0]) if len(self) else None
+
     def _moments(self, i: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
         """Posterior mean and std of image i (float32, C x H x W)."""
         if self._repa_files is not None:
@@ -241,12 +291,15 @@ class LatentDataset(Dataset):
         eps = rng.standard_normal(mean.shape, dtype=np.float32)
         x = (mean + std * eps + self.shift) * self.scale
         target = (mean + self.shift) * self.scale
-        return {
+        item = {
             "x": torch.from_numpy(x),
             "target": torch.from_numpy(target),
             "y": torch.tensor(int(self.labels[i]), dtype=torch.int64),
             "index": i,
         }
+        if self.with_images:
+            item["images"] = torch.from_numpy(self._image(i, flip))
+        return item
 
 
 class ResumableDistributedSampler(Sampler[int]):

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import samplers
 from common import (
+    PIXEL_ROUNDINGS,
     UsageError,
     decode_latents,
     list_checkpoints,
@@ -43,6 +44,7 @@ from common import (
     load_vae,
     model_from_args,
     sampling_weights,
+    to_uint8,
 )
 from evaluations.data import NpzImageWriter
 from loss import PATH_TYPES
@@ -105,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "FID a little, so do not compare it with random-label figures)")
     g.add_argument("--global-seed", type=int, default=0, help="seed; sample i depends only on (seed, i)")
     g.add_argument("--per-proc-batch-size", type=int, default=64, help="images per batch on each process")
+    g.add_argument("--pixel-rounding", choices=PIXEL_ROUNDINGS, default="repa",
+                   help="decoder output x in [-1, 1] -> 8-bit pixels: repa = floor(127.5 x + 127.5) (REPA's "
+                        "generate.py, the paper's protocol); dit = floor(127.5 x + 128) (DiT's and SiT's). FID and "
+                        "the other metrics see these bytes: compare figures made with the same rounding")
     g.add_argument("--sample-dir", default="samples",
                    help="parent folder; samples go to <sample-dir>/<name derived from checkpoint and settings>")
 
@@ -273,11 +279,6 @@ def sample_labels(indices: list[int], num_classes: int, mode: str, global_seed: 
 # Pixels and files
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Decoder output in [-1, 1], (N, 3, H, W) -> uint8 (N, H, W, 3): clamp(127.5 x + 128, 0, 255), truncated."""
-    return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
 def save_png(image: np.ndarray, path: Path) -> None:
     """Write a PNG through a temporary file and a rename: a killed run never leaves a truncated image."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -346,6 +347,8 @@ def folder_name(args: argparse.Namespace, ckpt: Path, info: dict, image_size: in
         parts.append(f"interval-{args.guidance_low}-{args.guidance_high}")
     parts += [f"seed-{args.global_seed}", args.mode + ("-heun" if args.heun and args.mode == "ode" else ""),
               f"{args.num_steps}steps", info["path_type"], f"{args.label_sampling}-labels", precision]
+    if args.pixel_rounding != "repa":
+        parts.append(f"{args.pixel_rounding}-pixels")
     return "-".join(parts)
 
 
@@ -369,6 +372,7 @@ def sampling_config(args: argparse.Namespace, info: dict, model: torch.nn.Module
         "global_seed": args.global_seed,
         "label_sampling": args.label_sampling,
         "precision": precision,
+        "pixel_rounding": args.pixel_rounding,
     }
 
 
@@ -469,7 +473,7 @@ def sample_batch(model: SiT, vae: torch.nn.Module, indices: list[int], args: arg
             # the SDE noise of sample i continues its own generator, after its initial noise
             x = samplers.euler_maruyama_sampler(**kwargs, generator=generators)
     images = decode_latents(vae, x, info["latent_scale"], info["latent_shift"])
-    return to_uint8(images).cpu().numpy()
+    return to_uint8(images, args.pixel_rounding).cpu().numpy()
 
 
 def main(argv: list[str] | None = None) -> int:

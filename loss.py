@@ -6,17 +6,17 @@ Time convention: t = 1 is pure noise, t = 0 is data; x_t = alpha_t x + sigma_t e
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from models.sit import patchify
-
 PATH_TYPES = ("linear", "cosine")
-WEIGHTINGS = ("uniform", "lognormal")
+# "lognormal" is REPA's: sigma = exp(N(0, 1)); "lognormal-edm" is EDM's sigma = exp(N(-1.2, 1.2^2)).
+WEIGHTINGS = ("uniform", "lognormal", "lognormal-edm")
+LOGNORMAL_PARAMS = {"lognormal": (0.0, 1.0), "lognormal-edm": (-1.2, 1.2)}  # (mean, std) of log sigma
 ALIGN_OBJECTIVES = ("smooth_l1", "l1", "l2", "cosine")
-ALIGN_TARGETS = ("latent", "mean")
 
 
 def interpolant(t: torch.Tensor, path_type: str = "linear") -> tuple[torch.Tensor, ...]:
@@ -40,15 +40,17 @@ def sample_time(
     path_type: str = "linear",
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
 ) -> torch.Tensor:
-    """n training times in [0, 1]: uniform, or EDM's log-normal noise level mapped onto the path."""
+    """n training times in [0, 1]: uniform, or a log-normal noise level sigma mapped onto the path.
+
+    The log-normal choices draw log sigma ~ N(mean, std^2) (LOGNORMAL_PARAMS: REPA's N(0, 1) for "lognormal",
+    EDM's N(-1.2, 1.2^2) for "lognormal-edm") and return the t at which sigma_t / alpha_t = sigma.
+    """
     if weighting == "uniform":
         return torch.rand(n, device=device, generator=generator)
-    if weighting == "lognormal":
+    if weighting in LOGNORMAL_PARAMS:
+        p_mean, p_std = LOGNORMAL_PARAMS[weighting]
         sigma = (torch.randn(n, device=device, generator=generator) * p_std + p_mean).exp()
-        # the t at which sigma_t / alpha_t equals sigma
         return sigma / (1 + sigma) if path_type == "linear" else torch.atan(sigma) * (2 / math.pi)
     raise ValueError(f"unknown time weighting {weighting!r}; choose one of {WEIGHTINGS}")
 
@@ -66,8 +68,8 @@ def alignment_loss(
     smooth_l1 (elementwise, d = pred - target): 0.5 d^2 / beta if |d| < beta else |d| - 0.5 beta
     (PyTorch's definition), averaged over tokens and features. The paper's Eq. (7) prints the same quadratic
     branch but a linear branch divided by beta (|d| / beta - 1/2), which is discontinuous at |d| = beta, and a
-    sum over elements; we use the continuous function and the mean (DESIGN.md), which keeps lambda = 1 on the
-    scale of the velocity    loss. cosine: 1 - cos(pred_k, target_k) per token, averaged over tokens.
+    sum over elements; we use the continuous function and the mean (see the README), which keeps lambda = 1 on
+    the scale of the velocity loss. cosine: 1 - cos(pred_k, target_k) per token, averaged over tokens.
     """
     with torch.autocast(device_type=pred.device.type, enabled=False):
         pred, target = pred.float(), target.float()
@@ -99,33 +101,14 @@ class LossConfig:
     path_type: str = "linear"
     weighting: str = "uniform"
     cfg_prob: float = 0.1
-    align_coeff: float = 1.0  # lambda in Eq. (8); 0 gives vanilla SiT
-    align_objective: str = "smooth_l1"
-    align_beta: float = 0.05
-    # Alignment applies to samples with t in [low, high]: each such sample keeps weight lambda, the others add
-    # zero (the term is still averaged over the whole batch).
-    align_t_low: float = 0.0
-    align_t_high: float = 1.0
-    align_target: str = "latent"  # "latent": the clean latent being noised; "mean": the posterior mean
 
     def __post_init__(self) -> None:
         if self.path_type not in PATH_TYPES:
             raise ValueError(f"path_type must be one of {PATH_TYPES}, got {self.path_type!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if self.align_objective not in ALIGN_OBJECTIVES:
-            raise ValueError(f"align_objective must be one of {ALIGN_OBJECTIVES}, got {self.align_objective!r}")
-        if self.align_target not in ALIGN_TARGETS:
-            raise ValueError(f"align_target must be one of {ALIGN_TARGETS}, got {self.align_target!r}")
-        if not 0 <= self.align_t_low <= self.align_t_high <= 1:
-            raise ValueError(f"alignment time range must satisfy 0 <= low <= high <= 1, got "
-                             f"[{self.align_t_low}, {self.align_t_high}]")
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"cfg_prob must be in [0, 1), got {self.cfg_prob}")
-
-    @property
-    def aligned(self) -> bool:
-        return self.align_coeff != 0
 
 
 def training_loss(
@@ -134,14 +117,19 @@ def training_loss(
     y: torch.Tensor,
     config: LossConfig,
     null_class: int,
-    posterior_mean: torch.Tensor | None = None,
+    methods: Sequence = (),
     generator: torch.Generator | None = None,
+    **step_inputs,
 ) -> dict[str, torch.Tensor]:
-    """Total loss of Eq. (8) for a batch of clean (scaled) latents x (N, C, H, W) and labels y (N,).
+    """The loss of a batch of clean (scaled) latents x (N, C, H, W) and labels y (N,): the velocity MSE plus each
+    alignment method's weighted term (Eq. 8 for VAE-REPA alone).
 
-    Returns scalars `loss` (what to backpropagate), `denoise` (velocity MSE: mean over C, H, W,
-    then over the batch) and `align` (alignment loss, 0 when alignment is off).
+    `methods` are alignment.AlignmentMethod objects; `step_inputs` go to them (posterior_mean, images, teacher,
+    epoch: see alignment.StepInputs). Returns scalars `total` (what to backpropagate), `denoise` (velocity MSE:
+    mean over C, H, W, then over the batch) and one unweighted term per method under its `log_name`.
     """
+    from alignment.base import StepInputs
+
     n = x.shape[0]
     t = sample_time(n, config.weighting, config.path_type, x.device, generator)
     noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
@@ -151,21 +139,16 @@ def training_loss(
     x_t = alpha * x + sigma * noise
     v_target = d_alpha * x + d_sigma * noise
 
-    v_pred, heads = model(x_t, t, y, return_heads=config.aligned)
+    v_pred, heads = model(x_t, t, y, return_heads=bool(methods))
     denoise = mean_flat((v_pred.float() - v_target.float()) ** 2).mean()
 
-    align = torch.zeros((), device=x.device)
-    if config.aligned:
-        if "vae" not in heads:
-            raise RuntimeError("alignment is on (align_coeff != 0) but the model has no VAE-REPA head")
-        pred = heads["vae"]
-        p = math.isqrt((pred.shape[-1]) // x.shape[1])
-        clean = posterior_mean if config.align_target == "mean" else x
-        if clean is None:
-            raise ValueError("align_target='mean' needs the posterior mean of each latent")
-        per_sample = alignment_loss(pred, patchify(clean, p), config.align_objective, config.align_beta)
-        if (config.align_t_low, config.align_t_high) != (0.0, 1.0):
-            per_sample = per_sample * ((t >= config.align_t_low) & (t <= config.align_t_high))
-        align = per_sample.mean()
-
-    return {"loss": denoise + config.align_coeff * align, "denoise": denoise.detach(), "align": align.detach()}
+    out = {"denoise": denoise.detach()}
+    total = denoise
+    if methods:
+        step = StepInputs(x=x, noise=noise, t=t, y=y, heads=heads, path_type=config.path_type, **step_inputs)
+        for method in methods:
+            term = method.loss(step)
+            total = total + method.weight(step.epoch) * term
+            out[method.log_name] = term.detach()
+    out["total"] = total
+    return out

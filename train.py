@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import alignment
 from common import (
     ARCH_KEYS,
     CHECKPOINT_FORMAT,
@@ -35,7 +36,7 @@ from common import (
     load_vae,
     model_from_args,
 )
-from loss import ALIGN_OBJECTIVES, ALIGN_TARGETS, PATH_TYPES, WEIGHTINGS, LossConfig, training_loss
+from loss import PATH_TYPES, WEIGHTINGS, LossConfig, training_loss
 from models import MODEL_NAMES
 
 logger = logging.getLogger("train")
@@ -57,10 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--keep-last", type=int, default=2, help="retain the newest N checkpoints ...")
     g.add_argument("--keep-every", type=int, default=50000,
                    help="... and every checkpoint whose step is a multiple of this (0: none)")
-    g.add_argument("--sample-every", type=int, default=10000,
-                   help="save a sample grid from the EMA model every N steps (0: never)")
+    g.add_argument("--sampling-steps", "--sample-every", dest="sample_every", type=int, default=10000,
+                   help="save a sample grid from the EMA model every N steps (0: never; REPA's --sampling-steps)")
     g.add_argument("--sample-grid-size", type=int, default=16, help="images in the sample grid")
-    g.add_argument("--sampling-steps", type=int, default=50, help="Euler ODE steps for the sample grid")
+    g.add_argument("--sample-grid-steps", type=int, default=50, help="Euler ODE steps for the sample grid")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=MODEL_NAMES, default="SiT-B/2", help="architecture")
@@ -70,25 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--qk-norm", action="store_true", help="LayerNorm on queries and keys")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
-    g = p.add_argument_group("VAE-REPA alignment")
-    g.add_argument("--align", action=argparse.BooleanOptionalAction, default=True,
-                   help="VAE-REPA alignment; --no-align trains vanilla SiT (no head, no extra cost)")
-    g.add_argument("--encoder-depth", type=int, default=None,
-                   help="align the tokens after this block (default: 2 for S and B, 8 for L and XL)")
-    g.add_argument("--proj-coeff", type=float, default=1.0, help="lambda, the alignment loss weight (Eq. 8)")
-    g.add_argument("--align-loss", choices=ALIGN_OBJECTIVES, default="smooth_l1", help="alignment objective")
-    g.add_argument("--align-beta", type=float, default=0.05, help="smooth-L1 threshold beta")
-    g.add_argument("--align-t-range", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
-                   help="align only samples with t in [LOW, HIGH] (t = 1 is noise)")
-    g.add_argument("--align-target", choices=ALIGN_TARGETS, default="latent",
-                   help="'latent': the clean latent being noised; 'mean': the VAE posterior mean")
-    g.add_argument("--head-layers", type=int, default=5, help="Linear layers in the alignment head")
-    g.add_argument("--head-width", type=int, default=None, help="alignment head width (default: 2 x hidden size)")
-
     g = p.add_argument_group("objective")
     g.add_argument("--path-type", choices=PATH_TYPES, default="linear", help="interpolant")
     g.add_argument("--prediction", choices=("v",), default="v", help="model output (velocity)")
-    g.add_argument("--weighting", choices=WEIGHTINGS, default="uniform", help="training time distribution")
+    g.add_argument("--weighting", choices=WEIGHTINGS, default="uniform",
+                   help="training time distribution: uniform; lognormal (REPA's: log sigma ~ N(0, 1)); "
+                        "lognormal-edm (EDM's: log sigma ~ N(-1.2, 1.2^2)); sigma = noise-to-signal ratio")
     g.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout probability for CFG")
 
     g = p.add_argument_group("optimisation")
@@ -109,11 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--in-memory", action="store_true", help="load the latent shards into RAM")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="use the flipped-image latents (probability 0.5) when the dataset has them")
+    alignment.add_arguments(p)
     args = p.parse_args(argv)
-    if args.proj_coeff == 0:
-        args.align = False  # no head at all: an unused head would also break DDP
+    args.notes = alignment.resolve_args(args, argv, p.error)
     if args.exp_name is None:
-        args.exp_name = f"{args.model.replace('/', '-')}-{'vae-repa' if args.align else 'vanilla'}"
+        args.exp_name = f"{args.model.replace('/', '-')}-{'+'.join(args.align) or 'vanilla'}"
     for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
                  "logging_steps"):
         if getattr(args, name) < 1:
@@ -186,13 +174,14 @@ def sample_grid(ema, vae, args: dict, device: torch.device, n: int, steps: int) 
     return ((images + 1) / 2).clamp(0, 1).cpu()
 
 
-def open_dataset(args: argparse.Namespace):
+def open_dataset(args: argparse.Namespace, with_images: bool = False):
     from dataset import DatasetError, LatentDataset
 
     if not Path(args.data_dir).exists():
         raise UsageError(f"--data-dir {args.data_dir} does not exist (run preprocessing/ first)")
     try:
-        return LatentDataset(args.data_dir, in_memory=args.in_memory, use_flip=args.flip, seed=args.seed)
+        return LatentDataset(args.data_dir, in_memory=args.in_memory, use_flip=args.flip, seed=args.seed,
+                             with_images=with_images)
     except DatasetError as e:
         raise UsageError(f"--data-dir {args.data_dir}: {e}") from e
 
@@ -258,14 +247,16 @@ def train(args: argparse.Namespace):
         torch.backends.cudnn.allow_tf32 = True
 
     run_dir, resume_from = locate_run(args)
-    dataset = open_dataset(args)
+    methods = alignment.build_methods(vars(args))
+    needs = set().union(*(m.needs for m in methods))
+    dataset = open_dataset(args, with_images="images" in needs)
     accelerator.wait_for_everyone()
     if is_main:
         make_run_dir(run_dir)
     accelerator.wait_for_everyone()
     setup_logging(run_dir, is_main)
 
-    run_args = vars(args).copy()
+    run_args = {k: v for k, v in vars(args).items() if k != "notes"}
     run_args.update(latent_shape=list(dataset.latent_shape), num_classes=dataset.num_classes, vae=dataset.vae,
                     latent_scale=dataset.scale, latent_shift=dataset.shift, world_size=world)
 
@@ -275,7 +266,7 @@ def train(args: argparse.Namespace):
             checkpoint = load_checkpoint(resume_from)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from e
-        saved = checkpoint.get("args", {})
+        saved = alignment.upgrade_run_args(checkpoint.get("args", {}))
         mismatched = [k for k in ARCH_KEYS if k in saved and saved[k] != run_args.get(k)]
         if checkpoint.get("format") != CHECKPOINT_FORMAT or mismatched:
             raise UsageError(f"checkpoint {resume_from} does not match this run: " + (
@@ -323,11 +314,13 @@ def train(args: argparse.Namespace):
             set_rng_state(states[rank], device)
         logger.info("resumed from %s at step %d (epoch %d, position %d)", resume_from, step, epoch, position)
 
-    loss_config = LossConfig(
-        path_type=args.path_type, weighting=args.weighting, cfg_prob=args.cfg_prob,
-        align_coeff=args.proj_coeff if args.align else 0.0, align_objective=args.align_loss,
-        align_beta=args.align_beta, align_t_low=args.align_t_range[0], align_t_high=args.align_t_range[1],
-        align_target=args.align_target)
+    loss_config = LossConfig(path_type=args.path_type, weighting=args.weighting, cfg_prob=args.cfg_prob)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    try:
+        for method in methods:
+            method.setup(device, raw_model, image_size=dataset.image_size, autocast_dtype=autocast_dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
     from dataset import ResumableDistributedSampler
 
@@ -356,10 +349,19 @@ def train(args: argparse.Namespace):
         accelerator.init_trackers("vae-repa", config={k: str(v) for k, v in run_args.items()},
                                   init_kwargs=init_kwargs)
 
+    for note in args.notes:
+        logger.info("note: %s", note)
     n_params = sum(p.numel() for p in raw_model.parameters())
-    logger.info("model %s: %.2fM parameters (alignment %s), %d processes, per-process batch %d x %d accumulation",
-                args.model, n_params / 1e6, "on" if loss_config.aligned else "off", world, local_batch,
+    prefixes = raw_model.head_state_prefixes()
+    head_params = sum(p.numel() for n, p in raw_model.named_parameters() if n.startswith(prefixes))
+    logger.info("model %s: %.2fM parameters (%.2fM in alignment heads), %d processes, per-process batch %d x %d "
+                "accumulation", args.model, n_params / 1e6, head_params / 1e6, world, local_batch,
                 args.gradient_accumulation_steps)
+    logger.info("alignment: %s", "none (vanilla SiT)" if not methods else "; ".join(m.describe() for m in methods))
+    for method in methods:
+        if method.external_parameters():
+            logger.info("%s runs %.1fM parameters outside the trained model each step", method.name,
+                        method.external_parameters() / 1e6)
 
     def save_checkpoint() -> None:
         rng_states = [rng_state(device)]
@@ -382,7 +384,8 @@ def train(args: argparse.Namespace):
     from tqdm.auto import tqdm
 
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
-    sums = torch.zeros(4, device=device)  # loss, denoise, align, grad norm since the last log
+    log_names = ["total_loss", "loss"] + [m.log_name for m in methods]  # loss: the denoising loss, as REPA logs it
+    sums = torch.zeros(len(log_names) + 1, device=device)  # the losses and the grad norm since the last log
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     last_log_time, last_log_step = time.time(), step
     model.train()
@@ -390,20 +393,26 @@ def train(args: argparse.Namespace):
         for micro in range(args.gradient_accumulation_steps):
             batch, epoch, position = next(data)
             x, y = batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)
-            mean = batch["target"].to(device, non_blocking=True) if args.align_target == "mean" else None
+            inputs = {"epoch": epoch}
+            if "posterior_mean" in needs:
+                inputs["posterior_mean"] = batch["target"].to(device, non_blocking=True)
+            if "images" in needs:
+                inputs["images"] = batch["images"].to(device, non_blocking=True)
+            if "teacher" in needs:
+                inputs["teacher"] = ema
             sync = micro == args.gradient_accumulation_steps - 1
-            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                out = training_loss(model, x, y, loss_config, raw_model.null_class, posterior_mean=mean)
-                accelerator.backward(out["loss"] / args.gradient_accumulation_steps)
-            parts = torch.stack([out["loss"].detach(), out["denoise"], out["align"]])
-            sums[:3] += parts / args.gradient_accumulation_steps
+            with accelerator.no_sync(model) if not sync else contextlib.nullcontext(), accelerator.autocast():
+                out = training_loss(model, x, y, loss_config, raw_model.null_class, methods, **inputs)
+                accelerator.backward(out["total"] / args.gradient_accumulation_steps)
+            parts = torch.stack([out["total"].detach(), out["denoise"]] + [out[m.log_name] for m in methods])
+            sums[:-1] += parts / args.gradient_accumulation_steps
             nonfinite |= ~torch.isfinite(parts).all()
         if args.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         else:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        sums[3] += grad_norm.detach().float()
+        sums[-1] += grad_norm.detach().float()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, raw_model, args.ema_decay)
@@ -423,11 +432,12 @@ def train(args: argparse.Namespace):
             n = step - last_log_step
             means = accelerator.reduce(sums, reduction="mean") / n
             elapsed = time.time() - last_log_time
-            logs = {"loss": means[0].item(), "denoise_loss": means[1].item(), "align_loss": means[2].item(),
-                    "grad_norm": means[3].item(), "images_per_s": n * args.batch_size / elapsed}
+            values = means.tolist()
+            logs = dict(zip(log_names, values[:-1]))
+            logs.update(grad_norm=values[-1], images_per_s=n * args.batch_size / elapsed)
             if device.type == "cuda":
                 logs["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", align=f"{logs['align_loss']:.4f}")
+            progress.set_postfix({k: f"{logs[k]:.4f}" for k in log_names[1:]})
             logger.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
             accelerator.log(logs, step=step)
             sums.zero_()
@@ -447,7 +457,7 @@ def train(args: argparse.Namespace):
 def save_sample_grid(ema, vae, run_args: dict, device, run_dir: Path, step: int, accelerator) -> None:
     from torchvision.utils import make_grid, save_image
 
-    images = sample_grid(ema, vae, run_args, device, run_args["sample_grid_size"], run_args["sampling_steps"])
+    images = sample_grid(ema, vae, run_args, device, run_args["sample_grid_size"], run_args["sample_grid_steps"])
     grid = make_grid(images, nrow=int(math.ceil(math.sqrt(len(images)))))
     path = run_dir / "samples" / f"{step:07d}.png"
     path.parent.mkdir(exist_ok=True)

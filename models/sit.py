@@ -190,13 +190,31 @@ def build_mlp(in_dim: int, width: int, out_dim: int, num_layers: int) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
-class SiT(nn.Module):
-    """SiT with optional alignment heads tapped after block `encoder_depth`.
+# Parameter prefixes of the alignment heads (ours, REPA's, SRA's): sampling ignores them.
+HEAD_PREFIXES = ("vae_projector.", "projectors.", "ap_head.")
 
-    `forward(x, t, y)` returns `(velocity, heads)`: the velocity (N, C, H, W) and a dict with
-    `"vae"`: the VAE-REPA head's output (N, T, p*p*C), and `"repa"`: a list of REPA projector outputs
-    (N, T, z_dim). Heads run only when asked (`return_heads=True`, the default in training mode), so
-    sampling in eval mode never computes them.
+
+class HeadList(nn.ModuleList):
+    """Several heads on the same tokens (REPA's projectors, one per encoder); returns their outputs as a list."""
+
+    def forward(self, h: torch.Tensor) -> list[torch.Tensor]:
+        return [head(h) for head in self]
+
+
+# An alignment head: (key of its output in `heads`, attribute name = parameter prefix, module, block it taps).
+HeadSpec = tuple[str, str, nn.Module, int]
+
+
+class SiT(nn.Module):
+    """SiT with optional alignment heads, each tapped after a block of its own.
+
+    `forward(x, t, y)` returns `(velocity, heads)`: the velocity (N, C, H, W) and a dict of head outputs, e.g.
+    `"vae"`: the VAE-REPA head's output (N, T, p*p*C), `"repa"`: a list of REPA projector outputs (N, T, z_dim),
+    `"sra"`: SRA's student head (N, T, hidden). Heads run only when asked (`return_heads=True`, the default in
+    training mode), so sampling in eval mode never computes them. The heads' attribute names are those of the
+    methods' own code (`vae_projector`, REPA's `projectors`, SRA's `ap_head`), so checkpoints exchange weights.
+    `encoder_depth`, `vae_head_layers` and `repa_z_dims` build the VAE-REPA head and REPA's projectors on one
+    block (the original layout); `heads` attaches any others.
     """
 
     def __init__(
@@ -215,11 +233,9 @@ class SiT(nn.Module):
         vae_head_width: int | None = None,
         repa_z_dims: Sequence[int] = (),
         repa_projector_dim: int = 2048,
+        heads: Sequence[HeadSpec] = (),
     ):
         super().__init__()
-        heads_wanted = vae_head_layers > 0 or len(repa_z_dims) > 0
-        if heads_wanted and not 1 <= encoder_depth <= depth:
-            raise ValueError(f"encoder_depth must be in [1, {depth}], got {encoder_depth}")
         self.in_channels = self.out_channels = in_channels
         self.input_size = input_size
         self.patch_size = patch_size
@@ -237,15 +253,26 @@ class SiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
 
-        self.vae_projector = (
-            build_mlp(hidden_size, vae_head_width or 2 * hidden_size, patch_size**2 * in_channels, vae_head_layers)
-            if vae_head_layers > 0
-            else None
-        )
-        self.projectors = nn.ModuleList(
-            [build_mlp(hidden_size, repa_projector_dim, z, num_layers=3) for z in repa_z_dims]
-        )
+        self.head_taps: dict[str, tuple[str, int]] = {}  # key -> (attribute, block it taps)
+        if vae_head_layers > 0:
+            head = build_mlp(hidden_size, vae_head_width or 2 * hidden_size, patch_size**2 * in_channels,
+                             vae_head_layers)
+            self.add_head("vae", "vae_projector", head, encoder_depth)
+        if len(repa_z_dims):
+            projectors = HeadList([build_mlp(hidden_size, repa_projector_dim, z, num_layers=3) for z in repa_z_dims])
+            self.add_head("repa", "projectors", projectors, encoder_depth)
+        for key, attr, module, tap in heads:
+            self.add_head(key, attr, module, tap)
         self.initialize_weights()
+
+    def add_head(self, key: str, attr: str, module: nn.Module, depth: int) -> None:
+        """Attach `module` as attribute `attr` (its parameters' prefix), fed the tokens after block `depth`."""
+        if not 1 <= depth <= len(self.blocks):
+            raise ValueError(f"the {key} head's block (encoder_depth) must be in [1, {len(self.blocks)}], got {depth}")
+        if key in self.head_taps or hasattr(self, attr):
+            raise ValueError(f"a head named {key!r} / {attr!r} exists already")
+        setattr(self, attr, module)
+        self.head_taps[key] = (attr, depth)
 
     @property
     def null_class(self) -> int:
@@ -276,28 +303,37 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def has_heads(self) -> bool:
-        return self.vae_projector is not None or len(self.projectors) > 0
+        return bool(self.head_taps)
+
+    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_heads: bool | None = None
     ) -> tuple[torch.Tensor, dict]:
         want_heads = self.training if return_heads is None else return_heads
-        want_heads = want_heads and self.has_heads()
-        h = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
+        taps = self.head_taps if want_heads else {}
+        h, c = self._embed(x, t, y)
         heads: dict = {}
         for i, block in enumerate(self.blocks):
             h = block(h, c)
-            if want_heads and i + 1 == self.encoder_depth:
-                if self.vae_projector is not None:
-                    heads["vae"] = self.vae_projector(h)
-                if len(self.projectors):
-                    heads["repa"] = [projector(h) for projector in self.projectors]
+            for key, (attr, depth) in taps.items():
+                if depth == i + 1:
+                    heads[key] = getattr(self, attr)(h)
         out = self.final_layer(h, c)
         return unpatchify(out, self.patch_size, self.out_channels), heads
 
+    def forward_tokens(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, depth: int) -> torch.Tensor:
+        """The tokens (N, T, hidden) after block `depth`; the blocks after it are not run (SRA's teacher)."""
+        if not 1 <= depth <= len(self.blocks):
+            raise ValueError(f"depth must be in [1, {len(self.blocks)}], got {depth}")
+        h, c = self._embed(x, t, y)
+        for block in self.blocks[:depth]:
+            h = block(h, c)
+        return h
+
     def head_state_prefixes(self) -> tuple[str, ...]:
-        return ("vae_projector.", "projectors.")
+        return HEAD_PREFIXES
 
     def load_backbone_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
         """Load the backbone weights strictly; head weights load where this model has that head.

@@ -33,10 +33,10 @@ ARMS = ("vae-repa", "vanilla")
 # Sizes of the two presets; every entry can be overridden by the flag of the same name.
 PRESETS = {
     "full": dict(per_class=None, vae_steps=250, classifier_epochs=4, depth=6, hidden_size=128, num_heads=4,
-                 encoder_depth=2, train_steps=1200, batch_size=64, learning_rate=1e-3, logging_steps=20,
+                 vae_repa_depth=2, train_steps=1200, batch_size=64, learning_rate=1e-3, logging_steps=20,
                  num_samples=1000, sampling_steps=30, per_class_grid=8),
     "smoke": dict(per_class=100, vae_steps=40, classifier_epochs=10, depth=2, hidden_size=32, num_heads=2,
-                  encoder_depth=1, train_steps=30, batch_size=32, learning_rate=1e-3, logging_steps=5,
+                  vae_repa_depth=1, train_steps=30, batch_size=32, learning_rate=1e-3, logging_steps=5,
                   num_samples=50, sampling_steps=10, per_class_grid=4),
 }
 
@@ -71,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--depth", type=int, default=None, help="SiT blocks")
     g.add_argument("--hidden-size", type=int, default=None, help="SiT width (a multiple of 4 and of --num-heads)")
     g.add_argument("--num-heads", type=int, default=None, help="SiT attention heads")
-    g.add_argument("--encoder-depth", type=int, default=None, help="VAE-REPA aligns the tokens after this block")
-    g.add_argument("--proj-coeff", type=float, default=1.0, help="lambda, the alignment loss weight (default: 1)")
+    g.add_argument("--vae-repa-depth", type=int, default=None, help="VAE-REPA aligns the tokens after this block")
+    g.add_argument("--vae-repa-coeff", type=float, default=1.0, help="lambda, the alignment loss weight (default: 1)")
     g.add_argument("--train-steps", type=int, default=None, help="SiT training steps, the same for both runs")
     g.add_argument("--batch-size", type=int, default=None, help="SiT batch size")
     g.add_argument("--learning-rate", type=float, default=None, help="SiT AdamW learning rate")
@@ -123,8 +123,8 @@ def train_command(args: argparse.Namespace, out: Path, arm: str) -> list[str]:
     cmd = [sys.executable, "train.py", "--data-dir", str(out / "latents"), "--output-dir", str(out / "runs"),
            "--exp-name", arm, "--seed", str(args.seed),
            "--model", "SiT-S/2", "--depth", str(args.depth), "--hidden-size", str(args.hidden_size),
-           "--num-heads", str(args.num_heads), "--encoder-depth", str(args.encoder_depth),
-           "--proj-coeff", str(args.proj_coeff),
+           "--num-heads", str(args.num_heads), "--vae-repa-depth", str(args.vae_repa_depth),
+           "--vae-repa-coeff", str(args.vae_repa_coeff),
            "--max-train-steps", str(args.train_steps), "--batch-size", str(args.batch_size),
            "--learning-rate", str(args.learning_rate), "--ema-decay", f"{args.ema_decay:.6f}",
            "--logging-steps", str(args.logging_steps), "--checkpointing-steps", str(args.train_steps),
@@ -169,7 +169,7 @@ def format_table(rows: list[dict]) -> str:
 
     for r in rows:
         lines.append(f"{r['name']:<24}{cell(r, 'accuracy', 15, '.3f')}{cell(r, 'fd', 16, '.2f')}"
-                     f"{cell(r, 'denoise_loss', 14, '.4f')}{cell(r, 'align_loss', 12, '.4f')}")
+                     f"{cell(r, 'loss', 14, '.4f')}{cell(r, 'vae_repa_loss', 12, '.4f')}")
     return "\n".join(lines)
 
 
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     for arm in ARMS:
         clock.stage(f"train-{arm}", f"Train SiT ({arm}): {args.train_steps} steps, batch {args.batch_size}, "
                                     f"depth {args.depth}, width {args.hidden_size}"
-                    + (f", alignment after block {args.encoder_depth}, lambda {args.proj_coeff}"
+                    + (f", alignment after block {args.vae_repa_depth}, lambda {args.vae_repa_coeff}"
                        if arm == "vae-repa" else ", no alignment"))
         lib.run_logged(train_command(args, out, arm), out / "logs" / f"train-{arm}.log", env,
                        echo=train_progress_filter(args))
@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         curves[arm] = lib.parse_train_log(out / "runs" / arm / "log.txt")
         rows.append({"name": f"SiT {arm}", "accuracy": float(np.mean(pred == wanted)),
                      "fd": lib.frechet_distance(features, real_features),
-                     "denoise_loss": final_mean(curves[arm]["denoise_loss"]),
-                     "align_loss": final_mean(curves[arm]["align_loss"]) if arm == "vae-repa" else None,
+                     "loss": final_mean(curves[arm]["loss"]),
+                     "vae_repa_loss": final_mean(curves[arm]["vae_repa_loss"]) if arm == "vae-repa" else None,
                      "train_seconds": clock.times[f"train-{arm}"]})
         lib.save_class_grid(samples, wanted, num_classes, args.per_class_grid, out / f"grid_{arm}.png",
                             f"{arm}: row = requested class")

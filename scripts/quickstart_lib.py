@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # so that `preprocessing` imports when this file runs as a script
     sys.path.insert(0, str(REPO))
 
+import common  # noqa: E402
 from preprocessing.encode import list_images, load_image  # noqa: E402  (same file list and pixels as encode)
 
 # ----------------------------------------------------------------------------------------------
@@ -80,8 +81,8 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded as generate.py does (127.5 x + 128, cut)."""
-    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded as generate.py does by default (REPA's)."""
+    return common.to_uint8(x).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +247,8 @@ LOG_VALUE = re.compile(r"(\w+)=([-+0-9.eEinfa]+)")
 
 
 def parse_train_log(path: Path) -> dict[str, np.ndarray]:
-    """{"step": ..., "loss": ..., "denoise_loss": ..., "align_loss": ...} from train.py's `step N: k=v ...` lines."""
+    """{"step": ..., "loss": ..., "vae_repa_loss": ..., ...} from train.py's `step N: k=v ...` lines (`loss` is the
+    denoising loss, as REPA logs it)."""
     rows: dict[str, list[float]] = {}
     for line in Path(path).read_text().splitlines():
         match = LOG_LINE.search(line)
@@ -268,9 +270,9 @@ def plot_loss_curves(curves: dict[str, dict[str, np.ndarray]], path: Path) -> No
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, log in curves.items():
-        left.plot(log["step"], log["denoise_loss"], label=name, marker="." if len(log["step"]) < 30 else None)
-        if np.any(log.get("align_loss", np.zeros(1)) > 0):
-            right.plot(log["step"], log["align_loss"], label=name)
+        left.plot(log["step"], log["loss"], label=name, marker="." if len(log["step"]) < 30 else None)
+        if np.any(log.get("vae_repa_loss", np.zeros(1)) > 0):
+            right.plot(log["step"], log["vae_repa_loss"], label=name)
     left.set(xlabel="training step", ylabel="denoising (velocity) loss", title="denoising loss", yscale="log")
     right.set(xlabel="training step", ylabel="smooth-L1 alignment loss", title="VAE-REPA alignment loss")
     for ax in (left, right):

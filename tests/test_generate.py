@@ -303,19 +303,32 @@ def test_labels_are_a_function_of_seed_and_index():
     assert (other_seed != many).float().mean() > 0.5
 
 
-def test_pixel_mapping_is_adm_s_formula():
+@pytest.mark.parametrize("rounding, offset, by_hand", [
+    ("repa", 127.5, [0, 0, 0, 63, 127, 165, 254, 254, 255, 255]),  # floor(127.5 x + 127.5), REPA's generate.py
+    ("dit", 128.0, [0, 0, 0, 64, 128, 166, 254, 255, 255, 255]),  # floor(127.5 x + 128), DiT's sample_ddp.py
+])
+def test_pixel_rounding_formulas(rounding, offset, by_hand):
     x = torch.tensor([-1.5, -1.0, -0.999, -0.5, 0.0, 0.3, 0.996, 0.997, 1.0, 2.0])
     images = x.view(1, 1, 1, -1).expand(1, 3, 2, -1).contiguous()
-    ours = generate.to_uint8(images).numpy()
-    expected = np.floor(np.clip(x.numpy().astype(np.float64) * 127.5 + 128, 0, 255)).astype(np.uint8)
+    ours = generate.to_uint8(images, rounding).numpy()
     assert ours.shape == (1, 2, 10, 3)
+    assert ours[0, 0, :, 0].tolist() == by_hand
+    expected = np.floor(np.clip(x.numpy().astype(np.float64) * 127.5 + offset, 0, 255)).astype(np.uint8)
     np.testing.assert_array_equal(ours[0, 0, :, 0], expected)
-    assert expected.tolist() == [0, 0, 0, 64, 128, 166, 254, 255, 255, 255]
     nchw = torch.rand(2, 3, 4, 5) * 2 - 1
-    np.testing.assert_array_equal(
-        generate.to_uint8(nchw).numpy(),
-        np.floor(np.clip(nchw.numpy().astype(np.float64) * 127.5 + 128, 0, 255)).astype(np.uint8).transpose(0, 2, 3, 1),
-    )
+    by_formula = np.floor(np.clip(nchw.numpy().astype(np.float64) * 127.5 + offset, 0, 255)).astype(np.uint8)
+    np.testing.assert_array_equal(generate.to_uint8(nchw, rounding).numpy(), by_formula.transpose(0, 2, 3, 1))
+
+
+def test_repa_rounding_is_repa_s_float32_expression_and_the_default():
+    x = torch.linspace(-1.01, 1.01, 100_003).view(1, 1, 1, -1).expand(1, 3, 1, -1)
+    repa = torch.clamp(255.0 * ((x + 1) / 2.0), 0, 255).permute(0, 2, 3, 1).to(torch.uint8)  # REPA's expression
+    assert torch.equal(generate.to_uint8(x), repa)
+    dit = generate.to_uint8(x, "dit").int()
+    assert 0.45 < (dit - repa.int()).float().mean() < 0.55  # about half the pixels one level brighter
+    assert ((dit - repa.int()) >= 0).all() and ((dit - repa.int()) <= 1).all()
+    with pytest.raises(ValueError, match="pixel rounding"):
+        generate.to_uint8(x, "round")
 
 
 def test_sde_noise_of_a_sample_does_not_depend_on_its_batch():

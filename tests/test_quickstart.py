@@ -53,8 +53,8 @@ def test_smoke_pipeline(tmp_path):
         if "fd" in row:
             assert math.isfinite(row["fd"]) and row["fd"] >= -1e-6
     for arm in ARMS:
-        assert math.isfinite(rows[f"SiT {arm}"]["denoise_loss"]) and rows[f"SiT {arm}"]["denoise_loss"] > 0
-    assert rows["SiT vae-repa"]["align_loss"] > 0 and rows["SiT vanilla"]["align_loss"] is None
+        assert math.isfinite(rows[f"SiT {arm}"]["loss"]) and rows[f"SiT {arm}"]["loss"] > 0
+    assert rows["SiT vae-repa"]["vae_repa_loss"] > 0 and rows["SiT vanilla"]["vae_repa_loss"] is None
     assert (out / "results.txt").read_text().strip() in proc.stdout
     for arm in ARMS:
         assert str(out / f"grid_{arm}.png") in proc.stdout  # the closing list says where each output is
@@ -84,12 +84,12 @@ def test_parse_train_log(tmp_path):
     log = tmp_path / "log.txt"
     log.write_text(
         "[2026-01-01 00:00:00] model SiT-S/2: 0.07M parameters (alignment on)\n"
-        "[2026-01-01 00:00:01] step 10: loss=2.5 denoise_loss=1.9 align_loss=0.6 grad_norm=0.7 images_per_s=939.3\n"
-        "[2026-01-01 00:00:02] step 20: loss=2.2 denoise_loss=1.7 align_loss=0.5 grad_norm=0.6 images_per_s=1.2e+03\n"
+        "[2026-01-01 00:00:01] step 10: total_loss=2.5 loss=1.9 vae_repa_loss=0.6 grad_norm=0.7 images_per_s=939.3\n"
+        "[2026-01-01 00:00:02] step 20: total_loss=2.2 loss=1.7 vae_repa_loss=0.5 grad_norm=0.6 images_per_s=1.2e+03\n"
     )
     curves = lib.parse_train_log(log)
     assert curves["step"].tolist() == [10, 20]
-    assert curves["denoise_loss"].tolist() == [1.9, 1.7]
+    assert curves["loss"].tolist() == [1.9, 1.7]
     assert curves["images_per_s"].tolist() == [939.3, 1200.0]
 
 

@@ -14,7 +14,7 @@ from helpers_data import make_tiny_vae, write_latent_dataset
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--encoder-depth", "1",
+TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--vae-repa-depth", "1",
         "--mixed-precision", "no", "--num-workers", "0", "--sample-every", "0", "--logging-steps", "1",
         "--batch-size", "4", "--learning-rate", "1e-3", "--ema-decay", "0.9"]
 
@@ -72,7 +72,7 @@ def test_checkpoint_contents_and_retention(tmp_path):
     # usable as 2 batches of 2).
     assert ckpt["data"] == {"epoch": 2, "position": 4}
     saved = json.loads((run_dir / "args.json").read_text())
-    assert saved["latent_shape"] == [4, 8, 8] and saved["num_classes"] == 3 and saved["align"] is True
+    assert saved["latent_shape"] == [4, 8, 8] and saved["num_classes"] == 3 and saved["align"] == ["vae-repa"]
     # One optimizer step logs once: steps 1..6, not 12 micro-batches.
     assert sorted(logged_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
     # Resuming from an older checkpoint while newer ones exist would let retention delete the wrong files.
@@ -101,9 +101,9 @@ def test_ema_update_formula():
 def test_vanilla_run_has_no_head_and_zero_alignment_loss(tmp_path):
     data = make_dataset(tmp_path / "data")
     model, _ = run(tmp_path, data, "--exp-name", "v", "--max-train-steps", "2", "--no-align")
-    assert model.vae_projector is None
-    assert train.parse_args(["--data-dir", "d", "--proj-coeff", "0"]).align is False  # lambda = 0 is vanilla
-    assert all("align_loss=0 " in line for line in logged_losses(tmp_path / "runs/v").values())
+    assert not model.has_heads() and not any(n.startswith(model.head_state_prefixes()) for n in model.state_dict())
+    assert train.parse_args(["--data-dir", "d", "--vae-repa-coeff", "0"]).align == []  # lambda = 0 is vanilla
+    assert all("vae_repa_loss" not in line for line in logged_losses(tmp_path / "runs/v").values())
 
 
 def test_sample_grid_is_written(tmp_path):
@@ -112,7 +112,7 @@ def test_sample_grid_is_written(tmp_path):
     manifest["vae"] = str(make_tiny_vae(tmp_path / "vae"))
     (data / "manifest.json").write_text(json.dumps(manifest))
     run(tmp_path, data, "--exp-name", "g", "--max-train-steps", "2", "--sample-every", "2", "--sample-grid-size", "4",
-        "--sampling-steps", "2")
+        "--sample-grid-steps", "2")
     from PIL import Image
 
     grid = Image.open(tmp_path / "runs/g/samples/0000002.png")

@@ -1,0 +1,193 @@
+"""Alignment methods behind one interface (base.AlignmentMethod): VAE-REPA, REPA and SRA, alone or combined.
+
+`add_arguments` declares every method's flags, `resolve_args` turns a command line into the set of methods
+(REPA's flags keep REPA's meaning), and `build_methods` rebuilds the methods from a run's saved arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from alignment.base import AlignmentMethod, StepInputs
+from alignment.repa import Repa
+from alignment.sra import DEFAULT_BLOCKS, Sra
+from alignment.vae_repa import TARGETS, VaeRepa
+from loss import ALIGN_OBJECTIVES
+from models.sit import HeadSpec, model_config
+
+METHOD_NAMES = ("vae-repa", "repa", "sra")  # also the order in which terms are logged and names joined
+REPA_FLAGS = ("enc_type", "encoder_depth", "proj_coeff", "projector_embed_dims")
+# Old spellings of VAE-REPA's flags: they keep working for one release, with a deprecation line.
+DEPRECATED = {"--align-loss": "--vae-repa-loss", "--align-beta": "--vae-repa-beta",
+              "--align-t-range": "--vae-repa-t-range", "--align-target": "--vae-repa-target",
+              "--head-layers": "--vae-repa-head-layers", "--head-width": "--vae-repa-head-width"}
+
+__all__ = ["AlignmentMethod", "StepInputs", "METHOD_NAMES", "add_arguments", "resolve_args", "build_methods",
+           "head_specs", "upgrade_run_args"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("alignment methods")
+    g.add_argument("--align", nargs="?", const="vae-repa", default=None, metavar="METHODS",
+                   help="comma-separated set of vae-repa, repa, sra (e.g. repa,vae-repa), or none for vanilla SiT. "
+                        "Default: vae-repa, or repa alone when one of REPA's flags (--enc-type, --encoder-depth, "
+                        "--proj-coeff, --projector-embed-dims) is given, as REPA's own train.py would train")
+    g.add_argument("--no-align", dest="align", action="store_const", const="none",
+                   help="vanilla SiT: the same as --align none (no head is built, nothing extra is computed)")
+
+    g = p.add_argument_group("REPA (REPA's flags, REPA's meaning)")
+    g.add_argument("--enc-type", default=None,
+                   help="external encoder(s), comma-separated: dinov2-vit-{s,b,l,g} or dinov2reg-vit-{s,b,l,g} "
+                        "(default: dinov2-vit-b, as REPA)")
+    g.add_argument("--encoder-depth", type=int, default=None,
+                   help="REPA's projector reads the tokens after this block (default: 8, as REPA)")
+    g.add_argument("--proj-coeff", type=float, default=None, help="weight of REPA's projection loss (default: 0.5)")
+    g.add_argument("--projector-embed-dims", default=None,
+                   help="REPA's encoder widths, comma-separated (e.g. 768); checked against --enc-type "
+                        "(default: taken from --enc-type)")
+    g.add_argument("--enc-weights", default=None,
+                   help="local weights file(s) of the encoder(s), comma-separated (timm's model.safetensors); "
+                        "default: the Hugging Face hub cache, downloaded once")
+    g.add_argument("--enc-source", choices=("timm", "hub"), default="timm",
+                   help="timm: timm's DINOv2 and its safetensors weights; hub: torch.hub's facebookresearch/dinov2 "
+                        "(REPA's path), which downloads and runs that repository's code")
+
+    g = p.add_argument_group("VAE-REPA")
+    g.add_argument("--vae-repa-depth", type=int, default=None,
+                   help="align the tokens after this block (default: 2 for S and B, 8 for L and XL, as the paper)")
+    g.add_argument("--vae-repa-coeff", type=float, default=1.0,
+                   help="lambda, the alignment loss weight (Eq. 8); 0 turns VAE-REPA off")
+    g.add_argument("--vae-repa-loss", "--align-loss", dest="vae_repa_loss", choices=ALIGN_OBJECTIVES,
+                   default="smooth_l1", help="alignment objective")
+    g.add_argument("--vae-repa-beta", "--align-beta", dest="vae_repa_beta", type=float, default=0.05,
+                   help="smooth-L1 threshold beta")
+    g.add_argument("--vae-repa-t-range", "--align-t-range", dest="vae_repa_t_range", type=float, nargs=2,
+                   default=(0.0, 1.0), metavar=("LOW", "HIGH"), help="align only samples with t in [LOW, HIGH] "
+                                                                     "(t = 1 is noise)")
+    g.add_argument("--vae-repa-target", "--align-target", dest="vae_repa_target", choices=TARGETS, default="latent",
+                   help="'latent': the clean latent being noised; 'mean': the VAE posterior mean")
+    g.add_argument("--vae-repa-head-layers", "--head-layers", dest="vae_repa_head_layers", type=int, default=5,
+                   help="Linear layers in the VAE-REPA head")
+    g.add_argument("--vae-repa-head-width", "--head-width", dest="vae_repa_head_width", type=int, default=None,
+                   help="VAE-REPA head width (default: 2 x hidden size)")
+
+    g = p.add_argument_group("SRA (SRA's flag names are accepted too)")
+    g.add_argument("--sra-student-depth", "--block-out-s", dest="sra_student_depth", type=int, default=None,
+                   help="student block whose tokens go through SRA's head (default: 4 for S and B, 8 for L and XL)")
+    g.add_argument("--sra-teacher-depth", "--block-out-t", dest="sra_teacher_depth", type=int, default=None,
+                   help="EMA teacher block aligned to (default: 8 for S and B, 20 for L and XL)")
+    g.add_argument("--sra-t-max", "--t-max", dest="sra_t_max", type=float, default=0.2,
+                   help="teacher time = student time - U[0, 1) x this (a cleaner input)")
+    g.add_argument("--sra-coeff", type=float, default=0.2,
+                   help="weight of SRA's loss (SRA: 2 x 0.1 for its smooth-L1 loss); 0 turns SRA off")
+    g.add_argument("--sra-decay-after", type=int, default=149,
+                   help="epoch after which SRA's weight decays (SRA at 256 px: 149; at 512 px: 99)")
+    g.add_argument("--sra-decay-epochs", type=int, default=1000,
+                   help="the weight shrinks tenfold every this many epochs after that (SRA: 1000 at 256 px, 800 at "
+                        "512 px; 0: constant)")
+    g.add_argument("--sra-loss", choices=ALIGN_OBJECTIVES, default="smooth_l1", help="SRA's objective")
+    g.add_argument("--sra-beta", type=float, default=0.05, help="smooth-L1 threshold beta of SRA's loss")
+
+
+def _deprecation_notes(argv: list[str]) -> list[str]:
+    used = {a.split("=")[0] for a in argv if a.split("=")[0] in DEPRECATED}
+    return [f"{old} is deprecated and will be removed in the next release: use {DEPRECATED[old]}"
+            for old in sorted(used)]
+
+
+def resolve_args(args: argparse.Namespace, argv: list[str] | None, error) -> list[str]:
+    """Fill in the method set and the per-size defaults in place; returns lines for the log.
+
+    `error(message)` reports a bad combination (argparse's `parser.error`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    notes = _deprecation_notes(argv)
+    repa_flags = [f"--{k.replace('_', '-')}" for k in REPA_FLAGS if getattr(args, k) is not None]
+    if args.align is None:
+        args.align = "repa" if repa_flags else "vae-repa"
+        if repa_flags:
+            notes.append(f"{', '.join(repa_flags)} without --align: training REPA alone, as REPA's train.py would; "
+                         "pass --align repa,vae-repa to add VAE-REPA")
+    names = [] if args.align.strip() == "none" else [n.strip() for n in args.align.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHOD_NAMES]
+    if unknown or not names and args.align.strip() != "none":
+        error(f"--align {args.align}: expected a comma-separated set of {', '.join(METHOD_NAMES)}, or none")
+    if repa_flags and "repa" not in names:
+        error(f"{', '.join(repa_flags)} configure REPA, which --align {args.align} does not include")
+
+    size = model_config(args.model)
+    size_name = args.model.removeprefix("SiT-").split("/")[0]
+    args.enc_type = args.enc_type or "dinov2-vit-b"
+    args.encoder_depth = args.encoder_depth if args.encoder_depth is not None else 8
+    args.proj_coeff = args.proj_coeff if args.proj_coeff is not None else 0.5
+    if args.vae_repa_depth is None:
+        args.vae_repa_depth = size["encoder_depth"]
+    student, teacher = DEFAULT_BLOCKS[size_name]
+    args.sra_student_depth = args.sra_student_depth if args.sra_student_depth is not None else student
+    args.sra_teacher_depth = args.sra_teacher_depth if args.sra_teacher_depth is not None else teacher
+    if "repa" in names:
+        try:
+            z_dims = Repa(args.enc_type).z_dims
+        except ValueError as e:
+            error(str(e))
+        if args.projector_embed_dims is not None:
+            given = [int(d) for d in str(args.projector_embed_dims).split(",")]
+            if given != z_dims:
+                error(f"--projector-embed-dims {args.projector_embed_dims} disagrees with --enc-type "
+                      f"{args.enc_type}, whose widths are {','.join(map(str, z_dims))}")
+        args.projector_embed_dims = ",".join(map(str, z_dims))
+    for name, coeff in (("vae-repa", args.vae_repa_coeff), ("repa", args.proj_coeff), ("sra", args.sra_coeff)):
+        if name in names and coeff == 0:
+            names.remove(name)  # an unused head would also break DDP
+            notes.append(f"{name}: weight 0, so it is off (no head is built)")
+    args.align = [n for n in METHOD_NAMES if n in names]
+    return notes
+
+
+def upgrade_run_args(run_args: dict) -> dict:
+    """Run arguments of checkpoints written before the method set existed (`align` a bool, VAE-REPA's depth in
+    `encoder_depth`, its weight in `proj_coeff`, `align_*` / `head_*` names) in today's names."""
+    if not isinstance(run_args.get("align", True), bool):
+        return run_args
+    new = dict(run_args)
+    new["align"] = ["vae-repa"] if run_args.get("align", True) and run_args.get("proj_coeff", 1.0) != 0 else []
+    renames = {"encoder_depth": "vae_repa_depth", "proj_coeff": "vae_repa_coeff", "align_loss": "vae_repa_loss",
+               "align_beta": "vae_repa_beta", "align_t_range": "vae_repa_t_range", "align_target": "vae_repa_target",
+               "head_layers": "vae_repa_head_layers", "head_width": "vae_repa_head_width"}
+    for old, name in renames.items():
+        if old in new:
+            new[name] = new.pop(old)
+    return new
+
+
+def build_methods(run_args: dict) -> list[AlignmentMethod]:
+    """The methods a run's arguments (args.json, a checkpoint's `args`) switch on, in METHOD_NAMES order."""
+    a = upgrade_run_args(run_args)
+    size = model_config(a["model"])
+    size_name = a["model"].removeprefix("SiT-").split("/")[0]
+    methods: list[AlignmentMethod] = []
+    for name in a["align"]:
+        if name == "vae-repa":
+            depth = a.get("vae_repa_depth") or size["encoder_depth"]
+            methods.append(VaeRepa(depth, a.get("vae_repa_coeff", 1.0), a.get("vae_repa_loss", "smooth_l1"),
+                                   a.get("vae_repa_beta", 0.05), tuple(a.get("vae_repa_t_range", (0.0, 1.0))),
+                                   a.get("vae_repa_target", "latent"), a.get("vae_repa_head_layers", 5),
+                                   a.get("vae_repa_head_width")))
+        elif name == "repa":
+            methods.append(Repa(a.get("enc_type") or "dinov2-vit-b", a.get("encoder_depth") or 8,
+                                a.get("proj_coeff", 0.5), enc_weights=a.get("enc_weights"),
+                                enc_source=a.get("enc_source", "timm")))
+        elif name == "sra":
+            student, teacher = DEFAULT_BLOCKS[size_name]
+            methods.append(Sra(a.get("sra_student_depth") or student, a.get("sra_teacher_depth") or teacher,
+                               a.get("sra_t_max", 0.2), a.get("sra_coeff", 0.2), a.get("sra_decay_after", 149),
+                               a.get("sra_decay_epochs", 1000), a.get("sra_loss", "smooth_l1"),
+                               a.get("sra_beta", 0.05)))
+        else:
+            raise ValueError(f"unknown alignment method {name!r} in the run's arguments")
+    return methods
+
+
+def head_specs(methods: list[AlignmentMethod], hidden_size: int, patch_size: int, channels: int,
+               depth: int) -> list[HeadSpec]:
+    return [spec for m in methods for spec in m.head_specs(hidden_size, patch_size, channels, depth)]

@@ -1,0 +1,89 @@
+"""SRA (Jiang et al., self-representation alignment): a student block's tokens, through a 2-layer head, aligned
+with smooth-L1 to the EMA model's tokens at a later block and a lower noise level."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from alignment.base import AlignmentMethod, StepInputs
+from loss import ALIGN_OBJECTIVES, alignment_loss, interpolant
+from models.sit import HeadSpec
+
+# SRA's published blocks (student, teacher): SiT-XL/2 8 -> 20 (its README), 4 -> 8 its code's default (B);
+# L is not published: XL's setting is used for it.
+DEFAULT_BLOCKS = {"S": (4, 8), "B": (4, 8), "L": (8, 20), "XL": (8, 20)}
+
+
+class SraHead(nn.Module):
+    """SRA's student head: Linear(d, 2d), SiLU, Linear(2d, d), with SRA's parameter names (`linear1`, `linear2`)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear1 = nn.Linear(hidden_size, 2 * hidden_size)
+        self.act = nn.SiLU()
+        self.linear2 = nn.Linear(2 * hidden_size, hidden_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.act(self.linear1(h)))
+
+
+def teacher_times(t: torch.Tensor, t_max: float, u: torch.Tensor) -> torch.Tensor:
+    """SRA's teacher time: the student's t minus a random fraction u ~ U[0, 1) of t_max, clamped to [0, 1]
+    (t = 1 is noise, so the teacher sees a cleaner input)."""
+    return (t - t_max * u).clamp(0, 1)
+
+
+class Sra(AlignmentMethod):
+    name = "sra"
+    log_name = "sra_loss"
+    needs = frozenset({"teacher"})
+
+    def __init__(self, student_depth: int, teacher_depth: int, t_max: float = 0.2, coeff: float = 0.2,
+                 decay_after: int = 149, decay_epochs: int = 1000, objective: str = "smooth_l1", beta: float = 0.05):
+        if objective not in ALIGN_OBJECTIVES:
+            raise ValueError(f"SRA objective must be one of {ALIGN_OBJECTIVES}, got {objective!r}")
+        if not 0 <= t_max <= 1:
+            raise ValueError(f"SRA t_max must be in [0, 1], got {t_max}")
+        self.student_depth, self.teacher_depth, self.t_max = student_depth, teacher_depth, t_max
+        self.coeff, self.decay_after, self.decay_epochs = coeff, decay_after, decay_epochs
+        self.objective, self.beta = objective, beta
+        self.teacher_params = 0
+
+    def head_specs(self, hidden_size: int, patch_size: int, channels: int, depth: int) -> list[HeadSpec]:
+        if not 1 <= self.teacher_depth <= depth:
+            raise ValueError(f"SRA teacher block must be in [1, {depth}], got {self.teacher_depth}")
+        return [("sra", "ap_head", SraHead(hidden_size), self.student_depth)]
+
+    def setup(self, device: torch.device, model: nn.Module, image_size: int | None = None,
+              autocast_dtype: torch.dtype | None = None) -> None:
+        """Count the teacher's forward parameters: embeddings and the blocks up to the teacher's block."""
+        parts = [model.x_embedder, model.t_embedder, model.y_embedder, *model.blocks[: self.teacher_depth]]
+        self.teacher_params = sum(p.numel() for part in parts for p in part.parameters())
+
+    def external_parameters(self) -> int:
+        return self.teacher_params
+
+    def weight(self, epoch: int) -> float:
+        """SRA's schedule for its smooth-L1 loss: `coeff` (SRA: 2 x 0.1) until epoch `decay_after`, then a
+        further factor 0.1 every `decay_epochs` epochs (0: constant)."""
+        if self.decay_epochs <= 0 or epoch <= self.decay_after:
+            return self.coeff
+        return self.coeff * 0.1 ** ((epoch - self.decay_after) / self.decay_epochs)
+
+    def loss(self, step: StepInputs) -> torch.Tensor:
+        if step.teacher is None:
+            raise ValueError("SRA needs the EMA model as its teacher")
+        n = step.x.shape[0]
+        t_teacher = teacher_times(step.t, self.t_max, torch.rand(step.t.shape, device=step.t.device))
+        alpha, sigma, _, _ = (a.view(n, 1, 1, 1).to(step.x.dtype) for a in interpolant(t_teacher, step.path_type))
+        with torch.no_grad():  # the same clean latent, noise and (dropped) label as the student
+            target = step.teacher.forward_tokens(alpha * step.x + sigma * step.noise, t_teacher, step.y,
+                                                 self.teacher_depth)
+        return alignment_loss(self.head_output(step, "sra"), target, self.objective, self.beta).mean()
+
+    def describe(self) -> str:
+        decay = (f", x0.1 per {self.decay_epochs} epochs after epoch {self.decay_after}" if self.decay_epochs > 0
+                 else "")
+        return (f"SRA: student block {self.student_depth} (2-layer head) -> EMA teacher block {self.teacher_depth}, "
+                f"teacher t = t - U * {self.t_max}, {self.objective}, coefficient {self.coeff}{decay}")

@@ -1,0 +1,126 @@
+"""Frozen external encoders for REPA: DINOv2 (with or without registers) through timm, fed as REPA feeds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# REPA's --enc-type size letter -> (timm architecture without registers, embedding width)
+DINOV2_SIZES = {"s": ("vit_small_patch14_dinov2", 384), "b": ("vit_base_patch14_dinov2", 768),
+                "l": ("vit_large_patch14_dinov2", 1024), "g": ("vit_giant_patch14_dinov2", 1536)}
+
+
+class EncoderError(ValueError):
+    """An --enc-type that is not supported, or weights that cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One entry of REPA's `--enc-type`, e.g. 'dinov2-vit-b' or 'dinov2reg-vit-l' (with 4 registers)."""
+
+    name: str
+    size: str
+    registers: bool
+
+    @property
+    def timm_name(self) -> str:
+        arch = DINOV2_SIZES[self.size][0]
+        return arch.replace("_dinov2", "_reg4_dinov2") if self.registers else arch
+
+    @property
+    def hub_name(self) -> str:
+        return f"dinov2_vit{self.size}14{'_reg' if self.registers else ''}"
+
+    @property
+    def embed_dim(self) -> int:
+        return DINOV2_SIZES[self.size][1]
+
+
+def parse_enc_type(enc_type: str) -> list[EncoderSpec]:
+    """REPA's comma-separated `--enc-type` ('<type>-<architecture>-<size>') -> specs; DINOv2 only."""
+    specs = []
+    for name in enc_type.split(","):
+        parts = name.strip().split("-")
+        known = len(parts) == 3 and parts[0] in ("dinov2", "dinov2reg") and parts[1] == "vit"
+        if not known or parts[2] not in DINOV2_SIZES:
+            raise EncoderError(f"--enc-type {name!r}: supported are dinov2-vit-{{s,b,l,g}} and "
+                               "dinov2reg-vit-{s,b,l,g} (REPA's MoCo v3, CLIP, MAE, I-JEPA and DINOv1 are not built in)")
+        specs.append(EncoderSpec(name.strip(), parts[2], parts[0] == "dinov2reg"))
+    return specs
+
+
+class FrozenEncoder(nn.Module):
+    """uint8 images (N, H, W, 3) -> patch tokens (N, T, D), as REPA's training loop computes them: pixels / 255,
+    ImageNet normalisation, bicubic resize to 224 * (H // 256), then the final-norm patch tokens (class and
+    register tokens dropped). Eval mode, no gradients."""
+
+    def __init__(self, vit: nn.Module, image_size: int):
+        super().__init__()
+        if image_size < 256 or image_size % 256:
+            raise EncoderError(f"REPA's encoders take 256 * k pixel images, got {image_size}")
+        self.vit = vit.eval().requires_grad_(False)
+        self.input_size = 224 * (image_size // 256)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // 14) ** 2
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        return super().train(False)  # always eval
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() / 255.0
+        x = (x - self.mean) / self.std
+        x = F.interpolate(x, self.input_size, mode="bicubic")
+        out = self.vit.forward_features(x)
+        if isinstance(out, dict):  # torch.hub's DINOv2
+            return out["x_norm_patchtokens"]
+        return out[:, self.vit.num_prefix_tokens:]
+
+
+def load_dinov2(spec: EncoderSpec, image_size: int, weights: str | None = None, source: str = "timm") -> FrozenEncoder:
+    """DINOv2 with its position embedding resampled to the 16 x 16 (k = 1) grid, as REPA does.
+
+    source 'timm' (default): timm's architecture and its safetensors weights, from `weights` (a local file) or
+    the Hugging Face hub cache/download. source 'hub': torch.hub's facebookresearch/dinov2, REPA's own path,
+    which runs that repository's code; its position embedding is resampled with timm's function, as REPA does.
+    """
+    import timm
+
+    grid = (224 * (image_size // 256)) // 14
+    if source == "hub":
+        from timm.layers import resample_abs_pos_embed
+
+        try:
+            vit = torch.hub.load("facebookresearch/dinov2", spec.hub_name)
+        except Exception as e:  # noqa: BLE001 - any failure to fetch or build is reported as one line
+            raise EncoderError(f"torch.hub could not load facebookresearch/dinov2 {spec.hub_name} ({e})") from e
+        vit.pos_embed.data = resample_abs_pos_embed(vit.pos_embed.data, [grid, grid])
+        vit.head = nn.Identity()
+        return FrozenEncoder(vit, image_size)
+    if source != "timm":
+        raise EncoderError(f"--enc-source must be timm or hub, got {source!r}")
+    kwargs = {"img_size": grid * 14, "num_classes": 0}
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise EncoderError(f"--enc-weights {weights}: no such file")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+    try:
+        vit = timm.create_model(f"{spec.timm_name}.lvd142m", pretrained=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - offline, missing or damaged weights all end here
+        raise EncoderError(
+            f"cannot load the DINOv2 weights for --enc-type {spec.name} ({type(e).__name__}: {str(e)[:200]}). "
+            f"Download timm/{spec.timm_name}.lvd142m once (e.g. `huggingface-cli download "
+            f"timm/{spec.timm_name}.lvd142m model.safetensors`; offline runs then use the cache with "
+            f"HF_HUB_OFFLINE=1), or pass the file with --enc-weights PATH/model.safetensors") from e
+    return FrozenEncoder(vit, image_size)
