@@ -50,7 +50,8 @@ def parse_enc_type(enc_type: str) -> list[EncoderSpec]:
         known = len(parts) == 3 and parts[0] in ("dinov2", "dinov2reg") and parts[1] == "vit"
         if not known or parts[2] not in DINOV2_SIZES:
             raise EncoderError(f"--enc-type {name!r}: supported are dinov2-vit-{{s,b,l,g}} and "
-                               "dinov2reg-vit-{s,b,l,g} (REPA's MoCo v3, CLIP, MAE, I-JEPA and DINOv1 are not built in)")
+                               "dinov2reg-vit-{s,b,l,g} (REPA's MoCo v3, CLIP, MAE, I-JEPA and DINOv1 are not "
+                               "built in)")
         specs.append(EncoderSpec(name.strip(), parts[2], parts[0] == "dinov2reg"))
     return specs
 
