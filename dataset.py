@@ -259,7 +259,7 @@ class LatentDataset(Dataset):
                 return np.asarray(im.convert("RGB"))
         k = int(np.searchsorted(self._offsets, i, side="right")) - 1
         image = self._data[k]["images"][i - int(self._offsets[k])]
-        return np.ascontiguousarray(image[:, ::-1] if flip else image)
+        return np.array(image[:, ::-1] if flip else image)  # a writable copy out of the memory map
 
     @property
     def image_size(self) -> int | None:

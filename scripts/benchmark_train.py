@@ -1,10 +1,15 @@
-"""Training-step throughput and memory: vanilla SiT vs VAE-REPA in one run, on synthetic latents.
+"""Training cost of vanilla SiT and of each alignment method in one run, on synthetic latents (and images).
 
     python scripts/benchmark_train.py --models SiT-B/2 SiT-XL/2 --batch-size 256 --steps 200 \
         --out benchmarks/results/train_h100.json
+    python scripts/benchmark_train.py --table4 --out benchmarks/results/table4_h100.json   # the paper's Table 4
 
-Each step is what train.py does per optimizer step (bf16 autocast forward, fp32 losses, backward, fused AdamW,
-foreach EMA); the data loader is left out. Reports images/s after warm-up, peak memory and the VAE-REPA overhead.
+Each step is what train.py does per optimizer step (bf16 autocast forward with the methods' terms, fp32 losses,
+backward, clipping, fused AdamW, foreach EMA); the data loader is left out. Per configuration it reports images/s
+after warm-up, peak memory, the parameters run outside the trained model (REPA's encoder, SRA's teacher part) and
+in its heads, GFLOPs per image counted with torch's FlopCounterMode (forward multiply-accumulates, as the paper
+counts them, and forward + backward FLOPs), and the latency of one forward pass. REPA's encoder has random weights
+here unless --enc-weights names a file: the cost is the same, and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -19,17 +24,34 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alignment import build_methods  # noqa: E402
+from common import model_from_args  # noqa: E402
 from loss import LossConfig, training_loss  # noqa: E402
-from models import MODEL_NAMES, build_model  # noqa: E402
+from models import MODEL_NAMES  # noqa: E402
+from models.encoders import FrozenEncoder  # noqa: E402
 from train import update_ema  # noqa: E402
+
+# The paper's Table 4 (SiT-XL/2, H100, batch 256): EFP in M (external + head), iterations/s, GFLOPs, latency ms.
+PAPER_TABLE4 = {"none": (0, 0, 8.1, 114.46, 18.05), "repa": (303, 8, 5.4, 194.50, 29.03),
+                "sra": (481, 2, 5.1, 197.57, 30.90), "vae-repa": (0, 18, 7.2, 118.55, 19.20)}
+TABLE4_SETS = ["none", "repa", "sra", "vae-repa", "repa,vae-repa"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=["SiT-B/2", "SiT-XL/2"], help="models to time")
+    p.add_argument("--align", nargs="+", default=["none", "vae-repa"], metavar="SET",
+                   help="method sets to time, each as train.py's --align (e.g. none vae-repa repa,vae-repa sra)")
+    p.add_argument("--table4", action="store_true",
+                   help=f"the paper's Table 4: SiT-XL/2, sets {' '.join(TABLE4_SETS)}, batch 32 per GPU, REPA with "
+                        "DINOv2 ViT-L; prints the paper's figures beside ours")
+    p.add_argument("--enc-type", default="dinov2-vit-b", help="REPA's encoder (Table 4: dinov2-vit-l)")
+    p.add_argument("--enc-weights", default=None, help="REPA's encoder weights file (default: random weights)")
     p.add_argument("--batch-size", type=int, default=256, help="per-GPU batch size")
     p.add_argument("--steps", type=int, default=100, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)")
@@ -40,34 +62,89 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=None, help="override hidden size (tiny CPU smoke runs)")
     p.add_argument("--num-heads", type=int, default=None, help="override heads (tiny CPU smoke runs)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.table4:
+        args.models, args.align, args.enc_type = ["SiT-XL/2"], TABLE4_SETS, "dinov2-vit-l"
+        if "--batch-size" not in (argv if argv is not None else sys.argv[1:]):
+            args.batch_size = 32  # the paper's 8 x 32 share of batch 256: SiT-XL/2 at 256 does not fit one GPU
+    return args
 
 
-def time_config(name: str, align: bool, args, device: torch.device) -> dict:
+def build(name: str, align: str, args, device: torch.device):
+    """Model, EMA and the methods, set up as train.py does (REPA's encoder random unless --enc-weights)."""
+    names = [] if align == "none" else align.split(",")
+    run_args = dict(model=name, depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
+                    num_classes=1000, latent_shape=[4, args.latent_size, args.latent_size], align=names,
+                    enc_type=args.enc_type, enc_weights=args.enc_weights)
+    if args.depth is not None:  # a shrunk model: keep every method's block inside it
+        run_args.update(encoder_depth=min(8, args.depth), vae_repa_depth=min(2, args.depth),
+                        sra_student_depth=min(4, args.depth), sra_teacher_depth=args.depth)
     torch.manual_seed(0)
-    model = build_model(name, input_size=args.latent_size, depth=args.depth, hidden_size=args.hidden_size,
-                        num_heads=args.num_heads, vae_head_layers=5 if align else 0).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    model = model_from_args(run_args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    methods = build_methods(run_args)
+    image_size = args.latent_size * 8
+    for method in methods:
+        if method.name == "repa" and args.enc_weights is None:
+            import timm
+
+            method.encoders = [FrozenEncoder(timm.create_model(spec.timm_name, pretrained=False, img_size=224,
+                                                               num_classes=0), image_size).to(device)
+                               for spec in method.specs]
+            method.autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+        else:
+            method.setup(device, model, image_size, torch.bfloat16 if args.precision == "bf16" else None)
+    return model, ema, methods
+
+
+def count_flops(fn) -> int:
+    """FLOPs of fn() by FlopCounterMode, with the math attention kernel (every backend counts the same)."""
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def time_config(name: str, align: str, args, device: torch.device) -> dict:
+    model, ema, methods = build(name, align, args, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
     net = torch.compile(model) if args.compile else model
-    config = LossConfig(align_coeff=1.0 if align else 0.0)
-    x = torch.randn(args.batch_size, 4, args.latent_size, args.latent_size, device=device)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    config = LossConfig()
+    b = args.batch_size
+    x = torch.randn(b, 4, args.latent_size, args.latent_size, device=device)
+    y = torch.randint(0, 1000, (b,), device=device)
+    needs = set().union(*(m.needs for m in methods))
+    inputs = {"epoch": 0}
+    if "images" in needs:
+        inputs["images"] = torch.randint(0, 256, (b, 8 * args.latent_size, 8 * args.latent_size, 3), device=device,
+                                         dtype=torch.uint8)
+    if "teacher" in needs:
+        inputs["teacher"] = ema
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
-    def step():
+    def forward(module=net):
         with torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16"):
-            out = training_loss(net, x, y, config, model.null_class)
-        out["loss"].backward()
+            return training_loss(module, x, y, config, model.null_class, methods, **inputs)
+
+    def step():
+        forward()["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         update_ema(ema, model, 0.9999)
 
+    forward_flops = count_flops(lambda: forward(model)) / b
+    train_flops = count_flops(lambda: forward(model)["total"].backward()) / b
+    model.zero_grad(set_to_none=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         step()
     sync()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        forward()
+        sync()
+        latency = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -77,12 +154,38 @@ def time_config(name: str, align: bool, args, device: torch.device) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
     total = sum(times)
-    result = {"model": name, "align": align, "batch_size": args.batch_size, "steps": args.steps,
-              "images_per_s": args.batch_size * args.steps / total, "steps_per_s": args.steps / total,
-              "step_times_s": times}
+    prefixes = model.head_state_prefixes()
+    result = {"model": name, "align": align, "batch_size": b, "steps": args.steps,
+              "images_per_s": b * args.steps / total, "steps_per_s": args.steps / total, "step_times_s": times,
+              "external_params_m": sum(m.external_parameters() for m in methods) / 1e6,
+              "head_params_m": sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes)) / 1e6,
+              "forward_gmacs_per_image": forward_flops / 2e9, "train_gflops_per_image": train_flops / 1e9,
+              "forward_latency_ms": 1000 * latency,
+              "derived_iters_per_s_batch256_8gpus": 8 * b * args.steps / total / 256}
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
+
+
+def table(results: list[dict], with_paper: bool) -> str:
+    base = {r["model"]: r for r in results if r["align"] == "none"}
+    lines = [f"{'model':9s} {'methods':14s} {'EFP (M)':>13s} {'img/s/GPU':>10s} {'it/s 8x256*':>11s} "
+             f"{'GMAC/img':>9s} {'fwd+bwd GFLOP':>13s} {'latency ms':>10s}" + ("   paper: EFP, it/s, GFLOPs, ms"
+                                                                               if with_paper else "")]
+    for r in results:
+        ref = base.get(r["model"])
+        rel = (f" ({100 * (r['images_per_s'] / ref['images_per_s'] - 1):+.0f}%)" if ref and r is not ref else "")
+        line = (f"{r['model']:9s} {r['align']:14s} {r['external_params_m']:6.0f} + {r['head_params_m']:4.1f} "
+                f"{r['images_per_s']:10.1f} {r['derived_iters_per_s_batch256_8gpus']:11.2f}{rel:7s} "
+                f"{r['forward_gmacs_per_image']:9.2f} {r['train_gflops_per_image']:13.1f} "
+                f"{r['forward_latency_ms']:10.1f}")
+        if with_paper and r["align"] in PAPER_TABLE4:
+            ext, head, its, gflops, ms = PAPER_TABLE4[r["align"]]
+            line += f"   {ext} + {head}, {its}, {gflops}, {ms}"
+        lines.append(line)
+    lines.append("* derived: 8 x images/s per GPU / 256, if 8 GPUs scale linearly; GMAC = the paper's 'GFLOPs' "
+                 "(forward multiply-accumulates per image)")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -96,16 +199,13 @@ def main(argv=None) -> int:
         commit = "unknown"
     results = []
     for name in args.models:
-        for align in (False, True):
-            r = time_config(name, align, args, device)
-            results.append(r)
-            mem = f", peak {r['peak_memory_gb']:.1f} GB" if "peak_memory_gb" in r else ""
-            print(f"{name:9s} {'VAE-REPA' if align else 'vanilla ':8s} {r['images_per_s']:9.1f} images/s{mem}")
-        vanilla, aligned = results[-2]["images_per_s"], results[-1]["images_per_s"]
-        print(f"{name:9s} VAE-REPA overhead: {100 * (1 - aligned / vanilla):.1f}% fewer images/s")
+        for align in args.align:
+            results.append(time_config(name, align, args, device))
+            print(f"{name} {align}: {results[-1]['images_per_s']:.1f} images/s", flush=True)
+    print(table(results, with_paper=args.table4))
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "commit": commit, "precision": args.precision, "compile": args.compile,
-              "results": results}
+              "enc_type": args.enc_type, "encoder_weights": args.enc_weights or "random", "results": results}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))

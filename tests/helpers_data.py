@@ -77,17 +77,21 @@ def write_latent_dataset(
     shift: float = 0.0,
     num_classes: int | None = None,
     dtype: str = "float32",
+    images: np.ndarray | None = None,
 ) -> Path:
-    """Write the on-disk format described in docs/data.md directly with numpy (no encoder involved)."""
+    """Write the on-disk format described in docs/data.md directly with numpy (no encoder involved); `images`:
+    uint8 (N, R, R, 3) center crops, as `--save-images` stores them."""
     dest.mkdir(parents=True, exist_ok=True)
     flip = flip_mean is not None
     arrays = {"mean": mean, "std": std, **({"flip-mean": flip_mean, "flip-std": flip_std} if flip else {})}
+    if images is not None:
+        arrays["images"] = images
     shards = []
     for k, start in enumerate(range(0, len(mean), shard_size)):
         files = {}
         for kind, arr in arrays.items():
             files[kind] = f"{kind}-{k:05d}.npy"
-            np.save(dest / files[kind], arr[start : start + shard_size].astype(dtype))
+            np.save(dest / files[kind], arr[start : start + shard_size].astype(np.uint8 if kind == "images" else dtype))
         shards.append({"count": len(mean[start : start + shard_size]), "files": files})
     np.save(dest / "labels.npy", labels.astype(np.int64))
     manifest = {
@@ -99,6 +103,7 @@ def write_latent_dataset(
         "shift": shift,
         "dtype": dtype,
         "flip": flip,
+        "images": images is not None,
         "latent_shape": list(mean.shape[1:]),
         "num_images": len(mean),
         "num_classes": int(num_classes if num_classes is not None else labels.max() + 1),
@@ -109,8 +114,18 @@ def write_latent_dataset(
     return dest
 
 
-def write_repa_layout(root: Path, mean: np.ndarray, std: np.ndarray, labels: np.ndarray) -> Path:
-    """REPA's `dataset_tools.py encode` output: vae-sd/XXXXX/img-mean-std-XXXXXXXX.npy (2C, H, W) + dataset.json."""
+def write_repa_layout(root: Path, mean: np.ndarray, std: np.ndarray, labels: np.ndarray,
+                      images: np.ndarray | None = None) -> Path:
+    """REPA's `dataset_tools.py encode` output: vae-sd/XXXXX/img-mean-std-XXXXXXXX.npy (2C, H, W) + dataset.json;
+    with `images`, also its images/XXXXX/img-XXXXXXXX.png."""
+    if images is not None:
+        from PIL import Image
+
+        for i, image in enumerate(images):
+            name = f"{i:08d}"
+            path = root / "images" / name[:5] / f"img{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
     vae_dir = root / "vae-sd"
     entries = []
     for i in range(len(mean)):
