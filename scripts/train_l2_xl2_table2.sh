@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# Table 2: SiT-L/2 (400K steps) and SiT-XL/2 (up to 4M steps) with VAE-REPA, alignment after block 8,
-# batch 256 on 8 GPUs. Expected on 8 H100s: L/2 about 11 hours for 400K steps; XL/2 about 15 hours per
-# 400K steps (the paper's Table 4 reports 7.2 it/s for XL/2 + VAE-REPA), so 4M steps take about 6.5 days.
-# Set MODEL=SiT-L/2 or SiT-XL/2 and STEPS as needed; resume an interrupted run by re-running this script.
+# Table 2 (and the baselines of Tables 3-4): SiT-L/2 (400K steps) or SiT-XL/2 (up to 4M steps), batch 256 on
+# 8 GPUs, with the method set METHODS (train.py's --align):
+#   vae-repa        VAE-REPA after block 8 (default)
+#   none            vanilla SiT
+#   repa            REPA: DINOv2 ViT-B/14, projector after block 8, coefficient 0.5 (REPA's defaults)
+#   repa,vae-repa   Table 2's "SiT-XL/2 + REPA + VAE-REPA" rows (100K/200K/400K)
+#   sra             SRA: student block 8 -> EMA teacher block 20, t_max 0.2 (SRA's XL/2 setting)
+# REPA needs the images beside the latents: preprocess with --save-images. Expected on 8 H100s: L/2 about
+# 11 hours for 400K steps; XL/2 + VAE-REPA about 15 hours per 400K steps (the paper's Table 4: 7.2 it/s), REPA
+# and SRA about 20 hours (5.4 and 5.1 it/s); measure yours with scripts/benchmark_train.py --table4.
+# Set MODEL, METHODS and STEPS as needed; resume an interrupted run by re-running this script.
 set -euo pipefail
 DATA=${DATA:-data/imagenet256}
 GPUS=${GPUS:-8}
 MODEL=${MODEL:-SiT-XL/2}
+METHODS=${METHODS:-vae-repa}
 STEPS=${STEPS:-400000}
-NAME=$(echo "$MODEL" | tr '/' '-' | tr 'A-Z' 'a-z')-vae-repa
+NAME=$(echo "$MODEL" | tr '/' '-' | tr 'A-Z' 'a-z')-$(echo "$METHODS" | tr ',' '+')
 
 accelerate launch --multi_gpu --num_processes "$GPUS" train.py --model "$MODEL" --data-dir "$DATA" \
-    --batch-size 256 --max-train-steps "$STEPS" --encoder-depth 8 --checkpointing-steps 50000 \
+    --align "$METHODS" --batch-size 256 --max-train-steps "$STEPS" --checkpointing-steps 50000 \
     --keep-every 100000 --exp-name "$NAME" --resume latest

@@ -11,5 +11,5 @@ MASTER_PORT=${MASTER_PORT:-29500}
 
 torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node 8 \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    train.py --model SiT-XL/2 --data-dir "$DATA" --batch-size 256 --encoder-depth 8 \
+    train.py --model SiT-XL/2 --data-dir "$DATA" --batch-size 256 --vae-repa-depth 8 \
     --max-train-steps 4000000 --exp-name sit-xl2-vae-repa-multinode --resume latest

@@ -1,6 +1,7 @@
 """generate.py: per-sample determinism (batch size, process count, resume), the ADM .npz, checkpoints, bad input."""
 
 import hashlib
+import json
 import io
 import os
 import shutil
@@ -348,3 +349,13 @@ def test_sde_noise_of_a_sample_does_not_depend_on_its_batch():
     for row, i in zip(batch, [4, 9, 1]):
         torch.testing.assert_close(row, run([i])[0], rtol=0, atol=0)
     assert batch.std() > 0.1 and not torch.equal(batch[0], batch[1])
+
+
+def test_dit_rounding_is_recorded_and_brightens_by_at_most_one_level(assets, reference, tmp_path):
+    config = json.loads((reference["folder"] / "config.json").read_text())["config"]
+    assert config["pixel_rounding"] == "repa" and "-pixels" not in reference["folder"].name
+    rc, folder, npz = sample(assets["run"], tmp_path, *SETTINGS, "--pixel-rounding", "dit")
+    assert rc == 0 and folder.name == reference["folder"].name + "-dit-pixels"
+    assert json.loads((folder / "config.json").read_text())["config"]["pixel_rounding"] == "dit"
+    diff = arr_0(npz).astype(int) - reference["images"].astype(int)  # same latents, only the rounding differs
+    assert set(np.unique(diff)) <= {0, 1} and 0.3 < (diff == 1).mean() < 0.7
