@@ -1,8 +1,8 @@
 """generate.py: per-sample determinism (batch size, process count, resume), the ADM .npz, checkpoints, bad input."""
 
 import hashlib
-import json
 import io
+import json
 import os
 import shutil
 import subprocess
