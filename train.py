@@ -1,7 +1,10 @@
-"""Train SiT (vanilla or with VAE-REPA alignment) on pre-extracted VAE latents; one or many GPUs, or the CPU.
+"""Train SiT on pre-extracted VAE latents, vanilla or with alignment methods (VAE-REPA, REPA, SRA, or a set of
+them); one or many GPUs, or the CPU.
 
     accelerate launch --multi_gpu --num_processes 8 train.py --model SiT-XL/2 --data-dir data/imagenet256
     torchrun --nproc_per_node 8 train.py --model SiT-B/2 --data-dir data/imagenet256 --no-align
+    accelerate launch --multi_gpu --num_processes 8 train.py --model SiT-XL/2 --data-dir data/imagenet256 \
+        --align repa,vae-repa      # REPA (DINOv2 ViT-B, needs --save-images data) with VAE-REPA on top
 """
 
 from __future__ import annotations
