@@ -1,12 +1,13 @@
-"""Code shared by train.py and generate.py: model construction from run arguments, checkpoint I/O."""
+"""Code shared by train.py and generate.py: model construction from run arguments, checkpoint writing and layouts."""
 
 from __future__ import annotations
 
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -45,14 +46,16 @@ def model_from_args(args: dict, with_heads: bool = True) -> SiT:
     )
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+def atomic_save(obj: Any, path: str | os.PathLike,
+                write: Callable[[Any, BinaryIO], object] = torch.save) -> None:
+    """`write(obj, file)` (torch.save by default) to a temporary file in the same folder, then rename: a crash never
+    leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,18 +70,6 @@ def list_checkpoints(folder: str | os.PathLike) -> dict[int, Path]:
     if not folder.is_dir():
         return {}
     return {int(f.stem): f for f in folder.iterdir() if STEP_FILE.match(f.name)}
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint on the CPU; a clear error for a missing or unreadable file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        # mmap: eight ranks resuming an XL run do not each read the whole file (optimizer included) into RAM
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
 
 
 def sampling_weights(checkpoint: dict, use_ema: bool = True) -> tuple[dict, dict | None]:

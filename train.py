@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from checkpoints import TRUST_FLAG, TRUST_HELP, load_checkpoint, rng_state, set_rng_state
 from common import (
     ARCH_KEYS,
     CHECKPOINT_FORMAT,
@@ -31,7 +32,6 @@ from common import (
     atomic_save,
     decode_latents,
     list_checkpoints,
-    load_checkpoint,
     load_vae,
     model_from_args,
 )
@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--exp-name", default=None, help="run directory name (default: <model>-<vae-repa|vanilla>)")
     g.add_argument("--resume", default=None,
                    help="'latest' to continue the run in <output-dir>/<exp-name>, or a checkpoint path")
+    g.add_argument(TRUST_FLAG, action="store_true", help=f"--resume: {TRUST_HELP}")
     g.add_argument("--seed", type=int, default=0, help="global seed (model init, data order, noise)")
     g.add_argument("--report-to", choices=("none", "wandb", "tensorboard"), default="none",
                    help="experiment tracker; wandb honours WANDB_MODE=offline and needs no account then")
@@ -141,21 +142,6 @@ def checkpoint_steps_to_keep(steps: list[int], keep_last: int, keep_every: int) 
     if keep_every > 0:
         keep |= {s for s in steps if s % keep_every == 0}
     return keep
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def batches(dataset, sampler, loader_kwargs: dict, epoch: int, position: int):
@@ -272,15 +258,18 @@ def train(args: argparse.Namespace):
     checkpoint = None
     if resume_from is not None:
         try:
-            checkpoint = load_checkpoint(resume_from)
+            checkpoint = load_checkpoint(resume_from, trust=args.trust_checkpoint)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from e
-        saved = checkpoint.get("args", {})
+        training_state = {"args", "model", "ema", "opt", "rng", "data"}
+        if checkpoint.get("format") != CHECKPOINT_FORMAT or not training_state <= set(checkpoint):
+            raise UsageError(f"checkpoint {resume_from} is not a train.py checkpoint (model, EMA, optimizer, RNG and "
+                             "data position); exports and REPA's checkpoints are for sampling")
+        saved = checkpoint["args"]
         mismatched = [k for k in ARCH_KEYS if k in saved and saved[k] != run_args.get(k)]
-        if checkpoint.get("format") != CHECKPOINT_FORMAT or mismatched:
-            raise UsageError(f"checkpoint {resume_from} does not match this run: " + (
-                ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {run_args.get(k)!r}" for k in mismatched)
-                or "not a train.py checkpoint"))
+        if mismatched:
+            raise UsageError(f"checkpoint {resume_from} does not match this run: " + ", ".join(
+                f"{k}: checkpoint {saved[k]!r} vs now {run_args.get(k)!r}" for k in mismatched))
         if saved.get("world_size") != world:
             logger.warning("resuming with %d processes instead of %d: the data order and noise will differ from "
                            "an uninterrupted run", world, saved.get("world_size"))

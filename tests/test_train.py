@@ -52,8 +52,8 @@ def test_exact_resume(tmp_path):
             assert torch.equal(p, q), name
     runs = tmp_path / "runs"
     assert logged_losses(runs / "straight") == logged_losses(runs / "split")  # every step's losses, 1..6
-    ckpt_a = torch.load(runs / "straight/checkpoints/0000006.pt", weights_only=False)
-    ckpt_b = torch.load(runs / "split/checkpoints/0000006.pt", weights_only=False)
+    ckpt_a = torch.load(runs / "straight/checkpoints/0000006.pt", weights_only=True)
+    ckpt_b = torch.load(runs / "split/checkpoints/0000006.pt", weights_only=True)
     assert ckpt_a["data"] == ckpt_b["data"] == {"epoch": 2, "position": 8}  # 2 batches per epoch: 6 = 3 epochs
     for sa, sb in zip(ckpt_a["opt"]["state"].values(), ckpt_b["opt"]["state"].values()):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
@@ -65,7 +65,7 @@ def test_checkpoint_contents_and_retention(tmp_path):
         "--keep-last", "2", "--keep-every", "4", "--gradient-accumulation-steps", "2")
     run_dir = tmp_path / "runs/r"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000004.pt", "0000005.pt", "0000006.pt"]
-    ckpt = torch.load(run_dir / "checkpoints/0000006.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints/0000006.pt", weights_only=True)
     assert {"format", "model", "ema", "opt", "step", "args", "rng", "data"} <= set(ckpt)
     assert ckpt["step"] == 6 and len(ckpt["rng"]) == 1
     # Accumulation: 6 optimizer steps x 2 micro-batches of 2 = 24 samples = 2 full epochs + 4 (5 per epoch
@@ -136,7 +136,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         run(tmp_path, data, "--exp-name", "nan", "--max-train-steps", "6", "--checkpointing-steps", "2")
     ckpts = sorted(p.name for p in (tmp_path / "runs/nan/checkpoints").iterdir())
     assert ckpts == ["0000002.pt"]
-    good = torch.load(tmp_path / "runs/nan/checkpoints/0000002.pt", weights_only=False)
+    good = torch.load(tmp_path / "runs/nan/checkpoints/0000002.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in good["model"].values())
 
 
@@ -207,7 +207,7 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path):
     init = train.model_from_args(json.loads((tmp_path / "runs/ddp/args.json").read_text()))
     moved = any(not torch.equal(p, a["model"][n]) for n, p in init.state_dict().items())
     assert moved  # the ranks trained, and agree
-    ckpt = torch.load(tmp_path / "runs/ddp/checkpoints/0000003.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "runs/ddp/checkpoints/0000003.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
 
 
