@@ -199,6 +199,24 @@ def locate_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
     return run_dir, None
 
 
+def open_resume_checkpoint(path: Path, trust: bool, run_args: dict) -> dict:
+    """The checkpoint to resume from, checked against this run's architecture (UsageError if it does not fit)."""
+    try:
+        checkpoint = load_checkpoint(path, trust=trust)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--resume: {e}") from e
+    needed = {"args", "model", "ema", "opt", "rng", "data"}
+    if checkpoint.get("format") != CHECKPOINT_FORMAT or not needed <= checkpoint.keys():
+        raise UsageError(f"checkpoint {path} is not a train.py checkpoint (model, EMA, optimizer, RNG and data "
+                         "position); exports and REPA's checkpoints are for sampling")
+    saved = checkpoint["args"]
+    mismatched = [k for k in ARCH_KEYS if k in saved and saved[k] != run_args.get(k)]
+    if mismatched:
+        raise UsageError(f"checkpoint {path} does not match this run: " + ", ".join(
+            f"{k}: checkpoint {saved[k]!r} vs now {run_args.get(k)!r}" for k in mismatched))
+    return checkpoint
+
+
 def make_run_dir(run_dir: Path) -> None:
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -245,34 +263,19 @@ def train(args: argparse.Namespace):
 
     run_dir, resume_from = locate_run(args)
     dataset = open_dataset(args)
+    run_args = vars(args).copy()
+    run_args.update(latent_shape=list(dataset.latent_shape), num_classes=dataset.num_classes, vae=dataset.vae,
+                    latent_scale=dataset.scale, latent_shift=dataset.shift, world_size=world)
+    # before anything is written: a checkpoint that is refused or does not fit leaves no run directory behind
+    checkpoint = None if resume_from is None else open_resume_checkpoint(resume_from, args.trust_checkpoint, run_args)
     accelerator.wait_for_everyone()
     if is_main:
         make_run_dir(run_dir)
     accelerator.wait_for_everyone()
     setup_logging(run_dir, is_main)
-
-    run_args = vars(args).copy()
-    run_args.update(latent_shape=list(dataset.latent_shape), num_classes=dataset.num_classes, vae=dataset.vae,
-                    latent_scale=dataset.scale, latent_shift=dataset.shift, world_size=world)
-
-    checkpoint = None
-    if resume_from is not None:
-        try:
-            checkpoint = load_checkpoint(resume_from, trust=args.trust_checkpoint)
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(str(e)) from e
-        training_state = {"args", "model", "ema", "opt", "rng", "data"}
-        if checkpoint.get("format") != CHECKPOINT_FORMAT or not training_state <= set(checkpoint):
-            raise UsageError(f"checkpoint {resume_from} is not a train.py checkpoint (model, EMA, optimizer, RNG and "
-                             "data position); exports and REPA's checkpoints are for sampling")
-        saved = checkpoint["args"]
-        mismatched = [k for k in ARCH_KEYS if k in saved and saved[k] != run_args.get(k)]
-        if mismatched:
-            raise UsageError(f"checkpoint {resume_from} does not match this run: " + ", ".join(
-                f"{k}: checkpoint {saved[k]!r} vs now {run_args.get(k)!r}" for k in mismatched))
-        if saved.get("world_size") != world:
-            logger.warning("resuming with %d processes instead of %d: the data order and noise will differ from "
-                           "an uninterrupted run", world, saved.get("world_size"))
+    if checkpoint is not None and checkpoint["args"].get("world_size") != world:
+        logger.warning("resuming with %d processes instead of %d: the data order and noise will differ from "
+                       "an uninterrupted run", world, checkpoint["args"].get("world_size"))
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = model_from_args(run_args)

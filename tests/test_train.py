@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,25 @@ def test_exact_resume(tmp_path):
     assert ckpt_a["data"] == ckpt_b["data"] == {"epoch": 2, "position": 8}  # 2 batches per epoch: 6 = 3 epochs
     for sa, sb in zip(ckpt_a["opt"]["state"].values(), ckpt_b["opt"]["state"].values()):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+    # A checkpoint written before RNG states were stored as tensors (Python's state tuple, numpy's legacy tuple
+    # holding an array) resumes exactly as well. torch.load(weights_only=True) alone refuses it: the allowlist
+    # of numpy's array reconstruction is what opens it.
+    ckpt = torch.load(runs / "split/checkpoints/0000003.pt", weights_only=True)
+    for state in ckpt["rng"]:
+        py, npy = state["python"], state["numpy"]
+        state["python"] = (py["version"], tuple(py["state"].tolist()), py["gauss_next"])
+        state["numpy"] = (npy["bit_generator"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                          npy["gauss"])
+    old = runs / "old/checkpoints/0000003.pt"
+    old.parent.mkdir(parents=True)
+    torch.save(ckpt, old)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(old, weights_only=True)
+    old_model, old_ema = run(tmp_path, data, "--exp-name", "old", "--max-train-steps", "6", "--resume", "latest")
+    for a, b in ((straight, old_model), (straight_ema, old_ema)):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), name
 
 
 def test_checkpoint_contents_and_retention(tmp_path):
