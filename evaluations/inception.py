@@ -12,6 +12,7 @@ from unittest import mock
 import numpy as np
 import torch
 from torch import nn
+from torch.hub import load_state_dict_from_url
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
@@ -57,7 +58,7 @@ def read_weights(path: str | None) -> dict:
     """
     try:
         if path is None:
-            return torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", weights_only=True)
+            return load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         where = path or f"the download of {WEIGHTS_URL}"
