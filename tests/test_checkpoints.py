@@ -271,3 +271,28 @@ def test_repa_export_is_repa_s_layout_and_samples_the_same_images(assets, tmp_pa
     capsys.readouterr()  # a tiny model with overridden depth has no name in REPA's registry
     assert export.main(["--ckpt", str(assets["ckpt"]), "--format", "repa", "--out", str(tmp_path / "t.pt")]) == 2
     assert "registry" in capsys.readouterr().err and not (tmp_path / "t.pt").exists()
+
+
+def test_a_vae_folder_with_crafted_pickled_weights_runs_nothing(assets, tmp_path):
+    from diffusers.models import AutoencoderKL
+
+    from common import UsageError, load_vae
+
+    folder = tmp_path / "vae"
+    AutoencoderKL.from_pretrained(assets["vae"]).save_pretrained(folder, safe_serialization=False)
+    (bin_file,) = folder.glob("*.bin")  # diffusers reads pickled weights when a folder has no .safetensors
+    marker = tmp_path / "pwned"
+    crafted(bin_file, torch.load(bin_file, weights_only=True), marker)
+    with pytest.raises(UsageError, match="cannot load an AutoencoderKL"):
+        load_vae(str(folder))
+    assert not marker.exists()
+
+
+def test_every_export_flag_is_documented_and_help_needs_no_gpu():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/export.py"), "--help"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--ckpt", "--format", "--out", "--overwrite", "--trust-checkpoint"):
+        assert f"  {flag}" in proc.stdout, flag
+    assert "RUNS CODE FROM THE FILE" in " ".join(proc.stdout.split())

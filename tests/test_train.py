@@ -201,6 +201,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path):
 def test_help_works_without_a_gpu():
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--proj-coeff" in r.stdout and "--resume" in r.stdout
+    assert "--trust-checkpoint" in r.stdout and "RUNS CODE FROM THE FILE" in " ".join(r.stdout.split())
 
 
 WORKER = """
