@@ -90,14 +90,16 @@ def export(args: argparse.Namespace) -> Path:
     needed = {"format", "model", "ema", "opt", "step", "args"}
     if checkpoint.get("format") != CHECKPOINT_FORMAT or not needed <= set(checkpoint):
         raise UsageError(f"--ckpt {ckpt}: not a train.py checkpoint (it lacks {sorted(needed - set(checkpoint))})")
+    if args.format == "safetensors":
+        try:
+            json.dumps(checkpoint["args"])  # fail here, before writing, if the arguments are not JSON
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--ckpt {ckpt}: its arguments cannot be written as JSON ({e})") from e
     try:
         if args.format == "safetensors":
-            json.dumps(checkpoint["args"])  # fail here, before writing, if the arguments are not JSON
             write_safetensors(checkpoint["ema"], checkpoint["args"], checkpoint["step"], out)
         else:
             atomic_save(repa_layout(checkpoint), out)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--ckpt {ckpt}: cannot export it as {args.format} ({e})") from e
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write it ({e.strerror or e})") from e
     return out
