@@ -41,7 +41,6 @@ ALLOWED_GLOBALS: list[tuple[Any, str]] = [
     (type(np.dtype(np.uint32)), f"{type(np.dtype(np.uint32)).__module__}.{type(np.dtype(np.uint32)).__qualname__}"),
     (argparse.Namespace, "argparse.Namespace"),
 ]
-ALLOWED_NAMES = sorted({name for _, name in ALLOWED_GLOBALS})
 
 
 class UntrustedCheckpointError(ValueError):
@@ -73,39 +72,34 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
     return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=zipfile.is_zipfile(path))
 
 
-def load_torch_file(path: str | os.PathLike, trust: bool = False, flag: str | None = TRUST_FLAG,
-                    what: str = "checkpoint") -> Any:
-    """`torch.load` a file on the CPU with weights_only=True and the allowlist. Anything else is refused with one line
-    naming the objects found and `flag` (the option that sets `trust`; None: no opt-in), or loaded if `trust`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+def _load_pickled(path: Path, trust: bool, flag: str) -> Any:
+    """`torch.load` on the CPU with weights_only=True and the allowlist. Anything else is refused with one line naming
+    the objects found and `flag` (the option that sets `trust`), or, with `trust`, loaded unrestricted."""
     refusal = None
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             return _torch_load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
-            raise ValueError(f"{what} {path} could not be read (UnpicklingError: {_first_line(e)})") from e
+            raise ValueError(f"checkpoint {path} could not be read (UnpicklingError: {_first_line(e)})") from e
         refusal = str(e)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"{what} {path} could not be read ({type(e).__name__}: {_first_line(e)})") from e
+        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {_first_line(e)})") from e
 
     found = ", ".join(_unsafe_globals(path, refusal))
     if not trust:
-        opt_in = (f"if you trust where the file comes from, pass {flag} (which lets it run code)" if flag
-                  else "a weights file needs nothing but tensors")
+        opt_in = f"if you trust where the file comes from, pass {flag} (which lets it run code)"
         if not found:  # no code named: damaged, or an encoding the weights-only reader does not know
-            raise UntrustedCheckpointError(f"{what} {path} could not be read as plain data ({_reason(refusal)}); "
-                                           f"{opt_in}")
-        raise UntrustedCheckpointError(f"{what} {path} holds {found}: reading it would run code from the file, so it "
-                                       f"was not opened; {opt_in}")
-    logger.warning("%s %s: opening it with %s although it holds %s (this runs code from the file)", what, path,
+            raise UntrustedCheckpointError(f"checkpoint {path} could not be read as plain data "
+                                           f"({_reason(refusal)}); {opt_in}")
+        raise UntrustedCheckpointError(f"checkpoint {path} holds {found}: reading it would run code from the file, "
+                                       f"so it was not opened; {opt_in}")
+    logger.warning("checkpoint %s: opening it with %s although it holds %s (this runs code from the file)", path,
                    flag, found or "data the weights-only reader refused")
     try:
         return _torch_load(path, weights_only=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"{what} {path} could not be read ({type(e).__name__}: {_first_line(e)})") from e
+        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {_first_line(e)})") from e
 
 
 def _first_line(e: BaseException) -> str:
@@ -114,13 +108,14 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, trust: bool = False, flag: str = TRUST_FLAG) -> dict:
-    """A checkpoint as a dict, on the CPU: a `.safetensors` export, or a torch file loaded by `load_torch_file`."""
+    """A checkpoint as a dict, on the CPU: a `.safetensors` file, or a torch file read with weights_only=True and the
+    allowlist (anything else is refused, naming `flag`, unless `trust`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    checkpoint = load_torch_file(path, trust=trust, flag=flag)
+    checkpoint = _load_pickled(path, trust, flag)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"checkpoint {path}: expected a dict, got {type(checkpoint).__name__}")
     return checkpoint
