@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import tempfile
@@ -78,14 +79,16 @@ def sampling_weights(checkpoint: dict, use_ema: bool = True) -> tuple[dict, dict
     Ours: {"format", "ema", "model", "args", ...}. REPA's training checkpoints: {"model", "ema", "opt",
     "args" (argparse.Namespace), "steps"}; REPA's released weights may also be a bare state dict.
     """
-    if "format" in checkpoint:
-        return checkpoint["ema" if use_ema else "model"], checkpoint["args"]
-    if "ema" in checkpoint or "model" in checkpoint:
+    if "format" in checkpoint or "ema" in checkpoint or "model" in checkpoint:
         state = checkpoint.get("ema" if use_ema else "model")
         if state is None:
             raise ValueError(f"the checkpoint holds no {'ema' if use_ema else 'model'} weights")
         args = checkpoint.get("args")
-        return state, (vars(args) if args is not None and not isinstance(args, dict) else args)
+        if isinstance(args, argparse.Namespace):
+            args = vars(args)
+        if args is not None and not isinstance(args, dict):
+            raise ValueError(f"its args are a {type(args).__name__}, expected a dict or an argparse.Namespace")
+        return state, args
     if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint, None
     raise ValueError("unrecognised checkpoint: expected our format or REPA's ({'ema': ...} or a state dict)")
