@@ -1,12 +1,14 @@
-"""Code shared by train.py and generate.py: model construction from run arguments, checkpoint I/O."""
+"""Code shared by train.py and generate.py: model construction from run arguments, checkpoint writing and layouts."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -53,14 +55,16 @@ def model_from_args(args: dict, with_heads: bool = True) -> SiT:
     )
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+def atomic_save(obj: Any, path: str | os.PathLike,
+                write: Callable[[Any, BinaryIO], object] = torch.save) -> None:
+    """`write(obj, file)` (torch.save by default) to a temporary file in the same folder, then rename: a crash never
+    leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -77,32 +81,22 @@ def list_checkpoints(folder: str | os.PathLike) -> dict[int, Path]:
     return {int(f.stem): f for f in folder.iterdir() if STEP_FILE.match(f.name)}
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint on the CPU; a clear error for a missing or unreadable file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        # mmap: eight ranks resuming an XL run do not each read the whole file (optimizer included) into RAM
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
-
-
 def sampling_weights(checkpoint: dict, use_ema: bool = True) -> tuple[dict, dict | None]:
     """(state dict, run args or None) to sample from, for our checkpoints and REPA's.
 
     Ours: {"format", "ema", "model", "args", ...}. REPA's training checkpoints: {"model", "ema", "opt",
     "args" (argparse.Namespace), "steps"}; REPA's released weights may also be a bare state dict.
     """
-    if "format" in checkpoint:
-        return checkpoint["ema" if use_ema else "model"], checkpoint["args"]
-    if "ema" in checkpoint or "model" in checkpoint:
+    if "format" in checkpoint or "ema" in checkpoint or "model" in checkpoint:
         state = checkpoint.get("ema" if use_ema else "model")
         if state is None:
             raise ValueError(f"the checkpoint holds no {'ema' if use_ema else 'model'} weights")
         args = checkpoint.get("args")
-        return state, (vars(args) if args is not None and not isinstance(args, dict) else args)
+        if isinstance(args, argparse.Namespace):
+            args = vars(args)
+        if args is not None and not isinstance(args, dict):
+            raise ValueError(f"its args are a {type(args).__name__}, expected a dict or an argparse.Namespace")
+        return state, args
     if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint, None
     raise ValueError("unrecognised checkpoint: expected our format or REPA's ({'ema': ...} or a state dict)")

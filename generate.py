@@ -35,12 +35,12 @@ from PIL import Image
 from tqdm import tqdm
 
 import samplers
+from checkpoints import TRUST_FLAG, TRUST_HELP, load_checkpoint
 from common import (
     PIXEL_ROUNDINGS,
     UsageError,
     decode_latents,
     list_checkpoints,
-    load_checkpoint,
     load_vae,
     model_from_args,
     sampling_weights,
@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     g = p.add_argument_group("checkpoint")
     g.add_argument("--ckpt", required=True,
-                   help="checkpoint file (ours or REPA's), or a run directory: then the highest step in checkpoints/")
+                   help="checkpoint file (ours, REPA's, or a .safetensors export of EMA weights), or a run directory: "
+                        "then the highest step in checkpoints/")
+    g.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     g.add_argument("--no-ema", action="store_true", help="sample from the online weights instead of the EMA weights")
     g.add_argument("--model", choices=MODEL_NAMES, default=None, metavar="NAME",
                    help=f"REPA-format checkpoints only: architecture, one of {', '.join(MODEL_NAMES)} "
@@ -187,13 +189,11 @@ def load_model(args: argparse.Namespace, ckpt: Path) -> tuple[SiT, dict]:
     """The backbone (no projector heads, eval mode, on the CPU) and what sampling needs to know about the run:
     {"arch", "vae", "latent_scale", "latent_shift", "path_type", "format"}."""
     try:
-        checkpoint = load_checkpoint(ckpt)
+        checkpoint = load_checkpoint(ckpt, trust=args.trust_checkpoint)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--ckpt: {e}") from e
-    ours = isinstance(checkpoint, dict) and "format" in checkpoint
-    if not isinstance(checkpoint, dict):
-        raise UsageError(f"checkpoint {ckpt}: expected a dict, got {type(checkpoint).__name__}")
-    if args.no_ema and not ours and "model" not in checkpoint:
+    ours = "format" in checkpoint
+    if args.no_ema and "model" not in checkpoint:
         raise UsageError(f"--no-ema: checkpoint {ckpt} holds no online weights ('model')")
     try:
         state, ckpt_args = sampling_weights(checkpoint, use_ema=not args.no_ema)

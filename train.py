@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import alignment
+from checkpoints import TRUST_FLAG, TRUST_HELP, load_checkpoint, rng_state, set_rng_state
 from common import (
     ARCH_KEYS,
     CHECKPOINT_FORMAT,
@@ -35,7 +36,6 @@ from common import (
     atomic_save,
     decode_latents,
     list_checkpoints,
-    load_checkpoint,
     load_vae,
     model_from_args,
 )
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--exp-name", default=None, help="run directory name (default: <model>-<vae-repa|vanilla>)")
     g.add_argument("--resume", default=None,
                    help="'latest' to continue the run in <output-dir>/<exp-name>, or a checkpoint path")
+    g.add_argument(TRUST_FLAG, action="store_true", help=f"--resume: {TRUST_HELP}")
     g.add_argument("--seed", type=int, default=0, help="global seed (model init, data order, noise)")
     g.add_argument("--report-to", choices=("none", "wandb", "tensorboard"), default="none",
                    help="experiment tracker; wandb honours WANDB_MODE=offline and needs no account then")
@@ -134,21 +135,6 @@ def checkpoint_steps_to_keep(steps: list[int], keep_last: int, keep_every: int) 
     return keep
 
 
-def rng_state(device: torch.device) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def batches(dataset, sampler, loader_kwargs: dict, epoch: int, position: int):
     """Yield (batch, epoch, position after the batch) forever; `position` counts this rank's samples."""
     local_batch = loader_kwargs["batch_size"]
@@ -205,6 +191,24 @@ def locate_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
     return run_dir, None
 
 
+def open_resume_checkpoint(path: Path, trust: bool, run_args: dict) -> dict:
+    """The checkpoint to resume from, checked against this run's architecture (UsageError if it does not fit)."""
+    try:
+        checkpoint = load_checkpoint(path, trust=trust)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--resume: {e}") from e
+    needed = {"args", "model", "ema", "opt", "rng", "data"}
+    if checkpoint.get("format") != CHECKPOINT_FORMAT or not needed <= checkpoint.keys():
+        raise UsageError(f"checkpoint {path} is not a train.py checkpoint (model, EMA, optimizer, RNG and data "
+                         "position); exports and REPA's checkpoints are for sampling")
+    saved = alignment.upgrade_run_args(checkpoint["args"])
+    mismatched = [k for k in ARCH_KEYS if k in saved and saved[k] != run_args.get(k)]
+    if mismatched:
+        raise UsageError(f"checkpoint {path} does not match this run: " + ", ".join(
+            f"{k}: checkpoint {saved[k]!r} vs now {run_args.get(k)!r}" for k in mismatched))
+    return checkpoint
+
+
 def make_run_dir(run_dir: Path) -> None:
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -253,31 +257,19 @@ def train(args: argparse.Namespace):
     methods = alignment.build_methods(vars(args))
     needs = set().union(*(m.needs for m in methods))
     dataset = open_dataset(args, with_images="images" in needs)
+    run_args = {k: v for k, v in vars(args).items() if k != "notes"}
+    run_args.update(latent_shape=list(dataset.latent_shape), num_classes=dataset.num_classes, vae=dataset.vae,
+                    latent_scale=dataset.scale, latent_shift=dataset.shift, world_size=world)
+    # before anything is written: a checkpoint that is refused or does not fit leaves no run directory behind
+    checkpoint = None if resume_from is None else open_resume_checkpoint(resume_from, args.trust_checkpoint, run_args)
     accelerator.wait_for_everyone()
     if is_main:
         make_run_dir(run_dir)
     accelerator.wait_for_everyone()
     setup_logging(run_dir, is_main)
-
-    run_args = {k: v for k, v in vars(args).items() if k != "notes"}
-    run_args.update(latent_shape=list(dataset.latent_shape), num_classes=dataset.num_classes, vae=dataset.vae,
-                    latent_scale=dataset.scale, latent_shift=dataset.shift, world_size=world)
-
-    checkpoint = None
-    if resume_from is not None:
-        try:
-            checkpoint = load_checkpoint(resume_from)
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(str(e)) from e
-        saved = alignment.upgrade_run_args(checkpoint.get("args", {}))
-        mismatched = [k for k in ARCH_KEYS if k in saved and saved[k] != run_args.get(k)]
-        if checkpoint.get("format") != CHECKPOINT_FORMAT or mismatched:
-            raise UsageError(f"checkpoint {resume_from} does not match this run: " + (
-                ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {run_args.get(k)!r}" for k in mismatched)
-                or "not a train.py checkpoint"))
-        if saved.get("world_size") != world:
-            logger.warning("resuming with %d processes instead of %d: the data order and noise will differ from "
-                           "an uninterrupted run", world, saved.get("world_size"))
+    if checkpoint is not None and checkpoint["args"].get("world_size") != world:
+        logger.warning("resuming with %d processes instead of %d: the data order and noise will differ from "
+                       "an uninterrupted run", world, checkpoint["args"].get("world_size"))
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = model_from_args(run_args)

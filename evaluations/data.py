@@ -91,8 +91,13 @@ class NpzImages:
         except zipfile.BadZipFile as exc:
             raise EvaluationError(f"{path}: not a valid .npz file ({exc})") from exc
         self._array = None
+        if header is not None:
+            _check_image_array_layout(header[0], header[1], f"{path}: arr_0")  # before reading any of it
         if header is None or header[2]:
-            self._array = np.load(self.path)["arr_0"]
+            try:  # allow_pickle=False: an object array would be unpickled, running code the file names
+                self._array = np.load(self.path, allow_pickle=False)["arr_0"]
+            except ValueError as exc:
+                raise EvaluationError(f"{path}: arr_0 cannot be read ({exc})") from exc
             header = (self._array.shape, self._array.dtype, False)
         self.shape, self.dtype, _ = header
         _check_image_array_layout(self.shape, self.dtype, f"{path}: arr_0")

@@ -51,8 +51,11 @@ def read_reference_stats(path: str | os.PathLike) -> tuple[FIDStatistics, FIDSta
     missing = [key for key in ADM_STAT_KEYS if key not in keys]
     if missing:
         raise EvaluationError(f"{path}: has 'mu' but lacks {missing}; ADM's format stores {list(ADM_STAT_KEYS)}")
-    with np.load(path) as f:
-        stats = FIDStatistics(f["mu"], f["sigma"]), FIDStatistics(f["mu_s"], f["sigma_s"])
+    try:  # allow_pickle=False: an object array would be unpickled, running code the file names
+        with np.load(path, allow_pickle=False) as f:
+            stats = FIDStatistics(f["mu"], f["sigma"]), FIDStatistics(f["mu_s"], f["sigma_s"])
+    except ValueError as exc:
+        raise EvaluationError(f"{path}: the statistics cannot be read ({exc})") from exc
     for (mu, sigma), dim, names in zip(stats, (POOL_DIM, SPATIAL_DIM), (("mu", "sigma"), ("mu_s", "sigma_s"))):
         if mu.shape != (dim,) or sigma.shape != (dim, dim):
             raise EvaluationError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -11,6 +12,7 @@ from unittest import mock
 import numpy as np
 import torch
 from torch import nn
+from torch.hub import load_state_dict_from_url
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
@@ -49,6 +51,42 @@ def resolve_weights(path: str | os.PathLike | None = None) -> str | None:
     return str(cached) if cached.is_file() else None
 
 
+def read_weights(path: str | None) -> dict:
+    """The Inception state dict from `path` (None: torch.hub's download), read with weights_only=True.
+
+    torch-fidelity itself reads a weights file with weights_only=False, which would run code a crafted file names.
+    """
+    try:
+        if path is None:
+            return load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        where = path or f"the download of {WEIGHTS_URL}"
+        if "Weights only load failed" not in str(exc):
+            raise EvaluationError(f"could not read Inception weights {where} ({exc})") from exc
+        try:
+            found = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) if path else ""
+        except Exception:  # noqa: BLE001 - an old-format file: nothing more to name
+            found = ""
+        raise EvaluationError(
+            f"Inception weights {where} hold {found or 'objects that are not tensors'}: reading them would run code "
+            f"from the file, so it was not opened (the real file is a plain state dict). {weights_help()}"
+        ) from None
+    except Exception as exc:
+        if path is None:
+            raise EvaluationError(f"could not download the Inception weights ({exc}). {weights_help()}") from exc
+        raise EvaluationError(f"could not load Inception weights from {path}: {exc}") from exc
+
+
+def _extractor_without_weights(name: str, features: list[str]) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's network with its weights left unloaded (they are read by `read_weights`)."""
+    with (
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
+        mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}),
+    ):
+        return FeatureExtractorInceptionV3(name, features)
+
+
 class Features(NamedTuple):
     """Per-image features, float32: pool_3 (N, 2048), mixed_6/conv[..., :7] (N, 2023), logits (N, 1008)."""
 
@@ -68,14 +106,12 @@ class InceptionFeatures(nn.Module):
     def __init__(self, weights: str | os.PathLike | None = None):
         super().__init__()
         path = resolve_weights(weights)
+        self.net = _extractor_without_weights("inception-v3-compat", ["2048", "logits_unbiased"])
+        state = read_weights(path)
         try:
-            self.net = FeatureExtractorInceptionV3(
-                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=path
-            )
-        except Exception as exc:
-            if path is None:
-                raise EvaluationError(f"could not download the Inception weights ({exc}). {weights_help()}") from exc
-            raise EvaluationError(f"could not load Inception weights from {path}: {exc}") from exc
+            self.net.load_state_dict(state)
+        except (RuntimeError, KeyError) as exc:
+            raise EvaluationError(f"Inception weights {path or WEIGHTS_URL} do not fit the network: {exc}") from exc
         self.weights = path or WEIGHTS_URL
         # ADM reads "mixed_6/conv:0" of the 2015 TF graph. That scope holds the ops Conv2D, conv2d_params
         # and batchnorm (torch-fidelity's converter maps mixed_6/conv/{conv2d_params,batchnorm} onto
@@ -143,11 +179,7 @@ def write_random_weights(path: str | os.PathLike, seed: int = 0) -> Path:
 
     Convolutions are He-initialised so that activations stay of order one through the network.
     """
-    with (
-        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
-        mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}),
-    ):
-        net = FeatureExtractorInceptionV3("random-inception", ["2048"])
+    net = _extractor_without_weights("random-inception", ["2048"])
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, value in net.state_dict().items():

@@ -370,7 +370,7 @@ def test_missing_weights_offline_says_where_to_get_them(tmp_path, capsys, monkey
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", offline)
+    monkeypatch.setattr("evaluations.inception.load_state_dict_from_url", offline)
     good = str(tmp_path / "good.npz")
     err = _main_error(capsys, good, good, "--device", "cpu")
     assert "could not download" in err and "https://github.com/toshas/torch-fidelity/releases" in err

@@ -190,7 +190,7 @@ def test_another_configuration_in_the_same_folder_is_an_error(assets, reference,
 
 def test_online_weights_with_no_ema(assets, tmp_path):
     # A checkpoint whose EMA is the online model of the reference checkpoint samples what --no-ema samples.
-    ckpt = torch.load(assets["ckpt"], weights_only=False)
+    ckpt = torch.load(assets["ckpt"], weights_only=True)
     swapped = tmp_path / "swapped.pt"
     torch.save({**ckpt, "ema": ckpt["model"]}, swapped)
     two = [*SETTINGS[2:], "--num-fid-samples", "2"]
@@ -281,7 +281,7 @@ def test_help_documents_every_flag_without_a_gpu():
     flags = ["--ckpt", "--no-ema", "--model", "--resolution", "--num-classes", "--qk-norm", "--vae", "--mode",
              "--num-steps", "--heun", "--cfg-scale", "--guidance-low", "--guidance-high", "--path-type",
              "--num-fid-samples", "--label-sampling", "--global-seed", "--per-proc-batch-size", "--sample-dir",
-             "--precision", "--device"]
+             "--precision", "--device", "--trust-checkpoint"]
     for flag in flags:
         assert f"  {flag}" in proc.stdout, flag
     assert "i % num_classes" in proc.stdout.replace("\n", " ")

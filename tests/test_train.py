@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -52,11 +53,30 @@ def test_exact_resume(tmp_path):
             assert torch.equal(p, q), name
     runs = tmp_path / "runs"
     assert logged_losses(runs / "straight") == logged_losses(runs / "split")  # every step's losses, 1..6
-    ckpt_a = torch.load(runs / "straight/checkpoints/0000006.pt", weights_only=False)
-    ckpt_b = torch.load(runs / "split/checkpoints/0000006.pt", weights_only=False)
+    ckpt_a = torch.load(runs / "straight/checkpoints/0000006.pt", weights_only=True)
+    ckpt_b = torch.load(runs / "split/checkpoints/0000006.pt", weights_only=True)
     assert ckpt_a["data"] == ckpt_b["data"] == {"epoch": 2, "position": 8}  # 2 batches per epoch: 6 = 3 epochs
     for sa, sb in zip(ckpt_a["opt"]["state"].values(), ckpt_b["opt"]["state"].values()):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+    # A checkpoint written before RNG states were stored as tensors (Python's state tuple, numpy's legacy tuple
+    # holding an array) resumes exactly as well. torch.load(weights_only=True) alone refuses it: the allowlist
+    # of numpy's array reconstruction is what opens it.
+    ckpt = torch.load(runs / "split/checkpoints/0000003.pt", weights_only=True)
+    for state in ckpt["rng"]:
+        py, npy = state["python"], state["numpy"]
+        state["python"] = (py["version"], tuple(py["state"].tolist()), py["gauss_next"])
+        state["numpy"] = (npy["bit_generator"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                          npy["gauss"])
+    old = runs / "old/checkpoints/0000003.pt"
+    old.parent.mkdir(parents=True)
+    torch.save(ckpt, old)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(old, weights_only=True)
+    old_model, old_ema = run(tmp_path, data, "--exp-name", "old", "--max-train-steps", "6", "--resume", "latest")
+    for a, b in ((straight, old_model), (straight_ema, old_ema)):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), name
 
 
 def test_checkpoint_contents_and_retention(tmp_path):
@@ -65,7 +85,7 @@ def test_checkpoint_contents_and_retention(tmp_path):
         "--keep-last", "2", "--keep-every", "4", "--gradient-accumulation-steps", "2")
     run_dir = tmp_path / "runs/r"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000004.pt", "0000005.pt", "0000006.pt"]
-    ckpt = torch.load(run_dir / "checkpoints/0000006.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints/0000006.pt", weights_only=True)
     assert {"format", "model", "ema", "opt", "step", "args", "rng", "data"} <= set(ckpt)
     assert ckpt["step"] == 6 and len(ckpt["rng"]) == 1
     # Accumulation: 6 optimizer steps x 2 micro-batches of 2 = 24 samples = 2 full epochs + 4 (5 per epoch
@@ -136,7 +156,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         run(tmp_path, data, "--exp-name", "nan", "--max-train-steps", "6", "--checkpointing-steps", "2")
     ckpts = sorted(p.name for p in (tmp_path / "runs/nan/checkpoints").iterdir())
     assert ckpts == ["0000002.pt"]
-    good = torch.load(tmp_path / "runs/nan/checkpoints/0000002.pt", weights_only=False)
+    good = torch.load(tmp_path / "runs/nan/checkpoints/0000002.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in good["model"].values())
 
 
@@ -181,6 +201,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path):
 def test_help_works_without_a_gpu():
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--proj-coeff" in r.stdout and "--resume" in r.stdout
+    assert "--trust-checkpoint" in r.stdout and "RUNS CODE FROM THE FILE" in " ".join(r.stdout.split())
 
 
 WORKER = """
@@ -207,7 +228,7 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path):
     init = train.model_from_args(json.loads((tmp_path / "runs/ddp/args.json").read_text()))
     moved = any(not torch.equal(p, a["model"][n]) for n, p in init.state_dict().items())
     assert moved  # the ranks trained, and agree
-    ckpt = torch.load(tmp_path / "runs/ddp/checkpoints/0000003.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "runs/ddp/checkpoints/0000003.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
 
 

@@ -1,0 +1,193 @@
+"""Opening checkpoints and weights without running code from them: weights-only loads, a named allowlist, safetensors.
+
+A pickled checkpoint can name any Python function and have it called while it is read; `torch.load(weights_only=True)`
+rebuilds only tensors and plain types (numbers, strings, None, lists, tuples, dicts). What else a file may hold is
+the short list below, for old checkpoints of ours (numpy RNG state arrays) and REPA's (`args` as an
+`argparse.Namespace`). Anything more is refused, naming what was found, unless the user passes `--trust-checkpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common import CHECKPOINT_FORMAT, atomic_save
+
+logger = logging.getLogger(__name__)
+
+TRUST_FLAG = "--trust-checkpoint"
+TRUST_HELP = ("also open a checkpoint that holds Python objects other than tensors and plain values (refused by "
+              "default). Reading such an object RUNS CODE FROM THE FILE, as the person who made it chose: pass this "
+              "only for a file whose origin you trust")
+
+_reconstruct = np.zeros(0).__reduce__()[0]  # numpy's ndarray rebuilder (numpy._core in numpy 2, numpy.core before)
+# The allowlist, as `(object, name in the pickle)`: numpy 1 and numpy 2 pickle the rebuilder under different modules.
+ALLOWED_GLOBALS: list[tuple[Any, str]] = [
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    (_reconstruct, "numpy._core.multiarray._reconstruct"),
+    (np.ndarray, "numpy.ndarray"),
+    (np.dtype, "numpy.dtype"),
+    (type(np.dtype(np.uint32)), f"{type(np.dtype(np.uint32)).__module__}.{type(np.dtype(np.uint32)).__qualname__}"),
+    (argparse.Namespace, "argparse.Namespace"),
+]
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that only code from the file itself could rebuild; refused unless the user trusts the file."""
+
+
+def _unsafe_globals(path: Path, message: str) -> list[str]:
+    """Names of the functions and classes outside the allowlist that the file's pickle refers to (read, not run)."""
+    names: list[str] = []
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - a file torch cannot disassemble (old format): the error message names one
+        pass
+    if not names:
+        names = re.findall(r"GLOBAL (\S+) was not an allowed global", message)
+        names += re.findall(r"Can only build .* but got <class '([^']+)'>", message)
+    return sorted(set(names))
+
+
+def _reason(message: str) -> str:
+    """The weights-only unpickler's own reason, from torch's long refusal message."""
+    detail = message.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+    return " ".join(detail.split()) or "unknown reason"
+
+
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    # mmap (zip format only): eight ranks resuming an XL run do not each read the whole file into RAM
+    return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=zipfile.is_zipfile(path))
+
+
+def _load_pickled(path: Path, trust: bool, flag: str) -> Any:
+    """`torch.load` on the CPU with weights_only=True and the allowlist. Anything else is refused with one line naming
+    the objects found and `flag` (the option that sets `trust`), or, with `trust`, loaded unrestricted."""
+    refusal = None
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            return _torch_load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"checkpoint {path} could not be read (UnpicklingError: {_first_line(e)})") from e
+        refusal = str(e)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {_first_line(e)})") from e
+
+    found = ", ".join(_unsafe_globals(path, refusal))
+    if not trust:
+        opt_in = f"if you trust where the file comes from, pass {flag} (which lets it run code)"
+        if not found:  # no code named: damaged, or an encoding the weights-only reader does not know
+            raise UntrustedCheckpointError(f"checkpoint {path} could not be read as plain data "
+                                           f"({_reason(refusal)}); {opt_in}")
+        raise UntrustedCheckpointError(f"checkpoint {path} holds {found}: reading it would run code from the file, "
+                                       f"so it was not opened; {opt_in}")
+    logger.warning("checkpoint %s: opening it with %s although it holds %s (this runs code from the file)", path,
+                   flag, found or "data the weights-only reader refused")
+    try:
+        return _torch_load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def load_checkpoint(path: str | os.PathLike, trust: bool = False, flag: str = TRUST_FLAG) -> dict:
+    """A checkpoint as a dict, on the CPU: a `.safetensors` file, or a torch file read with weights_only=True and the
+    allowlist (anything else is refused, naming `flag`, unless `trust`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    checkpoint = _load_pickled(path, trust, flag)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {path}: expected a dict, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors: EMA weights, with the run's arguments as JSON in the metadata
+
+
+def write_safetensors(state: dict[str, torch.Tensor], args: dict, step: int, path: str | os.PathLike) -> None:
+    """Write EMA weights and the run's arguments (metadata "args", JSON) as a .safetensors file, atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    metadata = {"format": CHECKPOINT_FORMAT, "weights": "ema", "step": str(int(step)), "args": json.dumps(args)}
+    atomic_save(tensors, path, write=lambda obj, f: f.write(save(obj, metadata=metadata)))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict:
+    """A .safetensors file as a checkpoint dict: ours {"format", "ema", "args", "step"} when the metadata carries the
+    run's arguments, else {"ema": weights} (a bare state dict, like REPA's released files)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {path} could not be read as safetensors ({e})") from e
+    if "args" not in metadata:
+        return {"ema": state}
+    try:
+        args = json.loads(metadata["args"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint {path}: the 'args' metadata is not JSON ({e})") from e
+    return {"format": metadata.get("format", CHECKPOINT_FORMAT), "ema": state, "args": args,
+            "step": int(metadata.get("step", 0))}
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states as tensors and plain values (loadable with weights_only=True, no allowlist needed)
+
+
+def rng_state(device: torch.device) -> dict:
+    """Python's, numpy's, torch's (and CUDA's) global RNG states, stored as tensors and plain values."""
+    version, words, gauss_next = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what `rng_state` saved; also reads older checkpoints (Python's tuple, numpy's legacy tuple)."""
+    python = state["python"]
+    if isinstance(python, dict):
+        python = (python["version"], tuple(python["state"].tolist()), python["gauss_next"])
+    random.setstate(python)
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = {"bit_generator": numpy_state["bit_generator"],
+                       "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+                       "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]}
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,120 @@
+"""Export a train.py checkpoint for sharing: EMA weights as .safetensors, or REPA's checkpoint layout.
+
+    python scripts/export.py --ckpt runs/SiT-XL-2-vae-repa                         # -> .../0400000.safetensors
+    python scripts/export.py --ckpt runs/SiT-XL-2-vae-repa/checkpoints/0400000.pt --format repa
+
+safetensors: the EMA weights (heads included), and the run's arguments as JSON in the metadata ("args"), which is
+all `generate.py --ckpt FILE.safetensors` needs. The format holds tensors only, so opening it runs nothing.
+repa: REPA's layout {"model", "ema", "opt", "args", "steps"}, read by REPA's scripts (`ckpt["ema"]`) and by
+generate.py. Weights keep the names REPA's SiT has (backbone, REPA projectors); our VAE-REPA and SRA heads are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpoints import TRUST_FLAG, TRUST_HELP, load_checkpoint, write_safetensors  # noqa: E402
+from common import CHECKPOINT_FORMAT, UsageError, atomic_save, list_checkpoints  # noqa: E402
+from models.sit import model_config  # noqa: E402
+
+FORMATS = ("safetensors", "repa")
+REPA_DROP = ("vae_projector.", "ap_head.")  # heads REPA's SiT has no names for (VAE-REPA, SRA): left out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True,
+                   help="a train.py checkpoint (NNNNNNN.pt), or a run directory: then its highest step")
+    p.add_argument("--format", choices=FORMATS, default="safetensors",
+                   help="safetensors: EMA weights + run arguments in the metadata (for sharing); repa: REPA's "
+                        "checkpoint layout (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="output file (default: beside the checkpoint, <step>.safetensors or <step>-repa.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
+    p.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
+    return p.parse_args(argv)
+
+
+def resolve(path: Path) -> Path:
+    if path.is_dir():
+        steps = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+        if not steps:
+            raise UsageError(f"--ckpt {path}: a directory without step checkpoints (checkpoints/NNNNNNN.pt)")
+        return steps[max(steps)]
+    if not path.is_file():
+        raise UsageError(f"--ckpt {path}: no such file or directory")
+    return path
+
+
+def repa_layout(checkpoint: dict) -> dict:
+    """REPA's checkpoint dict. `args` is a dict of plain values, not REPA's Namespace: REPA's scripts never read it,
+    and a dict opens with torch.load(weights_only=True), the default since torch 2.6 (a Namespace does not)."""
+    args = dict(checkpoint["args"])
+    channels, side, _ = args["latent_shape"]
+    if channels != 4:
+        raise UsageError(f"--format repa: REPA's layout describes SD-VAE latents (4 channels), this run has "
+                         f"{channels}; use --format safetensors")
+    registry = model_config(args["model"])
+    custom = [k for k in ("depth", "hidden_size", "num_heads") if args.get(k) not in (None, registry[k])]
+    if custom:
+        raise UsageError(f"--format repa: REPA's layout names registry models only, this run overrides {custom}; "
+                         "use --format safetensors")
+    args.setdefault("resolution", side * 8)
+
+    def weights(state: dict) -> dict:
+        return {k: v for k, v in state.items() if not k.startswith(REPA_DROP)}
+
+    return {"model": weights(checkpoint["model"]), "ema": weights(checkpoint["ema"]), "opt": checkpoint["opt"],
+            "args": args, "steps": int(checkpoint["step"])}
+
+
+def export(args: argparse.Namespace) -> Path:
+    ckpt = resolve(Path(args.ckpt))
+    suffix = ".safetensors" if args.format == "safetensors" else "-repa.pt"
+    out = Path(args.out) if args.out else ckpt.with_name(ckpt.stem + suffix)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
+    if out.resolve() == ckpt.resolve():
+        raise UsageError(f"--out {out} is the checkpoint itself")
+    if not out.resolve().parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+    try:
+        checkpoint = load_checkpoint(ckpt, trust=args.trust_checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--ckpt: {e}") from e
+    needed = {"format", "model", "ema", "opt", "step", "args"}
+    if checkpoint.get("format") != CHECKPOINT_FORMAT or not needed <= set(checkpoint):
+        raise UsageError(f"--ckpt {ckpt}: not a train.py checkpoint (it lacks {sorted(needed - set(checkpoint))})")
+    if args.format == "safetensors":
+        try:
+            json.dumps(checkpoint["args"])  # fail here, before writing, if the arguments are not JSON
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--ckpt {ckpt}: its arguments cannot be written as JSON ({e})") from e
+    try:
+        if args.format == "safetensors":
+            write_safetensors(checkpoint["ema"], checkpoint["args"], checkpoint["step"], out)
+        else:
+            atomic_save(repa_layout(checkpoint), out)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write it ({e.strerror or e})") from e
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        out = export(args)
+    except UsageError as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.format})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
