@@ -256,7 +256,7 @@ class LatentDataset(Dataset):
             from PIL import Image
 
             with Image.open(self._repa_images[i]) as im:
-                return np.asarray(im.convert("RGB"))
+                return np.array(im.convert("RGB"))
         k = int(np.searchsorted(self._offsets, i, side="right")) - 1
         image = self._data[k]["images"][i - int(self._offsets[k])]
         return np.array(image[:, ::-1] if flip else image)  # a writable copy out of the memory map
