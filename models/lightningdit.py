@@ -111,7 +111,7 @@ class VisionRotaryEmbeddingFast(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pairs = x.unflatten(-1, (-1, 2))
         rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (a, b) -> (-b, a) per pair
-        return x * self.freqs_cos + rotated * self.freqs_sin
+        return (x * self.freqs_cos + rotated * self.freqs_sin).type_as(x)  # fp32 tables: product in fp32 under autocast
 
 
 class Attention(nn.Module):

@@ -194,3 +194,16 @@ def test_two_training_steps_with_an_alignment_head(method):
         assert torch.isfinite(out["total"]) and term > 0
         torch.testing.assert_close(out["total"].detach(), out["denoise"] + method.weight(0) * term)
     assert all(not torch.equal(a, b) for a, b in zip(before, head.parameters()))
+
+
+def test_bf16_autocast_forward_stays_close_to_fp32():
+    model = tiny().eval()
+    for block in model.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    x, t, y = torch.randn(2, 32, 4, 4), torch.rand(2), torch.tensor([0, 1])
+    reference, _ = model(x, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = model(x, t, y)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, atol=0.05, rtol=0.05)
