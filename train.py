@@ -267,6 +267,8 @@ def train(args: argparse.Namespace):
         make_run_dir(run_dir)
     accelerator.wait_for_everyone()
     setup_logging(run_dir, is_main)
+    for note in args.notes:  # first: which methods a REPA-style command line trains, deprecated spellings
+        logger.info("note: %s", note)
     if checkpoint is not None and checkpoint["args"].get("world_size") != world:
         logger.warning("resuming with %d processes instead of %d: the data order and noise will differ from "
                        "an uninterrupted run", world, checkpoint["args"].get("world_size"))
@@ -344,8 +346,6 @@ def train(args: argparse.Namespace):
         accelerator.init_trackers("vae-repa", config={k: str(v) for k, v in run_args.items()},
                                   init_kwargs=init_kwargs)
 
-    for note in args.notes:
-        logger.info("note: %s", note)
     n_params = sum(p.numel() for p in raw_model.parameters())
     prefixes = raw_model.head_state_prefixes()
     head_params = sum(p.numel() for n, p in raw_model.named_parameters() if n.startswith(prefixes))

@@ -29,6 +29,8 @@ ROUNDINGS = ("repa", "dit")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quickstart-dir", default="quickstart_out", help="a finished quickstart's --output-dir")
+    p.add_argument("--runs", nargs="+", choices=quickstart.ARMS, default=list(quickstart.ARMS),
+                   help="which of the quickstart's runs to sample again")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = p.parse_args(argv)
     out = Path(args.quickstart_dir).resolve()
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     _, real_features = lib.classify(classifier, images[test_idx], device)
 
     rows = []
-    for arm in quickstart.ARMS:
+    for arm in args.runs:
         samples = {}
         for rounding in ROUNDINGS:
             cmd = quickstart.generate_command(qs, out, arm)
