@@ -168,7 +168,11 @@ def sample_cuda(run: Path, out: Path, *extra: str) -> np.ndarray:
 def test_generate_on_cuda_does_not_depend_on_the_batch_size(tiny_run, tmp_path, record_property):
     fp32 = [sample_cuda(tiny_run, tmp_path / f"fp32-{b}", "--precision", "fp32", "--per-proc-batch-size", str(b))
             for b in (8, 3)]
-    np.testing.assert_array_equal(fp32[0], fp32[1])  # fp32: identical images whatever the batch
+    # fp32: the same images whatever the batch, up to kernels that sum in another order for another batch size
+    # (seen on the CPU too: ~1e-7 relative), which can move a rare pixel by one level after quantisation.
+    fp32_diff = np.abs(fp32[0].astype(int) - fp32[1])
+    report(record_property, "fp32_batch_8_vs_3_pixels_that_differ", int((fp32_diff > 0).sum()))
+    assert fp32_diff.max() <= 1 and (fp32_diff > 0).mean() < 1e-3
     assert fp32[0].std() > 10
     bf16 = [sample_cuda(tiny_run, tmp_path / f"bf16-{b}", "--precision", "bf16", "--per-proc-batch-size", str(b))
             for b in (8, 3)]
