@@ -66,6 +66,11 @@ for name in ("numpy", "scipy", "accelerate", "diffusers", "timm", "torch_fidelit
 EOF
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
 
+if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "error: no CUDA GPU is visible here, so the GPU tests would only be skipped; run this on a GPU machine"
+  exit 3
+fi
+
 echo "=== pytest -m gpu"
 start=$(date +%s)
 "$PYTHON" -m pytest -m gpu -v -s -rA -p no:cacheprovider --junitxml "$out/gpu_tests.xml" tests
