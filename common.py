@@ -6,7 +6,7 @@ import argparse
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -143,3 +143,62 @@ def decode_latents(vae: torch.nn.Module, x: torch.Tensor, scale, shift) -> torch
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
     shift = torch.as_tensor(shift, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
     return vae.decode(x.float() / scale - shift).sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes and GPUs (train.py, generate.py and preprocessing/encode.py check these before any process group)
+
+
+def _names_gpus(visible: str) -> bool:
+    """True if a CUDA_VISIBLE_DEVICES value asks for at least one GPU (an index >= 0, a GPU- or MIG- UUID)."""
+    first = visible.split(",")[0].strip()
+    return first.isdigit() or first.startswith(("GPU-", "MIG-"))
+
+
+def gpu_launch_problem(device: str | None = None, env: Mapping[str, str] | None = None) -> str | None:
+    """One line saying why this process cannot have a GPU of its own as launched, or None if it can (or runs on
+    the CPU). `device`: 'cpu', 'cuda' or None (CUDA when a GPU is visible).
+
+    Every rank reaches the same verdict from the launcher's environment (LOCAL_WORLD_SIZE, set by torchrun and
+    accelerate launch; LOCAL_RANK otherwise), so all of them stop before any collective instead of one failing
+    inside it with `invalid device ordinal`."""
+    env = os.environ if env is None else env
+    if device is not None and torch.device(device).type == "cpu":
+        return None
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    shown = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "CUDA_VISIBLE_DEVICES unset"
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        if device is not None:
+            return f"--device {device}: no CUDA device is visible ({shown}); use --device cpu"
+        if visible is not None and _names_gpus(visible):
+            return (f"{shown} names GPUs, but none is visible (a wrong index, or no driver): correct it, or "
+                    "run on the CPU with --device cpu")
+        return None
+    index = torch.device(device).index if device is not None else None
+    if index is not None and index >= count:
+        return f"--device {device}: only {count} GPU(s) visible ({shown})"
+    local_rank = int(env.get("LOCAL_RANK", 0) or 0)
+    local_world = int(env.get("LOCAL_WORLD_SIZE", 0) or 0) or local_rank + 1
+    if index is not None and local_world > 1:
+        return f"--device {device}: {local_world} processes on this node would share one GPU; pass --device cuda"
+    if local_world > count:
+        return (f"{local_world} processes on this node but {count} visible GPU(s) ({shown}): start at most {count} "
+                f"per node (e.g. torchrun --nproc_per_node {count}), or run on the CPU with --device cpu")
+    return None
+
+
+def enable_deterministic_mode() -> None:
+    """Bitwise-reproducible CUDA kernels for this process: deterministic algorithms (an error for an op that has
+    none), cuBLAS with a fixed workspace, cuDNN without autotuning, and the math attention backend, whose
+    backward has no atomics (flash, memory-efficient and cuDNN attention are switched off). Slower; set it
+    before the first CUDA operation, because cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):  # torch >= 2.4
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_math_sdp(True)

@@ -40,6 +40,7 @@ from common import (
     PIXEL_ROUNDINGS,
     UsageError,
     decode_latents,
+    gpu_launch_problem,
     list_checkpoints,
     load_vae,
     model_from_args,
@@ -140,6 +141,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.num_classes is not None and args.num_classes < 1:
         p.error("--num-classes must be positive")
+    if args.device is not None:
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cuda", "cpu"):
+            p.error(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
     return args
 
 
@@ -416,12 +424,13 @@ def _dist_setup(device_flag: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device) from torchrun / accelerate's environment; a process group when world > 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    problem = gpu_launch_problem(device_flag)  # before the process group: every rank stops, none hangs
+    if problem is not None:
+        raise UsageError(problem)
     device = torch.device(device_flag or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available")
         if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

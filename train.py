@@ -35,6 +35,8 @@ from common import (
     UsageError,
     atomic_save,
     decode_latents,
+    enable_deterministic_mode,
+    gpu_launch_problem,
     list_checkpoints,
     load_vae,
     model_from_args,
@@ -97,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16", help="autocast precision")
     g.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on Ampere and newer GPUs")
+    g.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="where to train (default: cuda when a GPU is visible, else cpu); each process takes the GPU "
+                        "of its local rank, and several processes on the CPU form a gloo group")
+    g.add_argument("--deterministic", action="store_true",
+                   help="bitwise-reproducible CUDA kernels (deterministic algorithms, fixed cuBLAS workspace, math "
+                        "attention), so that a resumed run equals an uninterrupted one on the same GPUs; slower")
     g.add_argument("--num-workers", type=int, default=4, help="data loader workers per process")
     g.add_argument("--in-memory", action="store_true", help="load the latent shards into RAM")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
@@ -236,10 +244,16 @@ def train(args: argparse.Namespace):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    # cpu=True on machines without CUDA, so that torchrun's processes form a gloo group instead of running alone.
-    # A long timeout: rank 0 writing an XL checkpoint to a slow file system keeps the others waiting.
+    problem = gpu_launch_problem(args.device)  # before the process group: every rank stops, none hangs
+    if problem is not None:
+        raise UsageError(problem)
+    if args.deterministic:
+        enable_deterministic_mode()
+    # cpu=True without CUDA (or with --device cpu), so that torchrun's processes form a gloo group instead of running
+    # alone. A long timeout: rank 0 writing an XL checkpoint to a slow file system keeps the others waiting.
     pg_kwargs = InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
+    use_cpu = args.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=args.mixed_precision,
                               kwargs_handlers=[pg_kwargs],
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=str(Path(args.output_dir) / args.exp_name))
@@ -346,6 +360,9 @@ def train(args: argparse.Namespace):
         accelerator.init_trackers("vae-repa", config={k: str(v) for k, v in run_args.items()},
                                   init_kwargs=init_kwargs)
 
+    if args.deterministic:
+        logger.info("deterministic kernels on %s (CUBLAS_WORKSPACE_CONFIG=%s, math attention)", device,
+                    os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     n_params = sum(p.numel() for p in raw_model.parameters())
     prefixes = raw_model.head_state_prefixes()
     head_params = sum(p.numel() for n, p in raw_model.named_parameters() if n.startswith(prefixes))

@@ -327,7 +327,7 @@ def encode_dataset(
     }
     manifest = None if args.overwrite else check_destination(dest, config)
 
-    if torch.cuda.is_available():
+    if getattr(args, "device", None) != "cpu" and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         # Same bits on every run and rank count: no autotuning, no TF32 in fp32 mode.
@@ -533,13 +533,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image decoding processes per rank (default: CPU cores / ranks on this node - 1, at most 16)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the latent-dataset files already in --dest (other files are kept) and start over")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="where the VAE runs (default: cuda when a GPU is visible, else cpu); each process takes the "
+                   "GPU of its local rank")
     return p
+
+
+def _launch_problem(device: str | None) -> str | None:
+    """common.gpu_launch_problem (the repository root is on sys.path when run as a file or with -m)."""
+    if __package__ in (None, ""):
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from common import gpu_launch_problem
+
+    return gpu_launch_problem(device)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    problem = _launch_problem(args.device)  # before the process group: every rank stops, none hangs
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if world_size > 1:
         # gloo only synchronises the ranks (two barriers); each rank writes its own shards.
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))

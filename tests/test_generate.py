@@ -114,7 +114,8 @@ def test_images_do_not_depend_on_the_batch_size(assets, reference, tmp_path, mod
 
 
 def test_two_processes_give_the_same_images(assets, reference, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # CPU behaviour: the workers see no GPU (--device cpu as well), whatever this machine has.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "generate.py"), "--ckpt", str(assets["run"]), "--sample-dir", str(tmp_path), *SETTINGS,
            "--per-proc-batch-size", "2", "--device", "cpu"]
