@@ -13,6 +13,7 @@ import torch
 from helpers_data import make_tiny_vae, write_latent_dataset
 
 import train
+from training import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--vae-repa-depth", "1",
@@ -131,14 +132,14 @@ def test_checkpoint_contents_and_retention(tmp_path):
 
 
 def test_checkpoint_retention_rule():
-    assert train.checkpoint_steps_to_keep([10, 20, 30, 40, 50], keep_last=2, keep_every=20) == {20, 40, 50}
-    assert train.checkpoint_steps_to_keep([10, 20, 30], keep_last=0, keep_every=0) == set()
+    assert loop.checkpoint_steps_to_keep([10, 20, 30, 40, 50], keep_last=2, keep_every=20) == {20, 40, 50}
+    assert loop.checkpoint_steps_to_keep([10, 20, 30], keep_last=0, keep_every=0) == set()
 
 
 def test_ema_update_formula():
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     before = [p.clone() for p in a.parameters()]
-    train.update_ema(a, b, 0.75)
+    loop.update_ema(a, b, 0.75)
     for e, old, m in zip(a.parameters(), before, b.parameters()):
         torch.testing.assert_close(e, 0.75 * old + 0.25 * m)
 
@@ -167,7 +168,7 @@ def test_sample_grid_is_written(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "data")
     calls = {"n": 0}
-    real = train.training_loss
+    real = loop.training_loss
 
     def poisoned(*a, **k):
         calls["n"] += 1
@@ -176,7 +177,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
             out = {k: v * float("nan") for k, v in out.items()}
         return out
 
-    monkeypatch.setattr(train, "training_loss", poisoned)
+    monkeypatch.setattr(loop, "training_loss", poisoned)
     with pytest.raises(FloatingPointError, match="0000002.pt"):
         run(tmp_path, data, "--exp-name", "nan", "--max-train-steps", "6", "--checkpointing-steps", "2")
     ckpts = sorted(p.name for p in (tmp_path / "runs/nan/checkpoints").iterdir())

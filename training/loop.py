@@ -1,0 +1,418 @@
+"""The training loop, apart from train.py's command line (as edm2 keeps them): set-up, steps, checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import alignment
+from checkpoints import load_checkpoint, rng_state, set_rng_state
+from common import (
+    ARCH_KEYS,
+    CHECKPOINT_FORMAT,
+    UsageError,
+    atomic_save,
+    decode_latents,
+    enable_deterministic_mode,
+    gpu_launch_problem,
+    list_checkpoints,
+    load_vae,
+    model_from_args,
+)
+from loss import LossConfig, training_loss
+
+logger = logging.getLogger("train")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the training loop
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over all parameters at once."""
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def checkpoint_steps_to_keep(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    """The retention rule: the newest `keep_last` checkpoints and every multiple of `keep_every` (the checkpoint
+    just written is always kept as well)."""
+    steps = sorted(steps)
+    keep = set(steps[-keep_last:]) if keep_last > 0 else set()
+    if keep_every > 0:
+        keep |= {s for s in steps if s % keep_every == 0}
+    return keep
+
+
+def batches(dataset, sampler, loader_kwargs: dict, epoch: int, position: int):
+    """Yield (batch, epoch, position after the batch) forever; `position` counts this rank's samples."""
+    local_batch = loader_kwargs["batch_size"]
+    while True:
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        sampler.set_start(position)
+        # Its own generator: creating a loader must not draw from the global RNG (that would break exact resume).
+        loader = DataLoader(dataset, sampler=sampler, drop_last=True, generator=torch.Generator(), **loader_kwargs)
+        for batch in loader:
+            position += local_batch
+            yield batch, epoch, position
+        epoch, position = epoch + 1, 0
+
+
+@torch.no_grad()
+def sample_grid(ema, vae, args: dict, device: torch.device, n: int, steps: int) -> torch.Tensor:
+    """Images in [0, 1] from the EMA model: fixed noise and labels, Euler ODE, decoded by the VAE."""
+    from samplers import euler_sampler
+
+    gen = torch.Generator().manual_seed(args["seed"])
+    noise = torch.randn(n, *args["latent_shape"], generator=gen).to(device)
+    labels = (torch.arange(n) % args["num_classes"]).to(device)
+    latents = euler_sampler(ema, noise, labels, num_steps=steps, path_type=args["path_type"])
+    images = decode_latents(vae, latents, args["latent_scale"], args["latent_shift"])
+    return ((images + 1) / 2).clamp(0, 1).cpu()
+
+
+def open_dataset(args: argparse.Namespace, with_images: bool = False):
+    from dataset import DatasetError, LatentDataset
+
+    if not Path(args.data_dir).exists():
+        raise UsageError(f"--data-dir {args.data_dir} does not exist (run preprocessing/ first)")
+    try:
+        return LatentDataset(args.data_dir, in_memory=args.in_memory, use_flip=args.flip, seed=args.seed,
+                             with_images=with_images)
+    except DatasetError as e:
+        raise UsageError(f"--data-dir {args.data_dir}: {e}") from e
+
+
+def locate_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from (if any); refuses to reuse a run without --resume."""
+    run_dir = Path(args.output_dir) / args.exp_name
+    if args.resume == "latest":
+        ckpts = list_checkpoints(run_dir / "checkpoints")
+        return run_dir, ckpts[max(ckpts)] if ckpts else None
+    if args.resume is not None:
+        if not Path(args.resume).is_file():
+            raise UsageError(f"--resume {args.resume}: no such checkpoint file")
+        return run_dir, Path(args.resume)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"run directory {run_dir} already exists; pass --resume latest to continue it or "
+                         f"choose another --exp-name (nothing was changed)")
+    return run_dir, None
+
+
+def open_resume_checkpoint(path: Path, trust: bool, run_args: dict) -> dict:
+    """The checkpoint to resume from, checked against this run's architecture (UsageError if it does not fit)."""
+    try:
+        checkpoint = load_checkpoint(path, trust=trust)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--resume: {e}") from e
+    needed = {"args", "model", "ema", "opt", "rng", "data"}
+    if checkpoint.get("format") != CHECKPOINT_FORMAT or not needed <= checkpoint.keys():
+        raise UsageError(f"checkpoint {path} is not a train.py checkpoint (model, EMA, optimizer, RNG and data "
+                         "position); exports and REPA's checkpoints are for sampling")
+    saved = alignment.upgrade_run_args(checkpoint["args"])
+    mismatched = [k for k in ARCH_KEYS if k in saved and saved[k] != run_args.get(k)]
+    if mismatched:
+        raise UsageError(f"checkpoint {path} does not match this run: " + ", ".join(
+            f"{k}: checkpoint {saved[k]!r} vs now {run_args.get(k)!r}" for k in mismatched))
+    return checkpoint
+
+
+def make_run_dir(run_dir: Path) -> None:
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--output-dir: cannot write the run directory {run_dir} ({e})") from e
+
+
+def setup_logging(run_dir: Path, is_main: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if is_main:
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers, force=True,
+                        format="[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+
+
+def make_accelerator(args: argparse.Namespace):
+    """The Accelerator (device, processes, precision, trackers), after the processes-vs-GPUs check."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    problem = gpu_launch_problem(args.device)  # before the process group: every rank stops, none hangs
+    if problem is not None:
+        raise UsageError(problem)
+    if args.deterministic:
+        enable_deterministic_mode()
+    # cpu=True without CUDA (or with --device cpu), so that torchrun's processes form a gloo group instead of running
+    # alone. A long timeout: rank 0 writing an XL checkpoint to a slow file system keeps the others waiting.
+    pg_kwargs = InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))
+    use_cpu = args.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=args.mixed_precision, kwargs_handlers=[pg_kwargs],
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_dir=str(Path(args.output_dir) / args.exp_name))
+    if accelerator.device.type == "cuda" and args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def build_model_and_optimizer(args: argparse.Namespace, run_args: dict, checkpoint: dict | None,
+                              device: torch.device):
+    """(model, EMA, AdamW) on the device: identical initial weights on every rank, or the checkpoint's."""
+    torch.manual_seed(args.seed)
+    model = model_from_args(run_args)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+    model.to(device)
+    ema.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_epsilon, weight_decay=args.adam_weight_decay,
+                                  fused=device.type == "cuda")
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["opt"])
+    return model, ema, optimizer
+
+
+def init_trackers(accelerator, args: argparse.Namespace, run_args: dict, run_dir: Path) -> None:
+    if args.report_to == "none":
+        return
+    init_kwargs = {}
+    if args.report_to == "wandb":
+        id_file = run_dir / "wandb_id.txt"
+        if accelerator.is_main_process and not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:12])  # a resumed run continues the same wandb run
+        accelerator.wait_for_everyone()
+        init_kwargs["wandb"] = {"id": id_file.read_text().strip(), "resume": "allow", "name": args.exp_name,
+                                "dir": str(run_dir)}
+    accelerator.init_trackers("vae-repa", config={k: str(v) for k, v in run_args.items()}, init_kwargs=init_kwargs)
+
+
+def log_summary(args: argparse.Namespace, model: torch.nn.Module, methods: list, device: torch.device, world: int,
+                local_batch: int) -> None:
+    if args.deterministic:
+        logger.info("deterministic kernels on %s (CUBLAS_WORKSPACE_CONFIG=%s, math attention)", device,
+                    os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    n_params = sum(p.numel() for p in model.parameters())
+    prefixes = model.head_state_prefixes()
+    head_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
+    logger.info("model %s: %.2fM parameters (%.2fM in alignment heads), %d processes, per-process batch %d x %d "
+                "accumulation", args.model, n_params / 1e6, head_params / 1e6, world, local_batch,
+                args.gradient_accumulation_steps)
+    logger.info("alignment: %s", "none (vanilla SiT)" if not methods else "; ".join(m.describe() for m in methods))
+    for method in methods:
+        if method.external_parameters():
+            logger.info("%s runs %.1fM parameters outside the trained model each step", method.name,
+                        method.external_parameters() / 1e6)
+
+
+def save_checkpoint(accelerator, state: dict, run_dir: Path, args: argparse.Namespace) -> None:
+    """Every rank's RNG state gathered, then rank 0 writes `state` atomically and prunes by the retention rule."""
+    device, world, step = accelerator.device, accelerator.num_processes, state["step"]
+    rng_states = [rng_state(device)]
+    if world > 1:
+        rng_states = [None] * world
+        torch.distributed.all_gather_object(rng_states, rng_state(device))
+    if not accelerator.is_main_process:
+        return
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    atomic_save({"format": CHECKPOINT_FORMAT, **state, "rng": rng_states, "scaler": scaler},
+                run_dir / "checkpoints" / f"{step:07d}.pt")
+    existing = list_checkpoints(run_dir / "checkpoints")
+    keep = checkpoint_steps_to_keep(list(existing), args.keep_last, args.keep_every) | {step}
+    for s in set(existing) - keep:
+        existing[s].unlink()
+    logger.info("saved checkpoint %s", run_dir / "checkpoints" / f"{step:07d}.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train(args: argparse.Namespace):
+    """Run training; returns the (unwrapped) model and its EMA on this process."""
+    accelerator = make_accelerator(args)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+    if args.batch_size % (world * args.gradient_accumulation_steps):
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps "
+                         f"= {world} x {args.gradient_accumulation_steps}")
+    local_batch = args.batch_size // (world * args.gradient_accumulation_steps)
+
+    run_dir, resume_from = locate_run(args)
+    methods = alignment.build_methods(vars(args))
+    needs = set().union(*(m.needs for m in methods))
+    dataset = open_dataset(args, with_images="images" in needs)
+    run_args = {k: v for k, v in vars(args).items() if k != "notes"}
+    run_args.update(latent_shape=list(dataset.latent_shape), num_classes=dataset.num_classes, vae=dataset.vae,
+                    latent_scale=dataset.scale, latent_shift=dataset.shift, world_size=world)
+    # before anything is written: a checkpoint that is refused or does not fit leaves no run directory behind
+    checkpoint = None if resume_from is None else open_resume_checkpoint(resume_from, args.trust_checkpoint, run_args)
+    accelerator.wait_for_everyone()
+    if is_main:
+        make_run_dir(run_dir)
+    accelerator.wait_for_everyone()
+    setup_logging(run_dir, is_main)
+    for note in args.notes:  # first: which methods a REPA-style command line trains, deprecated spellings
+        logger.info("note: %s", note)
+    if checkpoint is not None and checkpoint["args"].get("world_size") != world:
+        logger.warning("resuming with %d processes instead of %d: the data order and noise will differ from "
+                       "an uninterrupted run", world, checkpoint["args"].get("world_size"))
+
+    raw_model, ema, optimizer = build_model_and_optimizer(args, run_args, checkpoint, device)
+    step, epoch, position = 0, 0, 0
+    if checkpoint is not None:
+        step, epoch, position = checkpoint["step"], checkpoint["data"]["epoch"], checkpoint["data"]["position"]
+        newer = [s for s in list_checkpoints(run_dir / "checkpoints") if s > step]
+        if newer:
+            raise UsageError(f"{run_dir / 'checkpoints'} holds checkpoints after step {step} (e.g. "
+                             f"{max(newer):07d}.pt) from another attempt; move them away before resuming from an "
+                             "earlier one")
+    if is_main and not (run_dir / "args.json").exists():
+        (run_dir / "args.json").write_text(json.dumps(run_args, indent=2))
+    model = torch.compile(raw_model) if args.compile else raw_model
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    random.seed(args.seed + rank)
+    np.random.seed((args.seed + rank) % 2**32)
+    torch.manual_seed(args.seed * 1000003 + rank)  # per-rank noise and time draws
+    if checkpoint is not None:
+        if accelerator.scaler is not None and checkpoint.get("scaler") is not None:
+            accelerator.scaler.load_state_dict(checkpoint["scaler"])  # fp16 loss scale
+        states = checkpoint["rng"]
+        if len(states) == world:
+            set_rng_state(states[rank], device)
+        logger.info("resumed from %s at step %d (epoch %d, position %d)", resume_from, step, epoch, position)
+
+    loss_config = LossConfig(path_type=args.path_type, weighting=args.weighting, cfg_prob=args.cfg_prob)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    try:
+        for method in methods:
+            method.setup(device, raw_model, image_size=dataset.image_size, autocast_dtype=autocast_dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+    from dataset import ResumableDistributedSampler
+
+    sampler = ResumableDistributedSampler(len(dataset), num_replicas=world, rank=rank, seed=args.seed,
+                                          shuffle=True, drop_last=True)
+    if len(dataset) // world < local_batch:
+        raise UsageError(f"--data-dir {args.data_dir} holds {len(dataset)} latents: too few for a per-process batch "
+                         f"of {local_batch} on {world} processes")
+    loader_kwargs = dict(batch_size=local_batch, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                         persistent_workers=False)
+    data = batches(dataset, sampler, loader_kwargs, epoch, position)
+    vae = load_vae(run_args["vae"]).to(device) if args.sample_every > 0 and is_main else None
+    init_trackers(accelerator, args, run_args, run_dir)
+    log_summary(args, raw_model, methods, device, world, local_batch)
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=args.max_train_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    log_names = ["total_loss", "loss"] + [m.log_name for m in methods]  # loss: the denoising loss, as REPA logs it
+    sums = torch.zeros(len(log_names) + 1, device=device)  # the losses and the grad norm since the last log
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    last_log_time, last_log_step = time.time(), step
+    model.train()
+    while step < args.max_train_steps:
+        for micro in range(args.gradient_accumulation_steps):
+            batch, epoch, position = next(data)
+            x, y = batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)
+            inputs = {"epoch": epoch}
+            if "posterior_mean" in needs:
+                inputs["posterior_mean"] = batch["target"].to(device, non_blocking=True)
+            if "images" in needs:
+                inputs["images"] = batch["images"].to(device, non_blocking=True)
+            if "teacher" in needs:
+                inputs["teacher"] = ema
+            sync = micro == args.gradient_accumulation_steps - 1
+            with accelerator.no_sync(model) if not sync else contextlib.nullcontext(), accelerator.autocast():
+                out = training_loss(model, x, y, loss_config, raw_model.null_class, methods, **inputs)
+                accelerator.backward(out["total"] / args.gradient_accumulation_steps)
+            parts = torch.stack([out["total"].detach(), out["denoise"]] + [out[m.log_name] for m in methods])
+            sums[:-1] += parts / args.gradient_accumulation_steps
+            nonfinite |= ~torch.isfinite(parts).all()
+        if args.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        else:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        sums[-1] += grad_norm.detach().float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, raw_model, args.ema_decay)
+        step += 1
+        progress.update(1)
+
+        log_now = step % args.logging_steps == 0 or step == args.max_train_steps
+        ckpt_now = step % args.checkpointing_steps == 0 or step == args.max_train_steps
+        if (log_now or ckpt_now) and accelerator.reduce(nonfinite.float(), reduction="sum").item() > 0:
+            kept = list_checkpoints(run_dir / "checkpoints")
+            raise FloatingPointError(
+                f"non-finite loss before step {step}; stopping. Last good checkpoint: "
+                f"{kept[max(kept)] if kept else 'none'} (try a lower --learning-rate or --mixed-precision no)")
+        if log_now:
+            n = step - last_log_step
+            values = (accelerator.reduce(sums, reduction="mean") / n).tolist()
+            logs = dict(zip(log_names, values[:-1]))
+            logs.update(grad_norm=values[-1], images_per_s=n * args.batch_size / (time.time() - last_log_time))
+            if device.type == "cuda":
+                logs["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            progress.set_postfix({k: f"{logs[k]:.4f}" for k in log_names[1:]})
+            logger.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+            accelerator.log(logs, step=step)
+            sums.zero_()
+            last_log_time, last_log_step = time.time(), step
+        if ckpt_now:
+            save_checkpoint(accelerator, {"model": raw_model.state_dict(), "ema": ema.state_dict(),
+                                          "opt": optimizer.state_dict(), "step": step, "args": run_args,
+                                          "data": {"epoch": epoch, "position": position}}, run_dir, args)
+        if args.sample_every > 0 and (step % args.sample_every == 0 or step == args.max_train_steps):
+            if is_main:
+                save_sample_grid(ema, vae, run_args, device, run_dir, step, accelerator)
+            accelerator.wait_for_everyone()
+    progress.close()
+    accelerator.end_training()
+    logger.info("done: %d steps, run directory %s", step, run_dir)
+    return raw_model, ema
+
+
+def save_sample_grid(ema, vae, run_args: dict, device, run_dir: Path, step: int, accelerator) -> None:
+    from torchvision.utils import make_grid, save_image
+
+    images = sample_grid(ema, vae, run_args, device, run_args["sample_grid_size"], run_args["sample_grid_steps"])
+    grid = make_grid(images, nrow=int(math.ceil(math.sqrt(len(images)))))
+    path = run_dir / "samples" / f"{step:07d}.png"
+    path.parent.mkdir(exist_ok=True)
+    save_image(grid, path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples", grid, global_step=step)
+        else:
+            tracker.log_images({"samples": [(grid.permute(1, 2, 0).numpy() * 255).astype(np.uint8)]}, step=step)
+    logger.info("saved sample grid %s", path)
