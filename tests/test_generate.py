@@ -282,7 +282,7 @@ def test_help_documents_every_flag_without_a_gpu():
     flags = ["--ckpt", "--no-ema", "--model", "--resolution", "--num-classes", "--qk-norm", "--vae", "--mode",
              "--num-steps", "--heun", "--cfg-scale", "--guidance-low", "--guidance-high", "--path-type",
              "--num-fid-samples", "--label-sampling", "--global-seed", "--per-proc-batch-size", "--sample-dir",
-             "--precision", "--device", "--trust-checkpoint"]
+             "--precision", "--device", "--trust-checkpoint", "--pixel-rounding"]
     for flag in flags:
         assert f"  {flag}" in proc.stdout, flag
     assert "i % num_classes" in proc.stdout.replace("\n", " ")
