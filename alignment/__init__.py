@@ -14,7 +14,8 @@ from alignment.repa import Repa
 from alignment.sra import DEFAULT_BLOCKS, Sra
 from alignment.vae_repa import TARGETS, VaeRepa
 from loss import ALIGN_OBJECTIVES
-from models.sit import HeadSpec, model_config
+from models.heads import HeadSpec
+from models.sit import model_config
 
 METHOD_NAMES = ("vae-repa", "repa", "sra")  # also the order in which terms are logged and names joined
 REPA_FLAGS = ("enc_type", "encoder_depth", "proj_coeff", "projector_embed_dims")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.sit import HeadSpec
+from models.heads import HeadSpec
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from alignment.base import AlignmentMethod, StepInputs
 from models.encoders import FrozenEncoder, load_dinov2, parse_enc_type
-from models.sit import HeadList, HeadSpec, build_mlp
+from models.heads import HeadList, HeadSpec, build_mlp
 
 
 def repa_projection_loss(preds: list[torch.Tensor], feats: list[torch.Tensor]) -> torch.Tensor:

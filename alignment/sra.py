@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from alignment.base import AlignmentMethod, StepInputs
 from loss import ALIGN_OBJECTIVES, alignment_loss, interpolant
-from models.sit import HeadSpec
+from models.heads import HeadSpec
 
 # SRA's published blocks (student, teacher): SiT-XL/2 8 -> 20 (its README), 4 -> 8 its code's default (B);
 # L is not published: XL's setting is used for it.

@@ -7,7 +7,8 @@ import torch
 
 from alignment.base import AlignmentMethod, StepInputs
 from loss import ALIGN_OBJECTIVES, alignment_loss
-from models.sit import HeadSpec, build_mlp, patchify
+from models.heads import HeadSpec, build_mlp
+from models.sit import patchify
 
 TARGETS = ("latent", "mean")
 

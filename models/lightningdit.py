@@ -13,15 +13,14 @@ gives correct velocities in our convention, and a model trained here can be used
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.heads import AlignmentHeads, HeadSpec
 from models.sit import (
-    HEAD_PREFIXES,
-    HeadSpec,
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
@@ -181,7 +180,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class LightningDiT(nn.Module):
+class LightningDiT(AlignmentHeads, nn.Module):
     """LightningDiT taking our t (t = 1 noise) and returning our velocity; alignment heads as in `models.sit.SiT`.
 
     `forward(x, t, y)` returns `(velocity, heads)`; heads run only when asked (`return_heads=True`, the default in
@@ -233,29 +232,8 @@ class LightningDiT(nn.Module):
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm)
 
-        self.head_taps: dict[str, tuple[str, int]] = {}  # key -> (attribute, block it taps)
-        for key, attr, module, tap in heads:
-            self.add_head(key, attr, module, tap)
+        self._init_heads(heads)
         self.initialize_weights()
-
-    def add_head(self, key: str, attr: str, module: nn.Module, depth: int) -> None:
-        """Attach `module` as attribute `attr` (its parameters' prefix), fed the tokens after block `depth`."""
-        if not 1 <= depth <= len(self.blocks):
-            raise ValueError(f"the {key} head's block must be in [1, {len(self.blocks)}], got {depth}")
-        if key in self.head_taps or hasattr(self, attr):
-            raise ValueError(f"a head named {key!r} / {attr!r} exists already")
-        setattr(self, attr, module)
-        self.head_taps[key] = (attr, depth)
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    def has_heads(self) -> bool:
-        return bool(self.head_taps)
-
-    def head_state_prefixes(self) -> tuple[str, ...]:
-        return HEAD_PREFIXES
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -280,53 +258,18 @@ class LightningDiT(nn.Module):
         # LightningDiT's time runs the other way (s = 1 is data): see the module docstring.
         return self.x_embedder(x) + self.pos_embed, self.t_embedder(1 - t) + self.y_embedder(y)
 
+    def _block(self, block: nn.Module, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return block(h, c, self.feat_rope)
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_heads: bool | None = None
     ) -> tuple[torch.Tensor, dict]:
-        want_heads = self.training if return_heads is None else return_heads
-        taps = self.head_taps if want_heads else {}
         h, c = self._embed(x, t, y)
-        heads: dict = {}
-        for i, block in enumerate(self.blocks):
-            h = block(h, c, self.feat_rope)
-            for key, (attr, depth) in taps.items():
-                if depth == i + 1:
-                    heads[key] = getattr(self, attr)(h)
+        h, heads = self._run_blocks(h, c, self.training if return_heads is None else return_heads)
         out = unpatchify(self.final_layer(h, c), self.patch_size, self.out_channels)
         if self.learn_sigma:
             out = out[:, : self.in_channels]
         return -out, heads  # LightningDiT's velocity (data - noise) is minus ours
-
-    def forward_tokens(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, depth: int) -> torch.Tensor:
-        """The tokens (N, T, hidden) after block `depth`; the blocks after it are not run (SRA's teacher)."""
-        if not 1 <= depth <= len(self.blocks):
-            raise ValueError(f"depth must be in [1, {len(self.blocks)}], got {depth}")
-        h, c = self._embed(x, t, y)
-        for block in self.blocks[:depth]:
-            h = block(h, c, self.feat_rope)
-        return h
-
-    def load_backbone_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-        """Load LightningDiT weights strictly (its checkpoints' `ema` or `model` dict; `module.` and `_orig_mod.`
-        prefixes are stripped); head weights load where this model has that head. Returns the ignored head keys."""
-        clean = {}
-        for key, value in state_dict.items():
-            for prefix in ("module.", "_orig_mod."):
-                key = key.removeprefix(prefix)
-            clean[key] = value
-        own = self.state_dict()
-        prefixes = self.head_state_prefixes()
-        ignored = [k for k in clean if k not in own and k.startswith(prefixes)]
-        for k in ignored:
-            del clean[k]
-        missing, unexpected = self.load_state_dict(clean, strict=False)
-        missing = [k for k in missing if not k.startswith(prefixes)]
-        if missing or unexpected:
-            raise KeyError(
-                f"state dict does not match this LightningDiT: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
-                f", unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-            )
-        return ignored
 
 
 # ----------------------------------------------------------------------------------------------

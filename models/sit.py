@@ -7,12 +7,14 @@ Parameter names follow REPA's `models/sit.py` (timm's PatchEmbed / Attention / M
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.heads import AlignmentHeads, HeadList, HeadSpec, build_mlp
 
 # ----------------------------------------------------------------------------------------------
 # Patch layout: a token holds a p x p x C patch in (p, q, c) order.
@@ -177,35 +179,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def build_mlp(in_dim: int, width: int, out_dim: int, num_layers: int) -> nn.Sequential:
-    """`num_layers` Linear layers with SiLU between them: in -> width -> ... -> width -> out."""
-    if num_layers < 1:
-        raise ValueError(f"an MLP head needs at least one Linear layer, got {num_layers}")
-    dims = [in_dim] + [width] * (num_layers - 1) + [out_dim]
-    layers: list[nn.Module] = []
-    for i in range(num_layers):
-        layers.append(nn.Linear(dims[i], dims[i + 1]))
-        if i < num_layers - 1:
-            layers.append(nn.SiLU())
-    return nn.Sequential(*layers)
-
-
-# Parameter prefixes of the alignment heads (ours, REPA's, SRA's): sampling ignores them.
-HEAD_PREFIXES = ("vae_projector.", "projectors.", "ap_head.")
-
-
-class HeadList(nn.ModuleList):
-    """Several heads on the same tokens (REPA's projectors, one per encoder); returns their outputs as a list."""
-
-    def forward(self, h: torch.Tensor) -> list[torch.Tensor]:
-        return [head(h) for head in self]
-
-
-# An alignment head: (key of its output in `heads`, attribute name = parameter prefix, module, block it taps).
-HeadSpec = tuple[str, str, nn.Module, int]
-
-
-class SiT(nn.Module):
+class SiT(AlignmentHeads, nn.Module):
     """SiT with optional alignment heads, each tapped after a block of its own.
 
     `forward(x, t, y)` returns `(velocity, heads)`: the velocity (N, C, H, W) and a dict of head outputs, e.g.
@@ -253,30 +227,16 @@ class SiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
 
-        self.head_taps: dict[str, tuple[str, int]] = {}  # key -> (attribute, block it taps)
+        own: list[HeadSpec] = []
         if vae_head_layers > 0:
             head = build_mlp(hidden_size, vae_head_width or 2 * hidden_size, patch_size**2 * in_channels,
                              vae_head_layers)
-            self.add_head("vae", "vae_projector", head, encoder_depth)
+            own.append(("vae", "vae_projector", head, encoder_depth))
         if len(repa_z_dims):
             projectors = HeadList([build_mlp(hidden_size, repa_projector_dim, z, num_layers=3) for z in repa_z_dims])
-            self.add_head("repa", "projectors", projectors, encoder_depth)
-        for key, attr, module, tap in heads:
-            self.add_head(key, attr, module, tap)
+            own.append(("repa", "projectors", projectors, encoder_depth))
+        self._init_heads([*own, *heads])
         self.initialize_weights()
-
-    def add_head(self, key: str, attr: str, module: nn.Module, depth: int) -> None:
-        """Attach `module` as attribute `attr` (its parameters' prefix), fed the tokens after block `depth`."""
-        if not 1 <= depth <= len(self.blocks):
-            raise ValueError(f"the {key} head's block (encoder_depth) must be in [1, {len(self.blocks)}], got {depth}")
-        if key in self.head_taps or hasattr(self, attr):
-            raise ValueError(f"a head named {key!r} / {attr!r} exists already")
-        setattr(self, attr, module)
-        self.head_taps[key] = (attr, depth)
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
 
     def initialize_weights(self) -> None:
         def basic_init(module: nn.Module) -> None:
@@ -302,62 +262,18 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def has_heads(self) -> bool:
-        return bool(self.head_taps)
-
     def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y)
+
+    def _block(self, block: nn.Module, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return block(h, c)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_heads: bool | None = None
     ) -> tuple[torch.Tensor, dict]:
-        want_heads = self.training if return_heads is None else return_heads
-        taps = self.head_taps if want_heads else {}
         h, c = self._embed(x, t, y)
-        heads: dict = {}
-        for i, block in enumerate(self.blocks):
-            h = block(h, c)
-            for key, (attr, depth) in taps.items():
-                if depth == i + 1:
-                    heads[key] = getattr(self, attr)(h)
-        out = self.final_layer(h, c)
-        return unpatchify(out, self.patch_size, self.out_channels), heads
-
-    def forward_tokens(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, depth: int) -> torch.Tensor:
-        """The tokens (N, T, hidden) after block `depth`; the blocks after it are not run (SRA's teacher)."""
-        if not 1 <= depth <= len(self.blocks):
-            raise ValueError(f"depth must be in [1, {len(self.blocks)}], got {depth}")
-        h, c = self._embed(x, t, y)
-        for block in self.blocks[:depth]:
-            h = block(h, c)
-        return h
-
-    def head_state_prefixes(self) -> tuple[str, ...]:
-        return HEAD_PREFIXES
-
-    def load_backbone_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-        """Load the backbone weights strictly; head weights load where this model has that head.
-
-        Accepts REPA checkpoints' `ema`/`model` dicts (DDP `module.` or compile `_orig_mod.` prefixes
-        are stripped). Returns the keys that were ignored (heads this model does not have).
-        """
-        clean = {}
-        for key, value in state_dict.items():
-            for prefix in ("module.", "_orig_mod."):
-                key = key.removeprefix(prefix)
-            clean[key] = value
-        own = self.state_dict()
-        ignored = [k for k in clean if k not in own and k.startswith(self.head_state_prefixes())]
-        for k in ignored:
-            del clean[k]
-        missing, unexpected = self.load_state_dict(clean, strict=False)
-        missing = [k for k in missing if not k.startswith(self.head_state_prefixes())]
-        if missing or unexpected:
-            raise KeyError(
-                f"state dict does not match this SiT: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-            )
-        return ignored
+        h, heads = self._run_blocks(h, c, self.training if return_heads is None else return_heads)
+        return unpatchify(self.final_layer(h, c), self.patch_size, self.out_channels), heads
 
 
 # ----------------------------------------------------------------------------------------------
