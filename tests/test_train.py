@@ -13,6 +13,7 @@ import torch
 from helpers_data import make_tiny_vae, write_latent_dataset
 
 import train
+from common import model_from_args
 from training import loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,7 +253,7 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path):
     for key in ("model", "ema"):
         for name, p in a[key].items():
             assert torch.equal(p, b[key][name]), (key, name)
-    init = train.model_from_args(json.loads((tmp_path / "runs/ddp/args.json").read_text()))
+    init = model_from_args(json.loads((tmp_path / "runs/ddp/args.json").read_text()))
     moved = any(not torch.equal(p, a["model"][n]) for n, p in init.state_dict().items())
     assert moved  # the ranks trained, and agree
     ckpt = torch.load(tmp_path / "runs/ddp/checkpoints/0000003.pt", weights_only=True)
