@@ -254,6 +254,39 @@ def save_checkpoint(accelerator, state: dict, run_dir: Path, args: argparse.Name
 # Training
 
 
+def step_inputs(batch: dict, needs: set, ema: torch.nn.Module, device: torch.device, epoch: int) -> dict:
+    """What the enabled alignment methods need from this batch (alignment.StepInputs' optional fields)."""
+    inputs = {"epoch": epoch}
+    if "posterior_mean" in needs:
+        inputs["posterior_mean"] = batch["target"].to(device, non_blocking=True)
+    if "images" in needs:
+        inputs["images"] = batch["images"].to(device, non_blocking=True)
+    if "teacher" in needs:
+        inputs["teacher"] = ema
+    return inputs
+
+
+def accumulate_gradients(model, null_class: int, data, accelerator, args: argparse.Namespace, loss_config: LossConfig,
+                         methods: list, needs: set, ema: torch.nn.Module) -> tuple[torch.Tensor, int, int]:
+    """Forward and backward of one optimizer step's micro-batches (gradients synchronised on the last one only).
+
+    Returns the mean over micro-batches of (total loss, denoising loss, each method's term), and the data epoch and
+    position after them."""
+    device, n = accelerator.device, args.gradient_accumulation_steps
+    parts = 0
+    for micro in range(n):
+        batch, epoch, position = next(data)
+        x, y = batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)
+        inputs = step_inputs(batch, needs, ema, device, epoch)
+        with accelerator.no_sync(model) if micro < n - 1 else contextlib.nullcontext(), accelerator.autocast():
+            out = training_loss(model, x, y, loss_config, null_class, methods, **inputs)
+            accelerator.backward(out["total"] / n)
+        parts = parts + torch.stack([out["total"].detach(), out["denoise"]] + [out[m.log_name] for m in methods]) / n
+    return parts, epoch, position
+
+
+
+
 def train(args: argparse.Namespace):
     """Run training; returns the (unwrapped) model and its EMA on this process."""
     accelerator = make_accelerator(args)
@@ -340,23 +373,10 @@ def train(args: argparse.Namespace):
     last_log_time, last_log_step = time.time(), step
     model.train()
     while step < args.max_train_steps:
-        for micro in range(args.gradient_accumulation_steps):
-            batch, epoch, position = next(data)
-            x, y = batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)
-            inputs = {"epoch": epoch}
-            if "posterior_mean" in needs:
-                inputs["posterior_mean"] = batch["target"].to(device, non_blocking=True)
-            if "images" in needs:
-                inputs["images"] = batch["images"].to(device, non_blocking=True)
-            if "teacher" in needs:
-                inputs["teacher"] = ema
-            sync = micro == args.gradient_accumulation_steps - 1
-            with accelerator.no_sync(model) if not sync else contextlib.nullcontext(), accelerator.autocast():
-                out = training_loss(model, x, y, loss_config, raw_model.null_class, methods, **inputs)
-                accelerator.backward(out["total"] / args.gradient_accumulation_steps)
-            parts = torch.stack([out["total"].detach(), out["denoise"]] + [out[m.log_name] for m in methods])
-            sums[:-1] += parts / args.gradient_accumulation_steps
-            nonfinite |= ~torch.isfinite(parts).all()
+        parts, epoch, position = accumulate_gradients(model, raw_model.null_class, data, accelerator, args,
+                                                      loss_config, methods, needs, ema)
+        sums[:-1] += parts
+        nonfinite |= ~torch.isfinite(parts).all()
         if args.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         else:
