@@ -556,6 +556,9 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     rate = len(pending) / elapsed if elapsed > 0 else 0.0
     log(f"Done: {len(pending)} new images in {elapsed:.1f}s ({rate:.2f} img/s on {world} process(es)); "
         f"{args.num_fid_samples} PNGs in {folder}; {npz_path} holds arr_0 {tuple(shape)} uint8")
+    # Leave together: a rank that tears its process group down while another is still in the last broadcast can
+    # abort it (seen with gloo: "terminate called without an active exception").
+    _barrier(world)
     return 0
 
 
