@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="REPA-format checkpoints only: the model uses qk-norm "
                         "(default: the checkpoint's args, else off)")
+    g.add_argument("--encoder-depth", type=int, default=None,
+                   help="REPA's flag: the block of REPA's projectors. Sampling does not run them, so it only is "
+                        "checked against the checkpoint (a note when they disagree)")
+    g.add_argument("--projector-embed-dims", default=None,
+                   help="REPA's flag: its projectors' widths, comma-separated (e.g. 768); checked against the "
+                        "checkpoint's projector weights like --encoder-depth")
     g.add_argument("--vae", default=None,
                    help=f"VAE id on the Hugging Face hub or local folder; 'ema' / 'mse' mean stabilityai/sd-vae-ft-* "
                         f"(default: the checkpoint's args, else {DEFAULT_VAE})")
@@ -193,9 +199,29 @@ def _check_arch_flags(args: argparse.Namespace, arch: dict, ckpt: Path) -> None:
                                 f"drop the flag (it is only for REPA-format checkpoints)")
 
 
+def _projector_notes(args: argparse.Namespace, state: dict, ckpt_args: dict, ours: bool, ckpt: Path) -> list[str]:
+    """REPA's --encoder-depth / --projector-embed-dims against what the checkpoint holds: notes, not errors (REPA's
+    sampling scripts pass them, and the projectors they describe play no part in sampling)."""
+    keys = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    dims = [int(keys[f"projectors.{i}.4.weight"].shape[0]) for i in range(len(keys))
+            if f"projectors.{i}.4.weight" in keys]
+    has_repa = bool(dims) or (not ours) or "repa" in (ckpt_args.get("align") or [])
+    depth = ckpt_args.get("encoder_depth") if has_repa and not isinstance(ckpt_args.get("align"), bool) else None
+    notes = []
+    if args.projector_embed_dims is not None:
+        given = [int(d) for d in str(args.projector_embed_dims).split(",") if d.strip()]
+        if given != dims:
+            notes.append(f"--projector-embed-dims {args.projector_embed_dims}: checkpoint {ckpt} holds "
+                         f"{'projectors of widths ' + ','.join(map(str, dims)) if dims else 'no REPA projectors'}")
+    if args.encoder_depth is not None and depth is not None and args.encoder_depth != depth:
+        notes.append(f"--encoder-depth {args.encoder_depth}: checkpoint {ckpt} placed REPA's projectors after block "
+                     f"{depth}")
+    return [n + "; sampling does not run the projectors, so the images are the same" for n in notes]
+
+
 def load_model(args: argparse.Namespace, ckpt: Path) -> tuple[SiT, dict]:
     """The backbone (no projector heads, eval mode, on the CPU) and what sampling needs to know about the run:
-    {"arch", "vae", "latent_scale", "latent_shift", "path_type", "format"}."""
+    {"arch", "vae", "latent_scale", "latent_shift", "path_type", "format", "notes"}."""
     try:
         checkpoint = load_checkpoint(ckpt, trust=args.trust_checkpoint)
     except (FileNotFoundError, ValueError) as e:
@@ -224,6 +250,7 @@ def load_model(args: argparse.Namespace, ckpt: Path) -> tuple[SiT, dict]:
         vae, scale, shift = DEFAULT_VAE, REPA_LATENT_SCALE, REPA_LATENT_SHIFT
         fix_hint = "set --model / --resolution / --num-classes / --qk-norm to the architecture it was trained with"
     arch["latent_shape"] = [int(s) for s in arch["latent_shape"]]
+    notes = _projector_notes(args, state, ckpt_args, ours, ckpt)
 
     try:
         model = model_from_args(arch, with_heads=False)
@@ -246,6 +273,7 @@ def load_model(args: argparse.Namespace, ckpt: Path) -> tuple[SiT, dict]:
         "latent_shift": shift,
         "path_type": args.path_type or ckpt_args.get("path_type") or "linear",
         "format": "vae-repa" if ours else "repa",
+        "notes": notes,
     }
     if info["path_type"] not in PATH_TYPES:
         raise UsageError(f"checkpoint {ckpt}: unknown path type {info['path_type']!r}; set --path-type")
@@ -505,6 +533,8 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     ckpt = resolve_checkpoint(args.ckpt)
     model, info = load_model(args, ckpt)
+    for note in info["notes"]:
+        log(f"note: {note}")
     vae = _on_rank0(lambda: load_vae(info["vae"]), rank, world, then_others=True)  # rank 0 downloads it once
     image_size = info["arch"]["latent_shape"][1] * 2 ** (len(vae.config.block_out_channels) - 1)
     if vae.config.latent_channels != info["arch"]["latent_shape"][0]:

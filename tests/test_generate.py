@@ -1,5 +1,6 @@
 """generate.py: per-sample determinism (batch size, process count, resume), the ADM .npz, checkpoints, bad input."""
 
+import argparse
 import hashlib
 import io
 import json
@@ -282,7 +283,8 @@ def test_help_documents_every_flag_without_a_gpu():
     flags = ["--ckpt", "--no-ema", "--model", "--resolution", "--num-classes", "--qk-norm", "--vae", "--mode",
              "--num-steps", "--heun", "--cfg-scale", "--guidance-low", "--guidance-high", "--path-type",
              "--num-fid-samples", "--label-sampling", "--global-seed", "--per-proc-batch-size", "--sample-dir",
-             "--precision", "--device", "--trust-checkpoint", "--pixel-rounding"]
+             "--precision", "--device", "--trust-checkpoint", "--pixel-rounding",
+             "--encoder-depth", "--projector-embed-dims"]
     for flag in flags:
         assert f"  {flag}" in proc.stdout, flag
     assert "i % num_classes" in proc.stdout.replace("\n", " ")
@@ -360,3 +362,25 @@ def test_dit_rounding_is_recorded_and_brightens_by_at_most_one_level(assets, ref
     assert json.loads((folder / "config.json").read_text())["config"]["pixel_rounding"] == "dit"
     diff = arr_0(npz).astype(int) - reference["images"].astype(int)  # same latents, only the rounding differs
     assert set(np.unique(diff)) <= {0, 1} and 0.3 < (diff == 1).mean() < 0.7
+
+
+def test_repa_s_projector_flags_are_checked_not_rejected(assets, tmp_path, capsys):
+    # REPA's README sampling line passes --encoder-depth=8 --projector-embed-dims=768: they describe the
+    # projectors, which sampling never runs. Agreeing flags are silent; disagreeing ones give a note, same images.
+    args = {"model": "SiT-S/2", "num_classes": 4, "latent_shape": [4, 8, 8]}
+    state = random_state(args, seed=7, with_heads=False, std=0.02)
+    hidden = state["pos_embed"].shape[-1]
+    for k, (o, i) in {"0": (2048, hidden), "2": (2048, 2048), "4": (768, 2048)}.items():
+        state[f"projectors.0.{k}.weight"], state[f"projectors.0.{k}.bias"] = torch.randn(o, i), torch.zeros(o)
+    ckpt = tmp_path / "0000007.pt"
+    torch.save({"model": state, "ema": state, "opt": {}, "steps": 7,
+                "args": argparse.Namespace(model="SiT-S/2", resolution=64, num_classes=4, encoder_depth=8)}, ckpt)
+    quick = ["--num-fid-samples", "2", "--num-steps", "2", "--vae", str(assets["vae"])]
+    rc, _, npz = sample(ckpt, tmp_path / "a", *quick, "--encoder-depth=8", "--projector-embed-dims=768")
+    out = capsys.readouterr().out
+    assert rc == 0 and "note:" not in out
+    rc, _, other = sample(ckpt, tmp_path / "b", *quick, "--encoder-depth=4", "--projector-embed-dims=768,1024")
+    out = capsys.readouterr().out
+    assert rc == 0 and "--encoder-depth 4: checkpoint" in out and "after block 8" in out
+    assert "--projector-embed-dims 768,1024" in out and "widths 768;" in out
+    np.testing.assert_array_equal(arr_0(other), arr_0(npz))
