@@ -205,8 +205,9 @@ def _projector_notes(args: argparse.Namespace, state: dict, ckpt_args: dict, our
     keys = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     dims = [int(keys[f"projectors.{i}.4.weight"].shape[0]) for i in range(len(keys))
             if f"projectors.{i}.4.weight" in keys]
-    has_repa = bool(dims) or (not ours) or "repa" in (ckpt_args.get("align") or [])
-    depth = ckpt_args.get("encoder_depth") if has_repa and not isinstance(ckpt_args.get("align"), bool) else None
+    align = ckpt_args.get("align")  # our older checkpoints: a bool, and encoder_depth was VAE-REPA's block
+    has_repa = bool(dims) or not ours or (isinstance(align, list) and "repa" in align)
+    depth = ckpt_args.get("encoder_depth") if has_repa and not isinstance(align, bool) else None
     notes = []
     if args.projector_embed_dims is not None:
         given = [int(d) for d in str(args.projector_embed_dims).split(",") if d.strip()]
