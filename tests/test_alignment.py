@@ -344,3 +344,19 @@ def test_repa_s_readme_launch_line_trains_repa():
     assert args.align == ["repa"] and (args.enc_type, args.encoder_depth, args.proj_coeff) == ("dinov2-vit-b", 8, 0.5)
     method = build_methods(vars(args))[0]
     assert isinstance(method, Repa) and method.z_dims == [768] and method.weight(0) == 0.5
+
+
+def test_a_resumed_repa_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_path, dinov2_weights):
+    # Loading the encoder draws random initial weights: it must not shift the resumed run's noise stream.
+    data = image_dataset(tmp_path / "data")
+    base = ["--data-dir", str(data), "--output-dir", str(tmp_path / "runs"), *TINY, "--align", "repa",
+            "--enc-type", "dinov2-vit-s", "--encoder-depth", "1", "--enc-weights", str(dinov2_weights)]
+    train.train(train.parse_args([*base, "--exp-name", "straight", "--max-train-steps", "3"]))
+    train.train(train.parse_args([*base, "--exp-name", "split", "--checkpointing-steps", "2"]))
+    train.train(train.parse_args([*base, "--exp-name", "split", "--max-train-steps", "3", "--resume", "latest"]))
+
+    def step3(run: str) -> str:
+        line = next(x for x in (tmp_path / "runs" / run / "log.txt").read_text().splitlines() if "] step 3:" in x)
+        return " ".join(w for w in line.split("step 3:")[1].split() if not w.startswith("images_per_s"))
+
+    assert step3("straight") == step3("split")

@@ -331,6 +331,15 @@ def train(args: argparse.Namespace):
     model = torch.compile(raw_model) if args.compile else raw_model
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    # Before the per-rank seeding and the RNG restore: building an encoder draws random initial weights, which would
+    # otherwise shift a resumed run's noise stream away from the uninterrupted run's.
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    try:
+        for method in methods:
+            method.setup(device, raw_model, image_size=dataset.image_size, autocast_dtype=autocast_dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
     random.seed(args.seed + rank)
     np.random.seed((args.seed + rank) % 2**32)
     torch.manual_seed(args.seed * 1000003 + rank)  # per-rank noise and time draws
@@ -343,12 +352,6 @@ def train(args: argparse.Namespace):
         logger.info("resumed from %s at step %d (epoch %d, position %d)", resume_from, step, epoch, position)
 
     loss_config = LossConfig(path_type=args.path_type, weighting=args.weighting, cfg_prob=args.cfg_prob)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-    try:
-        for method in methods:
-            method.setup(device, raw_model, image_size=dataset.image_size, autocast_dtype=autocast_dtype)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
 
     from dataset import ResumableDistributedSampler
 
