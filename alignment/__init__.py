@@ -15,7 +15,7 @@ from alignment.sra import DEFAULT_BLOCKS, Sra
 from alignment.vae_repa import TARGETS, VaeRepa
 from loss import ALIGN_OBJECTIVES
 from models.heads import HeadSpec
-from models.sit import model_config
+from models.registry import model_config, model_size
 
 METHOD_NAMES = ("vae-repa", "repa", "sra")  # also the order in which terms are logged and names joined
 REPA_FLAGS = ("enc_type", "encoder_depth", "proj_coeff", "projector_embed_dims")
@@ -117,7 +117,7 @@ def resolve_args(args: argparse.Namespace, argv: list[str] | None, error) -> lis
         error(f"{', '.join(repa_flags)} configure REPA, which --align {args.align} does not include")
 
     size = model_config(args.model)
-    size_name = args.model.removeprefix("SiT-").split("/")[0]
+    size_name = model_size(args.model)
     args.enc_type = args.enc_type or "dinov2-vit-b"
     args.encoder_depth = args.encoder_depth if args.encoder_depth is not None else 8
     args.proj_coeff = args.proj_coeff if args.proj_coeff is not None else 0.5
@@ -165,7 +165,7 @@ def build_methods(run_args: dict) -> list[AlignmentMethod]:
     """The methods a run's arguments (args.json, a checkpoint's `args`) switch on, in METHOD_NAMES order."""
     a = upgrade_run_args(run_args)
     size = model_config(a["model"])
-    size_name = a["model"].removeprefix("SiT-").split("/")[0]
+    size_name = model_size(a["model"])
     methods: list[AlignmentMethod] = []
     for name in a["align"]:
         if name == "vae-repa":

@@ -1,5 +1,21 @@
-"""Model registry: SiT backbones with alignment heads."""
+"""Backbones with alignment heads: SiT and LightningDiT, built by their registry names (models/registry.py)."""
 
-from models.sit import MODEL_NAMES, SiT, SiT_models, build_model, model_config, patchify, unpatchify
+from models.lightningdit import LightningDiT, build_lightningdit
+from models.registry import MODEL_NAMES, model_config, model_family, model_size
+from models.sit import SiT, patchify, unpatchify
+from models.sit import build_model as build_sit
 
-__all__ = ["MODEL_NAMES", "SiT", "SiT_models", "build_model", "model_config", "patchify", "unpatchify"]
+
+def build_model(name: str, qk_norm: bool | None = None, vae_head_layers: int | None = None, **kwargs):
+    """Build any registry model (`SiT-XL/2`, `LightningDiT-XL/1`); keyword arguments (not None) override the size's
+    defaults. `qk_norm` is each family's qk-norm switch; `vae_head_layers` is SiT's built-in VAE-REPA head (0: none,
+    the alignment methods attach theirs through `heads=`), which LightningDiT does not have."""
+    if model_family(name) == "LightningDiT":
+        if vae_head_layers:
+            raise ValueError(f"{name}: alignment heads attach through heads=, not vae_head_layers")
+        return build_lightningdit(name, use_qknorm=qk_norm, **kwargs)
+    return build_sit(name, qk_norm=qk_norm, vae_head_layers=vae_head_layers, **kwargs)
+
+
+__all__ = ["MODEL_NAMES", "LightningDiT", "SiT", "build_model", "model_config", "model_family", "model_size",
+           "patchify", "unpatchify"]

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoints import TRUST_FLAG, TRUST_HELP, load_checkpoint, write_safetensors  # noqa: E402
 from common import CHECKPOINT_FORMAT, UsageError, atomic_save, list_checkpoints  # noqa: E402
-from models.sit import model_config  # noqa: E402
+from models.registry import model_config  # noqa: E402
 
 FORMATS = ("safetensors", "repa")
 REPA_DROP = ("vae_projector.", "ap_head.")  # heads REPA's SiT has no names for (VAE-REPA, SRA): left out
