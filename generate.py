@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sde: REPA's Euler-Maruyama sampler; ode: Euler (or Heun) probability-flow ODE")
     g.add_argument("--num-steps", type=int, default=250, help="number of sampler steps")
     g.add_argument("--heun", action="store_true", help="ODE only: Heun's second-order corrector")
+    g.add_argument("--time-shift", type=float, default=1.0,
+                   help="ODE only: timestep shift of the grid, t' = s t / (1 + (s - 1) t) (1: uniform; > 1: more "
+                        "steps near the noise). LightningDiT's timestep_shift a is 1/a here (its 0.3: 3.33)")
     g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: no guidance)")
     g.add_argument("--guidance-low", "--guidance_low", type=float, default=0.0,
                    help="guidance applies at times t >= this (t = 1 is noise)")
@@ -143,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--cfg-scale must be >= 1 (1 means no guidance), got {args.cfg_scale}")
     if not 0.0 <= args.guidance_low <= args.guidance_high <= 1.0:
         p.error("need 0 <= --guidance-low <= --guidance-high <= 1")
+    if not args.time_shift > 0 or args.time_shift != 1 and args.mode != "ode":
+        p.error(f"--time-shift {args.time_shift}: must be positive, and applies to --mode ode only")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         p.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.num_classes is not None and args.num_classes < 1:
@@ -384,6 +389,8 @@ def folder_name(args: argparse.Namespace, ckpt: Path, info: dict, image_size: in
         parts.append(f"interval-{args.guidance_low}-{args.guidance_high}")
     parts += [f"seed-{args.global_seed}", args.mode + ("-heun" if args.heun and args.mode == "ode" else ""),
               f"{args.num_steps}steps", info["path_type"], f"{args.label_sampling}-labels", precision]
+    if args.time_shift != 1:
+        parts.append(f"shift-{args.time_shift}")
     if args.pixel_rounding != "repa":
         parts.append(f"{args.pixel_rounding}-pixels")
     return "-".join(parts)
@@ -410,6 +417,7 @@ def sampling_config(args: argparse.Namespace, info: dict, model: torch.nn.Module
         "label_sampling": args.label_sampling,
         "precision": precision,
         "pixel_rounding": args.pixel_rounding,
+        **({"time_shift": args.time_shift} if args.time_shift != 1 else {}),  # folders made before it still match
     }
 
 
@@ -506,7 +514,7 @@ def sample_batch(model: SiT, vae: torch.nn.Module, indices: list[int], args: arg
                   guidance_low=args.guidance_low, guidance_high=args.guidance_high, path_type=info["path_type"])
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         if args.mode == "ode":
-            x = samplers.euler_sampler(**kwargs)
+            x = samplers.euler_sampler(**kwargs, time_shift=args.time_shift)
         else:
             # the SDE noise of sample i continues its own generator, after its initial noise
             x = samplers.euler_maruyama_sampler(**kwargs, generator=generators)
