@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -49,7 +50,7 @@ from common import (
 )
 from evaluations.data import NpzImageWriter
 from loss import PATH_TYPES
-from models import MODEL_NAMES
+from models import MODEL_NAMES, model_family
 from models.sit import SiT
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     g.add_argument("--no-ema", action="store_true", help="sample from the online weights instead of the EMA weights")
     g.add_argument("--model", choices=MODEL_NAMES, default=None, metavar="NAME",
-                   help=f"REPA-format checkpoints only: architecture, one of {', '.join(MODEL_NAMES)} "
+                   help=f"REPA's and LightningDiT's checkpoints only: architecture, one of {', '.join(MODEL_NAMES)}; "
+                        f"LightningDiT-* reads LightningDiT's released checkpoints (with --vae, --latent-stats) "
                         f"(default: the checkpoint's args, else SiT-XL/2)")
     g.add_argument("--resolution", type=int, default=None,
                    help="REPA-format checkpoints only: image side in pixels; latent side = resolution // 8 "
@@ -92,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="REPA's flag: its projectors' widths, comma-separated (e.g. 768); checked against the "
                         "checkpoint's projector weights like --encoder-depth")
     g.add_argument("--vae", default=None,
-                   help=f"VAE id on the Hugging Face hub or local folder; 'ema' / 'mse' mean stabilityai/sd-vae-ft-* "
+                   help=f"VAE id on the Hugging Face hub or local folder; 'ema' / 'mse' mean stabilityai/sd-vae-ft-*; "
+                        f"or an LDM-format file (VA-VAE's vavae-imagenet256-f16d32-dinov2.pt) "
                         f"(default: the checkpoint's args, else {DEFAULT_VAE})")
+    g.add_argument("--latent-stats", default=None,
+                   help="LightningDiT's released checkpoints only: its latents_stats.pt (channel-wise mean and std) "
+                        "(default: latents_stats.pt beside the --vae file)")
 
     g = p.add_argument_group("sampler")
     g.add_argument("--mode", choices=("sde", "ode"), default="sde",
@@ -194,6 +200,34 @@ def _repa_arch(args: argparse.Namespace, ckpt_args: dict) -> dict:
     }
 
 
+def _latent_shape_of(state: dict, ckpt: Path) -> list[int]:
+    """[C, H, W] of the latents a (LightningDiT) checkpoint was trained on, from its patch embedding and its
+    position embedding: channels, and grid side x patch size."""
+    keys = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    if "x_embedder.proj.weight" not in keys or "pos_embed" not in keys:
+        raise UsageError(f"checkpoint {ckpt}: no x_embedder.proj.weight / pos_embed, so not a LightningDiT")
+    _, channels, patch, _ = keys["x_embedder.proj.weight"].shape
+    side = math.isqrt(keys["pos_embed"].shape[1]) * patch
+    return [int(channels), side, side]
+
+
+def _lightningdit_tokenizer(args: argparse.Namespace) -> tuple[str, list[float], list[float]]:
+    """VAE and channel-wise normalisation of a released LightningDiT: --vae (VA-VAE's file) and its statistics,
+    x = (z - mean) / std, i.e. scale = 1 / std and shift = -mean (LightningDiT's latent_multiplier is 1)."""
+    from latent_codecs import read_latent_stats
+
+    if args.vae is None:
+        raise UsageError("LightningDiT's checkpoints sample VA-VAE latents: pass --vae PATH/vavae-imagenet256-f16d32-"
+                         "dinov2.pt (from the Hugging Face repository hustvl/vavae-imagenet256-f16d32-dinov2, with "
+                         "its latents_stats.pt beside it)")
+    stats = args.latent_stats or str(Path(args.vae).expanduser().parent / "latents_stats.pt")
+    try:
+        mean, std = read_latent_stats(stats)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise UsageError(f"--latent-stats {stats}: {e}") from e
+    return args.vae, (1 / std.flatten().double()).tolist(), (-mean.flatten().double()).tolist()
+
+
 def _check_arch_flags(args: argparse.Namespace, arch: dict, ckpt: Path) -> None:
     """Our checkpoints carry their architecture; a flag that contradicts it is a mistake."""
     given = {"--model": (args.model, arch["model"]), "--num-classes": (args.num_classes, arch["num_classes"]),
@@ -251,8 +285,11 @@ def load_model(args: argparse.Namespace, ckpt: Path) -> tuple[SiT, dict]:
         vae = ckpt_args.get("vae") or DEFAULT_VAE
         scale, shift = ckpt_args.get("latent_scale", REPA_LATENT_SCALE), ckpt_args.get("latent_shift", 0.0)
         fix_hint = "the checkpoint may be corrupt"
-    else:
-        arch = _repa_arch(args, ckpt_args)
+    elif model_family((arch := _repa_arch(args, ckpt_args))["model"]) == "LightningDiT":  # LightningDiT's release
+        arch["latent_shape"] = _latent_shape_of(state, ckpt)
+        vae, scale, shift = _lightningdit_tokenizer(args)
+        fix_hint = "set --model / --num-classes / --qk-norm to the architecture it was trained with"
+    else:  # REPA's
         vae, scale, shift = DEFAULT_VAE, REPA_LATENT_SCALE, REPA_LATENT_SHIFT
         fix_hint = "set --model / --resolution / --num-classes / --qk-norm to the architecture it was trained with"
     arch["latent_shape"] = [int(s) for s in arch["latent_shape"]]

@@ -157,3 +157,36 @@ def test_a_checkpoint_and_a_dataset_of_another_tokenizer_do_not_mix(assets, tmp_
     assert train.main(["--data-dir", str(assets["data"]), *base]) == 0
     assert train.main(["--data-dir", str(sd_like), *base, "--max-train-steps", "2", "--resume", "latest"]) == 2
     assert "latent_shape: checkpoint [8, 8, 8] vs now [4, 8, 8]" in capsys.readouterr().err
+
+
+def test_lightningdits_released_layout_samples_with_its_vae_and_statistics(assets, tmp_path, monkeypatch, capsys):
+    """A checkpoint as LightningDiT releases it ({'ema': ...} with its parameter names), sampled with
+    `--model LightningDiT-B/1 --vae vavae.pt`: latent shape from the weights, statistics from latents_stats.pt."""
+    from models import build_model, registry
+
+    monkeypatch.setitem(registry.FAMILIES["LightningDiT"][0], "B", (2, 64, 2, 1))  # a test-sized "B"
+    net = build_model("LightningDiT-B/1", input_size=RES // 4, in_channels=8, num_classes=3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    ckpt = tmp_path / "lightningdit-b-1.pt"
+    torch.save({"ema": {f"module.{k}": v for k, v in net.state_dict().items()}}, ckpt)
+    vae = tmp_path / "vae" / "vavae.pt"
+    vae.parent.mkdir()
+    vae.write_bytes(assets["vae"].read_bytes())
+    flags = ["--ckpt", str(ckpt), "--model", "LightningDiT-B/1", "--num-classes", "3", "--device", "cpu",
+             "--num-fid-samples", "2", "--per-proc-batch-size", "2", "--num-steps", "2", "--mode", "ode",
+             "--sample-dir", str(tmp_path / "s")]
+    assert generate.main(flags) == 2
+    assert "pass --vae" in capsys.readouterr().err
+    assert generate.main([*flags, "--vae", str(vae)]) == 2  # no latents_stats.pt beside it yet
+    assert "latents_stats.pt" in capsys.readouterr().err
+    mean, std = torch.randn(1, 8, 1, 1), torch.rand(1, 8, 1, 1) + 0.5
+    save_latent_stats(vae.parent / "latents_stats.pt", mean, std)
+    assert generate.main([*flags, "--vae", str(vae)]) == 0
+    config = json.loads(next((tmp_path / "s").glob("*/config.json")).read_text())["config"]
+    assert config["arch"]["latent_shape"] == [8, RES // 4, RES // 4]
+    assert np.allclose(config["latent_scale"], 1 / std.flatten().numpy(), rtol=1e-6)
+    assert np.allclose(config["latent_shift"], -mean.flatten().numpy(), rtol=1e-6)
+    assert np.load(next((tmp_path / "s").glob("*.npz")))["arr_0"].shape == (2, RES, RES, 3)
