@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_data import make_image_folder
+from PIL import Image
 
 import generate
 import train
@@ -190,3 +191,41 @@ def test_lightningdits_released_layout_samples_with_its_vae_and_statistics(asset
     assert np.allclose(config["latent_scale"], 1 / std.flatten().numpy(), rtol=1e-6)
     assert np.allclose(config["latent_shift"], -mean.flatten().numpy(), rtol=1e-6)
     assert np.load(next((tmp_path / "s").glob("*.npz")))["arr_0"].shape == (2, RES, RES, 3)
+
+
+def test_full_size_vavae_encodes_and_decodes_through_the_clis(tmp_path):
+    """VA-VAE's real architecture (random weights, the released file's layout): two 256 px images through
+    preprocessing.encode (32 x 16 x 16 latents), then generate.py decoding a LightningDiT's sample to 256 px with
+    the tokenizer the checkpoint's data recorded. About 20 s on 2 CPU cores."""
+    from helpers_generate import random_state
+
+    from common import CHECKPOINT_FORMAT, atomic_save
+
+    torch.manual_seed(0)
+    vae = build_vavae()
+    weights = tmp_path / "vae" / "vavae-imagenet256-f16d32-dinov2.pt"
+    weights.parent.mkdir()
+    torch.save({"state_dict": {k: v.half() for k, v in diffusers_to_ldm(vae.state_dict()).items()}}, weights)
+    del vae
+    src = tmp_path / "src"
+    for i, name in enumerate(("a", "b")):
+        (src / name).mkdir(parents=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (300, 260, 3), dtype=np.uint8)).save(
+            src / name / "x.png")
+    data = tmp_path / "data"
+    assert encode.main(["--source", str(src), "--dest", str(data), "--vae", str(weights), "--num-workers", "0"]) == 0
+    m = json.loads((data / "manifest.json").read_text())
+    assert m["latent_shape"] == [32, 16, 16] and m["normalization"]["type"] == "channelwise"
+    assert len(m["scale"]) == 32 and stored(data, "mean").shape == (2, 32, 16, 16)
+
+    args = dict(model="LightningDiT-B/1", depth=1, hidden_size=32, num_heads=2, qk_norm=False, num_classes=2,
+                latent_shape=m["latent_shape"], align=[], vae=m["vae"], latent_scale=m["scale"],
+                latent_shift=m["shift"], path_type="linear")
+    state = random_state(args, seed=0)
+    ckpt = tmp_path / "run" / "checkpoints" / "0000001.pt"
+    atomic_save({"format": CHECKPOINT_FORMAT, "model": state, "ema": state, "opt": {}, "step": 1, "args": args,
+                 "rng": None, "data": None}, ckpt)
+    assert generate.main(["--ckpt", str(ckpt), "--sample-dir", str(tmp_path / "s"), "--device", "cpu",
+                          "--num-fid-samples", "1", "--per-proc-batch-size", "1", "--num-steps", "1",
+                          "--mode", "ode"]) == 0
+    assert np.load(next((tmp_path / "s").glob("*.npz")))["arr_0"].shape == (1, 256, 256, 3)
