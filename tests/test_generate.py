@@ -284,7 +284,7 @@ def test_help_documents_every_flag_without_a_gpu():
              "--num-steps", "--heun", "--cfg-scale", "--guidance-low", "--guidance-high", "--path-type",
              "--num-fid-samples", "--label-sampling", "--global-seed", "--per-proc-batch-size", "--sample-dir",
              "--precision", "--device", "--trust-checkpoint", "--pixel-rounding",
-             "--encoder-depth", "--projector-embed-dims"]
+             "--encoder-depth", "--projector-embed-dims", "--time-shift", "--latent-stats"]
     for flag in flags:
         assert f"  {flag}" in proc.stdout, flag
     assert "i % num_classes" in proc.stdout.replace("\n", " ")
