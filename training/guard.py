@@ -19,13 +19,14 @@ from integrity import CHECKSUM_SUFFIX, ShardVerifier, atomic_write, checksum_pat
 logger = logging.getLogger("train")
 checksum_sidecar = checksum_path
 
-# Settings a resumed run may change: how long it runs, what it logs, writes and keeps, and how it reads its data and
-# uses its hardware. The change is recorded in args.json ("history") and the log. Any other difference from the
-# checkpoint's settings (batch size, seed, learning rate, optimizer, objective, alignment, data...) is refused.
-MAY_CHANGE = ("max_train_steps", "logging_steps", "checkpointing_steps", "keep_last", "keep_every", "sample_every",
-              "sample_grid_size", "sample_grid_steps", "eval_every", "num_workers", "in_memory", "report_to",
-              "resume", "trust_checkpoint", "output_dir", "exp_name", "data_dir", "compile", "device", "allow_tf32",
-              "deterministic", "world_size", "verify_data")
+# Settings a resumed run may change: how long it runs, what it logs, writes and keeps, where its files are, and how
+# it uses its hardware (processes and accumulation steps, with the same global batch). The change is recorded in
+# args.json ("history") and the log. Any other difference from the checkpoint's settings (batch size, seed,
+# learning rate, optimizer, objective, alignment, data...) is refused.
+MAY_CHANGE = ("gradient_accumulation_steps", "max_train_steps", "logging_steps", "checkpointing_steps", "keep_last",
+              "keep_every", "sample_every", "sample_grid_size", "sample_grid_steps", "eval_every", "num_workers",
+              "in_memory", "report_to", "resume", "trust_checkpoint", "output_dir", "exp_name", "data_dir",
+              "enc_weights", "compile", "device", "allow_tf32", "deterministic", "world_size", "verify_data")
 
 
 class DataFault(UsageError):
@@ -99,8 +100,8 @@ def compare_settings(saved: dict, now: dict, source: Path) -> dict[str, list]:
     if refused:
         raise UsageError(f"resuming from {source} with other settings than it was trained with:\n  "
                          + "\n  ".join(refused) + "\nUse the checkpoint's values, or start a new run (--exp-name); "
-                         "settings that may change on resume: " + ", ".join(f"--{k.replace('_', '-')}"
-                                                                              for k in MAY_CHANGE))
+                         "settings that may change on resume: the number of processes, " + ", ".join(
+                             f"--{k.replace('_', '-')}" for k in MAY_CHANGE if k != "world_size"))
     return changed
 
 
