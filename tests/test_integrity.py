@@ -354,3 +354,42 @@ def test_evaluator_folder_of_mixed_sizes_names_the_file(tmp_path):
         list(images.batches(2))
     assert str(e.value) == (f"{tmp_path / '004.png'} is 20x16 pixels but 000.png is 16x16: all images of a folder "
                             "must have the same size")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_preprocessing_run_leaves_no_decoding_worker(tmp_path):
+    from helpers_data import make_tiny_vae
+    from PIL import Image
+
+    src = tmp_path / "src/n01"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(src / f"{i:03d}.png")
+    vae = make_tiny_vae(tmp_path / "vae")
+    proc = subprocess.Popen([sys.executable, "-m", "preprocessing.encode", "--source", str(tmp_path / "src"),
+                             "--dest", str(tmp_path / "latents"), "--vae", str(vae), "--device", "cpu",
+                             "--num-workers", "1", "--batch-size", "1", "--shard-size", "48"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not _children(proc.pid) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert workers, "the encoder started no worker process"
+    time.sleep(0.5)  # decoded 256 px images (196 KB each) fill the worker's pipe
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while any(map(_alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    survivors = [w for w in workers if _alive(w)]
+    for w in survivors:
+        os.kill(w, signal.SIGKILL)
+    assert not survivors
