@@ -139,6 +139,22 @@ def test_a_damaged_shard_stops_training_before_any_checkpoint(tmp_path):
     assert "not verified (--no-verify-data)" in (tmp_path / "runs/b/log.txt").read_text()
 
 
+def test_two_processes_both_stop_on_a_damaged_shard_before_any_checkpoint(tmp_path):
+    data = make_dataset(tmp_path / "data", n=16)
+    flip_byte(data / "std-00002.npy")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29531", str(ROOT / "train.py"), "--data-dir", str(data), "--output-dir",
+                        str(tmp_path / "runs"), *TINY, "--max-train-steps", "3", "--logging-steps", "2",
+                        "--checkpointing-steps", "1", "--exp-name", "ddp"],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert r.returncode != 0
+    lines = error_lines(r.stderr)
+    assert any("std-00002.npy is damaged" in line for line in lines), r.stderr[-3000:]
+    assert any("the main process found a damaged shard" in line for line in lines), r.stderr[-3000:]  # rank 1
+    assert not list((tmp_path / "runs/ddp/checkpoints").glob("*.pt"))
+
+
 def test_intact_data_is_verified_and_a_dataset_without_checksums_is_called_unverified(tmp_path):
     r = cli(tmp_path, "--data-dir", str(make_dataset(tmp_path / "data")), "--exp-name", "a", "--max-train-steps", "2")
     assert r.returncode == 0, r.stderr

@@ -33,7 +33,7 @@ from common import (
     load_vae,
     model_from_args,
 )
-from integrity import worker_init
+from integrity import atomic_write, worker_init
 from loss import LossConfig, training_loss
 from training import guard
 
@@ -444,8 +444,8 @@ def save_sample_grid(ema, vae, run_args: dict, device, run_dir: Path, step: int,
     images = sample_grid(ema, vae, run_args, device, run_args["sample_grid_size"], run_args["sample_grid_steps"])
     grid = make_grid(images, nrow=int(math.ceil(math.sqrt(len(images)))))
     path = run_dir / "samples" / f"{step:07d}.png"
-    path.parent.mkdir(exist_ok=True)
-    save_image(grid, path)
+    with atomic_write(path) as f:
+        save_image(grid, f, format="png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("samples", grid, global_step=step)
