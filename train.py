@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import alignment
 from checkpoints import TRUST_FLAG, TRUST_HELP
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         train(args)
     except (UsageError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        guard.log_fatal(str(e))  # into log.txt too
+        guard.log_fatal(str(e), Path(args.output_dir) / args.exp_name)  # into log.txt too
         guard.discard_refused_run(getattr(args, "created_run_dir", None))  # refused before its first step
         return 2 if isinstance(e, UsageError) else 3
     return 0

@@ -7,6 +7,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -209,11 +210,12 @@ class Watch:
 # Failures
 
 
-def log_fatal(message: str) -> None:
-    """Write a fatal message to the run's log.txt as well (the file handlers of the logging set-up, if any)."""
+def log_fatal(message: str, run_dir: Path) -> None:
+    """Write a fatal message to the run's log.txt as well, if its logging is set up (stderr has it already)."""
     record = logging.LogRecord("train", logging.ERROR, __file__, 0, "error: %s", (message,), None)
+    log_file = os.path.abspath(run_dir / "log.txt")
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == log_file:
             handler.handle(record)
 
 

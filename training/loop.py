@@ -317,8 +317,8 @@ def train(args: argparse.Namespace):
     changed = {} if checkpoint is None else guard.compare_settings(
         alignment.upgrade_run_args(checkpoint["args"]), run_args, resume_from)
     if len(dataset) // world < local_batch:
-        raise UsageError(f"--data-dir {args.data_dir} holds {len(dataset)} latents: too few for a per-process batch "
-                         f"of {local_batch} on {world} processes")
+        raise UsageError(f"--data-dir {args.data_dir} holds {len(dataset)} latents: too few for --batch-size "
+                         f"{args.batch_size} (a per-process batch of {local_batch} on {world} processes)")
     accelerator.wait_for_everyone()
     if is_main:
         if not run_dir.exists():
