@@ -33,7 +33,7 @@ from common import (
     load_vae,
     model_from_args,
 )
-from integrity import atomic_write, worker_init
+from integrity import atomic_write, worker_init, write_text
 from loss import LossConfig, training_loss
 from training import guard
 
@@ -209,7 +209,7 @@ def init_trackers(accelerator, args: argparse.Namespace, run_args: dict, run_dir
     if args.report_to == "wandb":
         id_file = run_dir / "wandb_id.txt"
         if accelerator.is_main_process and not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex[:12])  # a resumed run continues the same wandb run
+            write_text(id_file, uuid.uuid4().hex[:12])  # a resumed run continues the same wandb run
         accelerator.wait_for_everyone()
         init_kwargs["wandb"] = {"id": id_file.read_text().strip(), "resume": "allow", "name": args.exp_name,
                                 "dir": str(run_dir)}
