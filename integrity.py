@@ -154,7 +154,8 @@ def remove_stale_temps(folder: str | os.PathLike, names: re.Pattern | None = Non
 def die_with_parent(worker_id: int | None = None, parent_pid: int | None = None) -> None:
     """DataLoader `worker_init_fn`: ask Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG),
     so that a killed run leaves no worker behind. Elsewhere a no-op (other systems fall back on torch's own
-    watchdog). `parent_pid` closes the race where the parent died before this call."""
+    watchdog). `parent_pid` closes the race where the parent died before this call. Linux sends the signal when the
+    *thread* that started the worker ends: iterate the loader from a thread that outlives it (the main thread)."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
