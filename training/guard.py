@@ -197,8 +197,9 @@ class Watch:
         bad = int(flags[:, 2].max())
         if bad >= 0:
             raise DataFault(f"non-finite values in the training data, at or before step {step} (the data is at fault, "
-                            f"not the learning rate): {self.dataset.nonfinite_report(bad)}. Recreate the dataset "
-                            f"with {self.dataset.repair_command()}, after checking the images and the VAE")
+                            f"not the learning rate): {self.dataset.nonfinite_report(bad)}. Unless a checksum "
+                            "error says otherwise, preprocessing stored them: check that image and the VAE, then "
+                            f"encode again with --overwrite (or into a new --dest): {self.dataset.repair_command()}")
         if int(flags[:, 0].max()) > 0:
             kept = list_checkpoints(self.run_dir / "checkpoints")
             raise FloatingPointError(
