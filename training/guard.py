@@ -181,25 +181,37 @@ class Watch:
                         self.verifier.bytes / 1e6 / max(seconds, 1e-9))
         return problem
 
+    def _gather(self, problem: str | None) -> torch.Tensor:
+        """(processes, 3): non-finite loss, damaged shard, first non-finite image index (-1: none), per process."""
+        fault = torch.tensor(int(problem is not None), device=self.bad_index.device)
+        flags = torch.stack([self.nonfinite.long(), fault, self.bad_index])
+        return self.accelerator.gather(flags[None]).reshape(-1, 3)
+
     def check(self, step: int, sync: bool, before_checkpoint: bool) -> None:
+        """Raise if the run must stop: DataFault (damaged shard, non-finite data) or FloatingPointError."""
         world = self.accelerator.num_processes
         problem = self._verifier_problem(wait=before_checkpoint and sync)
         if world == 1 and problem:
             raise DataFault(f"stopped before step {step + 1}: {problem}")
         if not sync:
             return
-        fault = torch.tensor(int(problem is not None), device=self.bad_index.device)
-        flags = torch.stack([self.nonfinite.long(), fault, self.bad_index])
-        flags = self.accelerator.gather(flags[None]).reshape(-1, 3)
+        flags = self._gather(problem)
+        if problem is None and (int(flags[:, 0].max()) > 0 or int(flags[:, 2].max()) >= 0):
+            # about to stop for non-finite values: a damaged shard, if the check finds one, is the better diagnosis
+            problem = self._verifier_problem(wait=True)
+            flags = self._gather(problem)
         if int(flags[:, 1].max()) > 0:
             raise DataFault(f"stopped before step {step + 1}: " + (problem or "the main process found a damaged "
                                                                    "shard (see its log)"))
         bad = int(flags[:, 2].max())
         if bad >= 0:
+            origin = ("The shards match their checksums, so preprocessing stored these values" if self.verifier
+                      else "The shards were not checked against checksums; if they match, preprocessing stored these "
+                      "values")
             raise DataFault(f"non-finite values in the training data, at or before step {step} (the data is at fault, "
-                            f"not the learning rate): {self.dataset.nonfinite_report(bad)}. Unless a checksum "
-                            "error says otherwise, preprocessing stored them: check that image and the VAE, then "
-                            f"encode again with --overwrite (or into a new --dest): {self.dataset.repair_command()}")
+                            f"not the learning rate): {self.dataset.nonfinite_report(bad)}. {origin}: check that "
+                            "image and the VAE, then encode again with --overwrite (or into a new --dest): "
+                            f"{self.dataset.repair_command()}")
         if int(flags[:, 0].max()) > 0:
             kept = list_checkpoints(self.run_dir / "checkpoints")
             raise FloatingPointError(
