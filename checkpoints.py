@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from common import CHECKPOINT_FORMAT, atomic_save
+from integrity import checksum_path, verify_file
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +108,34 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint whose bytes are not those written (its sha256 sidecar disagrees), or an empty file."""
+
+
+def check_integrity(path: Path) -> bool:
+    """Refuse an empty file or one that differs from its "<path>.sha256" (DamagedCheckpointError); True when the
+    checksum was checked, False for a file without one (older checkpoints, others' files: loaded unverified)."""
+    if path.stat().st_size == 0:
+        raise DamagedCheckpointError(f"checkpoint {path} is an empty file (0 bytes): a copy or a write that did not "
+                                     "finish; use another checkpoint")
+    try:
+        verified = verify_file(path)
+    except ValueError as e:
+        raise DamagedCheckpointError(f"checkpoint {path}: {e}") from e
+    if verified is False:
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: its sha256 differs from the one recorded in "
+                                     f"{checksum_path(path)} when it was written, so it was not opened")
+    return bool(verified)
+
+
 def load_checkpoint(path: str | os.PathLike, trust: bool = False, flag: str = TRUST_FLAG) -> dict:
     """A checkpoint as a dict, on the CPU: a `.safetensors` file, or a torch file read with weights_only=True and the
-    allowlist (anything else is refused, naming `flag`, unless `trust`)."""
+    allowlist (anything else is refused, naming `flag`, unless `trust`). An empty file, or one that differs from its
+    sha256 sidecar, is refused (DamagedCheckpointError); one without a sidecar is read unverified."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    check_integrity(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     checkpoint = _load_pickled(path, trust, flag)

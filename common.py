@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+from integrity import atomic_write
 from models import build_model, model_config
 
 CHECKPOINT_FORMAT = "vae-repa/1"
@@ -55,21 +55,11 @@ def model_from_args(args: dict, with_heads: bool = True) -> torch.nn.Module:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike,
-                write: Callable[[Any, BinaryIO], object] = torch.save) -> None:
-    """`write(obj, file)` (torch.save by default) to a temporary file in the same folder, then rename: a crash never
-    leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+                write: Callable[[Any, BinaryIO], object] = torch.save, checksum: bool = False) -> None:
+    """`write(obj, file)` (torch.save by default) through integrity.atomic_write: a temporary file in the same
+    folder, fsync, rename; a crash never leaves half a file. `checksum`: also "<path>.sha256", checked on write."""
+    with atomic_write(path, checksum=checksum) as f:
+        write(obj, f)
 
 
 def list_checkpoints(folder: str | os.PathLike) -> dict[int, Path]:

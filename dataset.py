@@ -223,6 +223,56 @@ class LatentDataset(Dataset):
             state["_data"] = None  # memory maps are reopened in the process that receives the dataset
         return state
 
+    # -- verification --------------------------------------------------------------------------------------
+
+    def checksummed_files(self) -> list[tuple[Path, str]] | None:
+        """[(file, sha256 the manifest records)] for every file this dataset reads, or None when there are no
+        checksums to check against (REPA's layout; a manifest written without them)."""
+        if self._repa_files is not None:
+            return None
+        files = []
+        for entry, shard in zip(self.manifest["shards"], self._shard_files):
+            recorded = entry.get("sha256") or {}
+            for kind, path in shard.items():
+                if kind not in recorded:
+                    return None
+                files.append((path, recorded[kind]))
+        if self.manifest.get("labels_sha256"):
+            files.append((self._labels_source, self.manifest["labels_sha256"]))
+        return files
+
+    def repair_command(self) -> str:
+        """The preprocessing command that checks every shard and rewrites the damaged ones (from the manifest)."""
+        m = self.manifest
+        parts = ["python -m preprocessing.encode", f"--source {m.get('source', '<images>')}", f"--dest {self.root}"]
+        for key, flag in (("vae", "--vae"), ("resolution", "--resolution"), ("precision", "--precision"),
+                          ("shard_size", "--shard-size"), ("scale", "--scale"), ("shift", "--shift"),
+                          ("num_classes", "--num-classes")):
+            if m.get(key) is not None:
+                parts.append(f"{flag} {m[key]}")
+        dtypes = {"float16": "fp16", "float32": "fp32"}
+        if m.get("dtype") in dtypes:
+            parts.append(f"--dtype {dtypes[m['dtype']]}")
+        parts += [flag for key, flag in (("flip", "--flip"), ("images", "--save-images")) if m.get(key)]
+        return "`" + " ".join(parts) + "` (add --labels FILE if the dataset was made with one)"
+
+    def nonfinite_report(self, index: int) -> str:
+        """Where image `index` comes from, and which of its stored arrays hold NaN or infinity."""
+        if self._repa_files is not None:
+            where = str(self._repa_files[index])
+            arrays = {"mean-std": self._read_repa(index)}
+        else:
+            if self._data is None:
+                self._data = self._open_data()
+            k = int(np.searchsorted(self._offsets, index, side="right")) - 1
+            j = index - int(self._offsets[k])
+            where = f"row {j} of shard {k}"
+            arrays = {str(self._shard_files[k][kind]): self._data[k][kind][j] for kind in self._data[k]
+                      if kind != "images"}
+        bad = [f"{name} ({int((~np.isfinite(a)).sum())} values)" for name, a in arrays.items()
+               if not np.isfinite(a).all()]
+        return f"image {index} ({where}): non-finite in " + (", ".join(bad) if bad else "none of its stored arrays")
+
     # -- properties ----------------------------------------------------------------------------------------
 
     @property

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from common import (
     to_uint8,
 )
 from evaluations.data import NpzImageWriter
+from integrity import atomic_write, remove_stale_temps
 from loss import PATH_TYPES
 from models import MODEL_NAMES, model_family
 from models.sit import SiT
@@ -360,13 +360,8 @@ def sample_labels(indices: list[int], num_classes: int, mode: str, global_seed: 
 
 def save_png(image: np.ndarray, path: Path) -> None:
     """Write a PNG through a temporary file and a rename: a killed run never leaves a truncated image."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -478,14 +473,13 @@ def prepare_folder(folder: Path, npz_path: Path, num: int, config: dict, sources
                                 f"use another --sample-dir or move that folder away")
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CONFIG_NAME}.", suffix=".tmp")
+            with atomic_write(config_path, "w") as f:
+                json.dump({"config": config, "sources": sources}, f, indent=2)
         except OSError as e:
             raise UsageError(f"--sample-dir {folder.parent}: cannot write to {folder} ({e.strerror or e})") from e
-        with os.fdopen(fd, "w") as f:
-            json.dump({"config": config, "sources": sources}, f, indent=2)
-        os.replace(tmp, config_path)
-    for stale in [*folder.glob(".*.tmp"), *folder.parent.glob(f".{npz_path.name}.*.tmp")]:
-        stale.unlink(missing_ok=True)  # left by a killed run
+    for stale in folder.glob(".*.tmp"):  # the folder is ours: anything temporary in it was left by a killed run
+        stale.unlink(missing_ok=True)
+    remove_stale_temps(folder.parent, re.compile(re.escape(npz_path.name) + "$"))
     existing = {int(f[:6]) for f in os.listdir(folder) if PNG_NAME.match(f)}
     return [i for i in range(num) if i not in existing]
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import alignment
 from checkpoints import TRUST_FLAG, TRUST_HELP
 from common import UsageError
 from loss import PATH_TYPES, WEIGHTINGS
 from models import MODEL_NAMES
+from training import guard
 from training.loop import train
 
 
@@ -85,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "attention), so that a resumed run equals an uninterrupted one on the same GPUs; slower")
     g.add_argument("--num-workers", type=int, default=4, help="data loader workers per process")
     g.add_argument("--in-memory", action="store_true", help="load the latent shards into RAM")
+    g.add_argument("--verify-data", action=argparse.BooleanOptionalAction, default=True,
+                   help="check every shard against the sha256 in manifest.json, in the background while training "
+                        "starts; a damaged shard stops the run before the next step and any checkpoint "
+                        "(--no-verify-data: skip)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="use the flipped-image latents (probability 0.5) when the dataset has them")
     alignment.add_arguments(p)
@@ -98,19 +104,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if not args.cos_loss_coeff >= 0:
         p.error(f"--cos-loss-coeff must be >= 0, got {args.cos_loss_coeff}")
+    check_ranges(args, p.error)
     return args
+
+
+def check_ranges(args: argparse.Namespace, error) -> None:
+    """The numeric flags' ranges, checked before anything is written (a refused run leaves nothing behind)."""
+    import math
+
+    positive, non_negative, unit = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "non-negative"), \
+        (lambda v: 0 <= v <= 1, "in [0, 1]")
+    below_one = (lambda v: 0 <= v < 1, "in [0, 1)")
+    rules = {"learning_rate": positive, "adam_beta1": below_one, "adam_beta2": below_one,
+             "adam_epsilon": non_negative, "adam_weight_decay": non_negative, "max_grad_norm": non_negative,
+             "ema_decay": unit, "cfg_prob": unit, "seed": non_negative, "num_workers": non_negative,
+             "keep_last": non_negative, "keep_every": non_negative, "sample_every": non_negative,
+             "sample_grid_size": positive, "sample_grid_steps": positive}
+    for name, (ok, what) in rules.items():
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            flag = "--sampling-steps" if name == "sample_every" else f"--{name.replace('_', '-')}"
+            error(f"{flag} must be {what}, got {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except UsageError as e:
+    except (UsageError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        guard.log_fatal(str(e), Path(args.output_dir) / args.exp_name)  # into log.txt too
+        guard.discard_refused_run(getattr(args, "created_run_dir", None))  # refused before its first step
+        return 2 if isinstance(e, UsageError) else 3
     return 0
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from integrity import atomic_write, worker_init
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _NPY_MEMBER = "arr_0.npy"
 
@@ -174,16 +176,29 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        with Image.open(self.files[index]) as image:
-            return np.asarray(image.convert("RGB"))
+    def __getitem__(self, index: int) -> tuple[Path, np.ndarray | str]:
+        """(file, RGB array), or (file, why it cannot be read): the error is raised in the main process, in one
+        line, instead of a worker's traceback."""
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                return path, np.asarray(image.convert("RGB"))
+        except (OSError, ValueError) as e:
+            return path, f"{type(e).__name__}: {e}"
 
 
-def _stack_same_size(images: list[np.ndarray]) -> np.ndarray:
-    if any(image.shape != images[0].shape for image in images):
-        sizes = sorted({image.shape[:2] for image in images})
-        raise EvaluationError(f"all images of a folder must have the same size, found {sizes}")
-    return np.stack(images)
+def _as_list(items: list) -> list:
+    return items
+
+
+def _stack_same_size(items: list[tuple[Path, np.ndarray | str]], shape: tuple[int, ...], first: Path) -> np.ndarray:
+    for path, image in items:
+        if isinstance(image, str):
+            raise EvaluationError(f"{path}: cannot be read as an image ({image})")
+        if image.shape != shape:
+            raise EvaluationError(f"{path} is {image.shape[1]}x{image.shape[0]} pixels but {first.name} is "
+                                  f"{shape[1]}x{shape[0]}: all images of a folder must have the same size")
+    return np.stack([image for _, image in items])
 
 
 class FolderImages:
@@ -202,16 +217,25 @@ class FolderImages:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return _ImageFiles(self.files[:1])[0].shape
+        return self._first_shape()
+
+    def _first_shape(self) -> tuple[int, int, int]:
+        path, image = _ImageFiles(self.files[:1])[0]
+        if isinstance(image, str):
+            raise EvaluationError(f"{path}: cannot be read as an image ({image})")
+        return image.shape
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        shape = self._first_shape()
         loader = torch.utils.data.DataLoader(
             _ImageFiles(self.files),
             batch_size=batch_size,
             num_workers=self.num_workers,
-            collate_fn=_stack_same_size,
+            collate_fn=_as_list,
+            worker_init_fn=worker_init() if self.num_workers > 0 else None,
         )
-        yield from loader
+        for items in loader:
+            yield _stack_same_size(items, shape, self.files[0])
 
 
 ImageSource = ArrayImages | NpzImages | FolderImages
@@ -249,10 +273,10 @@ class NpzImageWriter:
 
     def __init__(self, path: str | os.PathLike, num_images: int, image_shape: tuple[int, int, int]):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self.expected = num_images
         self.written = 0
-        self.zip = zipfile.ZipFile(self.tmp_path, "w", allowZip64=True)
+        self._file = atomic_write(self.path)  # the one atomic writer: temporary name, fsync, rename on close
+        self.zip = zipfile.ZipFile(self._file.__enter__(), "w", allowZip64=True)
         self.member = self.zip.open(_NPY_MEMBER, "w", force_zip64=True)
         header = {"descr": "|u1", "fortran_order": False, "shape": (num_images, *image_shape)}
         np.lib.format.write_array_header_1_0(self.member, header)
@@ -271,9 +295,10 @@ class NpzImageWriter:
             with self.zip.open(f"{name}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
         self.zip.close()
-        os.replace(self.tmp_path, self.path)
+        self._file.__exit__(None, None, None)
 
     def abort(self) -> None:
         self.member.close()
         self.zip.close()
-        self.tmp_path.unlink(missing_ok=True)
+        error = RuntimeError("the .npz write was abandoned")
+        self._file.__exit__(type(error), error, None)  # removes the temporary file

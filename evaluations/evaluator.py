@@ -36,6 +36,7 @@ from evaluations.metrics import (
     inception_score,
     precision_recall,
 )
+from integrity import write_text
 
 ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 DEFAULT_BATCH_SIZE = 250
@@ -185,9 +186,7 @@ def default_output_path(sample: str | os.PathLike) -> Path:
 
 
 def write_json(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,6 +21,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+if __package__ in (None, ""):  # run as a file: python preprocessing/encode.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from integrity import atomic_write, remove_stale_temps, worker_init  # noqa: E402
+
 FORMAT = "vae-repa-latents"
 FORMAT_VERSION = 1
 # torchvision's ImageFolder extensions, so that the file list and the labels are the ones ImageFolder gives.
@@ -153,12 +157,8 @@ def sha256_file(path: Path) -> str:
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:  # integrity's one writer: temporary ".<name>.<8 hex>.tmp", fsync, rename
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_npy(path: Path, arr: np.ndarray) -> str:
@@ -221,6 +221,24 @@ def check_destination(dest: Path, config: dict) -> dict | None:
             + "\nChoose another --dest, or pass --overwrite to replace it."
         )
     return manifest
+
+
+def check_writable(dest: Path) -> None:
+    """Make sure --dest (or, while it does not exist, the folder it would be created in) takes files; UsageError
+    naming it otherwise. Creates nothing that stays."""
+    import tempfile
+
+    probe = dest
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, f"{probe} is not a directory")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UsageError(f"--dest {dest}: cannot write there ({e.strerror or e}); choose a folder you can write "
+                         "to") from e
 
 
 def shard_is_done(dest: Path, k: int, config: dict, latent_shape: list[int]) -> bool:
@@ -383,6 +401,7 @@ def encode_dataset(
         "num_classes": num_classes,
         "source_sha256": hashlib.sha256(listing.encode()).hexdigest(),
     }
+    check_writable(dest)
 
     if getattr(args, "device", None) != "cpu" and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -444,6 +463,7 @@ def encode_dataset(
             for p in dest.iterdir():
                 if OUR_FILES.match(p.name):
                     p.unlink()
+            remove_stale_temps(dest, OUR_FILES)
         dest.mkdir(parents=True, exist_ok=True)
         if manifest is None:
             save_json(dest / "manifest.json", base)
@@ -491,8 +511,8 @@ def encode_shards(vae, dtype: torch.dtype, source: Path, dest: Path, shards: lis
     workers = args.num_workers
     if workers is None:
         workers = min(16, max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-    loader = DataLoader(ImageFiles(source, paths, args.resolution), batch_sampler=batches,
-                        num_workers=workers, collate_fn=_as_list)
+    loader = DataLoader(ImageFiles(source, paths, args.resolution), batch_sampler=batches, num_workers=workers,
+                        collate_fn=_as_list, worker_init_fn=worker_init() if workers > 0 else None)
     bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not progress, desc="encode", dynamic_ncols=True)
     parts, kept, skipped, count = [], [], [], 0
     for batch, k in zip(loader, owner):
@@ -607,9 +627,10 @@ def finalize(dest: Path, base: dict, num_shards: int, world_size: int) -> dict:
         mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
         manifest.update(normalization=norm, scale=(norm["multiplier"] / std).tolist(), shift=(-mean).tolist())
     save_json(dest / "manifest.json", manifest)
-    for p in dest.glob("*.tmp"):  # leftovers of a killed run whose shard has been rewritten since
+    for p in dest.glob("*.tmp"):  # leftovers of a killed run whose shard has been rewritten since (older names)
         if OUR_FILES.match(p.name):
             p.unlink()
+    remove_stale_temps(dest, OUR_FILES)
     return manifest
 
 

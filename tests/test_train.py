@@ -111,7 +111,9 @@ def test_checkpoint_contents_and_retention(tmp_path):
     run(tmp_path, data, "--exp-name", "r", "--max-train-steps", "6", "--checkpointing-steps", "1",
         "--keep-last", "2", "--keep-every", "4", "--gradient-accumulation-steps", "2")
     run_dir = tmp_path / "runs/r"
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000004.pt", "0000005.pt", "0000006.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["0000004.pt", "0000005.pt", "0000006.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.sha256")) == [
+        "0000004.pt.sha256", "0000005.pt.sha256", "0000006.pt.sha256"]  # pruned with their checkpoint
     ckpt = torch.load(run_dir / "checkpoints/0000006.pt", weights_only=True)
     assert {"format", "model", "ema", "opt", "step", "args", "rng", "data"} <= set(ckpt)
     assert ckpt["step"] == 6 and len(ckpt["rng"]) == 1
@@ -129,7 +131,7 @@ def test_checkpoint_contents_and_retention(tmp_path):
     # A checkpoint is never pruned right after it is written, whatever the retention flags.
     run(tmp_path, data, "--exp-name", "r", "--max-train-steps", "7", "--checkpointing-steps", "1",
         "--keep-last", "0", "--keep-every", "0", "--resume", "latest")
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000007.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000007.pt", "0000007.pt.sha256"]
 
 
 def test_checkpoint_retention_rule():
@@ -181,7 +183,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     monkeypatch.setattr(loop, "training_loss", poisoned)
     with pytest.raises(FloatingPointError, match="0000002.pt"):
         run(tmp_path, data, "--exp-name", "nan", "--max-train-steps", "6", "--checkpointing-steps", "2")
-    ckpts = sorted(p.name for p in (tmp_path / "runs/nan/checkpoints").iterdir())
+    ckpts = sorted(p.name for p in (tmp_path / "runs/nan/checkpoints").glob("*.pt"))
     assert ckpts == ["0000002.pt"]
     good = torch.load(tmp_path / "runs/nan/checkpoints/0000002.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in good["model"].values())
@@ -222,7 +224,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path):
 
     assert (tmp_path / "runs/a/args.json").read_bytes() == args_json
     assert ckpt.read_bytes() == ckpt_bytes
-    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["0000001.pt"]
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["0000001.pt", "0000001.pt.sha256"]
 
 
 def test_help_works_without_a_gpu():

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import json
 import logging
 import math
 import os
@@ -21,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import alignment
-from checkpoints import load_checkpoint, rng_state, set_rng_state
+from checkpoints import DamagedCheckpointError, load_checkpoint, rng_state, set_rng_state
 from common import (
     ARCH_KEYS,
     CHECKPOINT_FORMAT,
@@ -34,7 +33,9 @@ from common import (
     load_vae,
     model_from_args,
 )
+from integrity import atomic_write, worker_init, write_text
 from loss import LossConfig, training_loss
+from training import guard
 
 logger = logging.getLogger("train")
 
@@ -121,6 +122,8 @@ def open_resume_checkpoint(path: Path, trust: bool, run_args: dict) -> dict:
     """The checkpoint to resume from, checked against this run's architecture (UsageError if it does not fit)."""
     try:
         checkpoint = load_checkpoint(path, trust=trust)
+    except DamagedCheckpointError as e:
+        raise UsageError(f"--resume: {e}. {guard.intact_alternative(path)}") from e
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--resume: {e}") from e
     needed = {"args", "model", "ema", "opt", "rng", "data"}
@@ -206,7 +209,7 @@ def init_trackers(accelerator, args: argparse.Namespace, run_args: dict, run_dir
     if args.report_to == "wandb":
         id_file = run_dir / "wandb_id.txt"
         if accelerator.is_main_process and not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex[:12])  # a resumed run continues the same wandb run
+            write_text(id_file, uuid.uuid4().hex[:12])  # a resumed run continues the same wandb run
         accelerator.wait_for_everyone()
         init_kwargs["wandb"] = {"id": id_file.read_text().strip(), "resume": "allow", "name": args.exp_name,
                                 "dir": str(run_dir)}
@@ -241,12 +244,14 @@ def save_checkpoint(accelerator, state: dict, run_dir: Path, args: argparse.Name
     if not accelerator.is_main_process:
         return
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    # written, fsynced and read back against what was written (integrity.atomic_write) before any older one goes
     atomic_save({"format": CHECKPOINT_FORMAT, **state, "rng": rng_states, "scaler": scaler},
-                run_dir / "checkpoints" / f"{step:07d}.pt")
+                run_dir / "checkpoints" / f"{step:07d}.pt", checksum=True)
     existing = list_checkpoints(run_dir / "checkpoints")
     keep = checkpoint_steps_to_keep(list(existing), args.keep_last, args.keep_every) | {step}
     for s in set(existing) - keep:
         existing[s].unlink()
+        guard.checksum_sidecar(existing[s]).unlink(missing_ok=True)
     logger.info("saved checkpoint %s", run_dir / "checkpoints" / f"{step:07d}.pt")
 
 
@@ -267,7 +272,8 @@ def step_inputs(batch: dict, needs: set, ema: torch.nn.Module, device: torch.dev
 
 
 def accumulate_gradients(model, null_class: int, data, accelerator, args: argparse.Namespace, loss_config: LossConfig,
-                         methods: list, needs: set, ema: torch.nn.Module) -> tuple[torch.Tensor, int, int]:
+                         methods: list, needs: set, ema: torch.nn.Module,
+                         watch: guard.Watch | None = None) -> tuple[torch.Tensor, int, int]:
     """Forward and backward of one optimizer step's micro-batches (gradients synchronised on the last one only).
 
     Returns the mean over micro-batches of the loss terms (`loss_config.terms(methods)`), and the data epoch and
@@ -277,6 +283,8 @@ def accumulate_gradients(model, null_class: int, data, accelerator, args: argpar
     for micro in range(n):
         batch, epoch, position = next(data)
         x, y = batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)
+        if watch is not None:
+            watch.note_batch(x, batch["index"])
         inputs = step_inputs(batch, needs, ema, device, epoch)
         with accelerator.no_sync(model) if micro < n - 1 else contextlib.nullcontext(), accelerator.autocast():
             out = training_loss(model, x, y, loss_config, null_class, methods, **inputs)
@@ -306,16 +314,27 @@ def train(args: argparse.Namespace):
                     latent_scale=dataset.scale, latent_shift=dataset.shift, world_size=world)
     # before anything is written: a checkpoint that is refused or does not fit leaves no run directory behind
     checkpoint = None if resume_from is None else open_resume_checkpoint(resume_from, args.trust_checkpoint, run_args)
+    changed = {} if checkpoint is None else guard.compare_settings(
+        alignment.upgrade_run_args(checkpoint["args"]), run_args, resume_from)
+    if len(dataset) // world < local_batch:
+        raise UsageError(f"--data-dir {args.data_dir} holds {len(dataset)} latents: too few for --batch-size "
+                         f"{args.batch_size} (a per-process batch of {local_batch} on {world} processes)")
     accelerator.wait_for_everyone()
     if is_main:
+        if not run_dir.exists():
+            args.created_run_dir = run_dir  # removed again if the run is refused before its first step
         make_run_dir(run_dir)
     accelerator.wait_for_everyone()
     setup_logging(run_dir, is_main)
+    if is_main:
+        guard.clean_run_dir(run_dir)
     for note in args.notes:  # first: which methods a REPA-style command line trains, deprecated spellings
         logger.info("note: %s", note)
     if checkpoint is not None and checkpoint["args"].get("world_size") != world:
         logger.warning("resuming with %d processes instead of %d: the data order and noise will differ from "
                        "an uninterrupted run", world, checkpoint["args"].get("world_size"))
+    if checkpoint is not None:
+        logger.info("checkpoint %s: %s", resume_from, guard.checkpoint_status(resume_from))
 
     raw_model, ema, optimizer = build_model_and_optimizer(args, run_args, checkpoint, device)
     step, epoch, position = 0, 0, 0
@@ -326,8 +345,8 @@ def train(args: argparse.Namespace):
             raise UsageError(f"{run_dir / 'checkpoints'} holds checkpoints after step {step} (e.g. "
                              f"{max(newer):07d}.pt) from another attempt; move them away before resuming from an "
                              "earlier one")
-    if is_main and not (run_dir / "args.json").exists():
-        (run_dir / "args.json").write_text(json.dumps(run_args, indent=2))
+    if is_main:
+        guard.record_args(run_dir, run_args, changed, step)
     model = torch.compile(raw_model) if args.compile else raw_model
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -358,15 +377,14 @@ def train(args: argparse.Namespace):
 
     sampler = ResumableDistributedSampler(len(dataset), num_replicas=world, rank=rank, seed=args.seed,
                                           shuffle=True, drop_last=True)
-    if len(dataset) // world < local_batch:
-        raise UsageError(f"--data-dir {args.data_dir} holds {len(dataset)} latents: too few for a per-process batch "
-                         f"of {local_batch} on {world} processes")
     loader_kwargs = dict(batch_size=local_batch, num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                         persistent_workers=False)
+                         persistent_workers=False, worker_init_fn=worker_init() if args.num_workers > 0 else None)
     data = batches(dataset, sampler, loader_kwargs, epoch, position)
     vae = load_vae(run_args["vae"]).to(device) if args.sample_every > 0 and is_main else None
     init_trackers(accelerator, args, run_args, run_dir)
     log_summary(args, raw_model, methods, device, world, local_batch)
+    watch = guard.Watch(accelerator, dataset, guard.start_data_verification(dataset, args, is_main), run_dir)
+    args.created_run_dir = None  # set-up done: from here on the run directory is kept whatever happens
 
     from tqdm.auto import tqdm
 
@@ -374,14 +392,13 @@ def train(args: argparse.Namespace):
     # loss: the denoising loss, as REPA logs it
     log_names = [{"total": "total_loss", "denoise": "loss"}.get(k, k) for k in loss_config.terms(methods)]
     sums = torch.zeros(len(log_names) + 1, device=device)  # the losses and the grad norm since the last log
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     last_log_time, last_log_step = time.time(), step
     model.train()
     while step < args.max_train_steps:
         parts, epoch, position = accumulate_gradients(model, raw_model.null_class, data, accelerator, args,
-                                                      loss_config, methods, needs, ema)
+                                                      loss_config, methods, needs, ema, watch)
         sums[:-1] += parts
-        nonfinite |= ~torch.isfinite(parts).all()
+        watch.note_loss(parts)
         if args.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         else:
@@ -396,11 +413,7 @@ def train(args: argparse.Namespace):
 
         log_now = step % args.logging_steps == 0 or step == args.max_train_steps
         ckpt_now = step % args.checkpointing_steps == 0 or step == args.max_train_steps
-        if (log_now or ckpt_now) and accelerator.reduce(nonfinite.float(), reduction="sum").item() > 0:
-            kept = list_checkpoints(run_dir / "checkpoints")
-            raise FloatingPointError(
-                f"non-finite loss before step {step}; stopping. Last good checkpoint: "
-                f"{kept[max(kept)] if kept else 'none'} (try a lower --learning-rate or --mixed-precision no)")
+        watch.check(step, sync=log_now or ckpt_now, before_checkpoint=ckpt_now)
         if log_now:
             n = step - last_log_step
             values = (accelerator.reduce(sums, reduction="mean") / n).tolist()
@@ -433,8 +446,8 @@ def save_sample_grid(ema, vae, run_args: dict, device, run_dir: Path, step: int,
     images = sample_grid(ema, vae, run_args, device, run_args["sample_grid_size"], run_args["sample_grid_steps"])
     grid = make_grid(images, nrow=int(math.ceil(math.sqrt(len(images)))))
     path = run_dir / "samples" / f"{step:07d}.png"
-    path.parent.mkdir(exist_ok=True)
-    save_image(grid, path)
+    with atomic_write(path) as f:
+        save_image(grid, f, format="png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("samples", grid, global_step=step)

@@ -1,0 +1,242 @@
+"""What stops or protects a training run: damaged data and checkpoints, settings changed on resume, leftovers of
+interrupted writes, and a refused run's directory (see docs/integrity.md)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from common import ARCH_KEYS, UsageError, list_checkpoints
+from integrity import CHECKSUM_SUFFIX, ShardVerifier, atomic_write, checksum_path, remove_stale_temps, verify_file
+
+logger = logging.getLogger("train")
+checksum_sidecar = checksum_path
+
+# Settings a resumed run may change: how long it runs, what it logs, writes and keeps, where its files are, and how
+# it uses its hardware (processes and accumulation steps, with the same global batch). The change is recorded in
+# args.json ("history") and the log. Any other difference from the checkpoint's settings (batch size, seed,
+# learning rate, optimizer, objective, alignment, data...) is refused.
+MAY_CHANGE = ("gradient_accumulation_steps", "max_train_steps", "logging_steps", "checkpointing_steps", "keep_last",
+              "keep_every", "sample_every", "sample_grid_size", "sample_grid_steps", "eval_every", "num_workers",
+              "in_memory", "report_to", "resume", "trust_checkpoint", "output_dir", "exp_name", "data_dir",
+              "enc_weights", "compile", "device", "allow_tf32", "deterministic", "world_size", "verify_data")
+
+
+class DataFault(UsageError):
+    """The training data is damaged (a shard that differs from its checksum, non-finite values in a batch)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def intact_alternative(damaged: Path) -> str:
+    """One sentence naming the newest checkpoint before `damaged` that matches its checksum, and how to resume."""
+    earlier = sorted(((s, p) for s, p in list_checkpoints(damaged.parent).items() if p != damaged), reverse=True)
+    step = int(damaged.stem) if damaged.stem.isdigit() else None
+    unverified = None
+    for s, path in earlier:
+        if step is not None and s > step:
+            continue
+        try:
+            verified = verify_file(path)
+        except (OSError, ValueError):
+            continue
+        if verified is None and path.stat().st_size > 0:
+            unverified = unverified or path
+        if verified:
+            return (f"The newest intact one before it is {path}: to continue from it, move the damaged file away "
+                    f"(mv {damaged} {damaged}.damaged) and run the same command with --resume latest")
+    if unverified is not None:
+        return (f"No earlier checkpoint has a checksum; {unverified} is the newest earlier one (unverified): move "
+                f"the damaged file away (mv {damaged} {damaged}.damaged) and run with --resume latest")
+    return f"No intact earlier checkpoint is in {damaged.parent}"
+
+
+def clean_run_dir(run_dir: Path) -> None:
+    """Remove what interrupted writes of an earlier attempt left: temporary files and checksums without their file."""
+    removed = remove_stale_temps(run_dir) + remove_stale_temps(run_dir / "checkpoints")
+    folder = run_dir / "checkpoints"
+    if folder.is_dir():
+        for side in folder.glob(f"*.pt{CHECKSUM_SUFFIX}"):
+            if re.fullmatch(r"\d{7,}\.pt", side.name[: -len(CHECKSUM_SUFFIX)]) and not side.with_suffix("").exists():
+                side.unlink()
+                removed.append(side)
+    for path in removed:
+        logger.info("removed %s, left by an interrupted write", path)
+
+
+def checkpoint_status(path: Path) -> str:
+    return "verified against its sha256" if checksum_path(path).is_file() else "unverified (written without a checksum)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings on resume
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))
+
+
+def compare_settings(saved: dict, now: dict, source: Path) -> dict[str, list]:
+    """{name: [checkpoint's value, this run's value]} of the settings that may change (MAY_CHANGE, or a setting the
+    checkpoint did not record); UsageError listing every other difference."""
+    changed, refused = {}, []
+    for key in sorted(now):
+        if key in ARCH_KEYS or (key in saved and _plain(saved[key]) == _plain(now[key])):
+            continue
+        old = saved.get(key)
+        if key in MAY_CHANGE or key not in saved:
+            changed[key] = [old, _plain(now[key])]
+        else:
+            refused.append(f"--{key.replace('_', '-')}: checkpoint {old!r}, now {now[key]!r}")
+    if refused:
+        raise UsageError(f"resuming from {source} with other settings than it was trained with:\n  "
+                         + "\n  ".join(refused) + "\nUse the checkpoint's values, or start a new run (--exp-name); "
+                         "settings that may change on resume: the number of processes, " + ", ".join(
+                             f"--{k.replace('_', '-')}" for k in MAY_CHANGE if k != "world_size"))
+    return changed
+
+
+def record_args(run_dir: Path, run_args: dict, changed: dict, step: int) -> None:
+    """Write args.json: this run's settings; on a resume that changed some, the new values and a history entry."""
+    path = run_dir / "args.json"
+    record = dict(run_args)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        if not changed and {k: v for k, v in old.items() if k != "history"} == _plain(run_args):
+            return
+        record["history"] = old.get("history", [])
+    if changed:
+        when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        record.setdefault("history", []).append({"step": step, "time": when, "changed": changed})
+        for key, (old_value, new_value) in changed.items():
+            logger.info("resume: %s changed from %r to %r (recorded in args.json)", key, old_value, new_value)
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(record, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and non-finite values
+
+
+def start_data_verification(dataset, args: argparse.Namespace, is_main: bool) -> ShardVerifier | None:
+    """The background hash of the dataset's files against its manifest (main process), or None with a log line."""
+    if not args.verify_data:
+        logger.info("data: not verified (--no-verify-data)")
+        return None
+    files = dataset.checksummed_files()
+    if files is None:
+        logger.info("data: %s carries no checksums (REPA's layout or an older manifest): unverified", args.data_dir)
+        return None
+    if not is_main:
+        return None
+    size = sum(p.stat().st_size for p, _ in files)
+    logger.info("data: checking %d files (%.2f GB) against the checksums of manifest.json in the background",
+                len(files), size / 1e9)
+    return ShardVerifier(files, dataset.repair_command()).start()
+
+
+class Watch:
+    """Faults that stop the run before any checkpoint is written: a damaged shard (the verifier), non-finite values
+    in a batch (the data is at fault) and a non-finite loss. Per step only device operations; the flags are read
+    where the loop synchronises anyway (logging and checkpoint steps) and, in a single process, the verifier's
+    verdict at every step."""
+
+    def __init__(self, accelerator, dataset, verifier: ShardVerifier | None, run_dir: Path):
+        self.accelerator, self.dataset, self.verifier, self.run_dir = accelerator, dataset, verifier, run_dir
+        device = accelerator.device
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.bad_index = torch.full((), -1, dtype=torch.int64, device=device)
+        self.logged_done = False
+
+    def note_batch(self, x: torch.Tensor, index: torch.Tensor) -> None:
+        finite = torch.isfinite(x).flatten(1).all(1)
+        bad = torch.where(finite, -1, index.to(x.device, non_blocking=True)).max()
+        torch.maximum(self.bad_index, bad, out=self.bad_index)
+
+    def note_loss(self, parts: torch.Tensor) -> None:
+        self.nonfinite |= ~torch.isfinite(parts).all()
+
+    def _verifier_problem(self, wait: bool) -> str | None:
+        if self.verifier is None:
+            return None
+        problem = self.verifier.problem(wait=wait)
+        if problem is None and self.verifier.done and not self.logged_done:
+            self.logged_done = True
+            seconds = self.verifier.seconds
+            logger.info("data: all %d files match their checksums (%.2f GB in %.1f s, %.0f MB/s)",
+                        len(self.verifier.files), self.verifier.bytes / 1e9, seconds,
+                        self.verifier.bytes / 1e6 / max(seconds, 1e-9))
+        return problem
+
+    def _gather(self, problem: str | None) -> torch.Tensor:
+        """(processes, 3): non-finite loss, damaged shard, first non-finite image index (-1: none), per process."""
+        fault = torch.tensor(int(problem is not None), device=self.bad_index.device)
+        flags = torch.stack([self.nonfinite.long(), fault, self.bad_index])
+        return self.accelerator.gather(flags[None]).reshape(-1, 3)
+
+    def check(self, step: int, sync: bool, before_checkpoint: bool) -> None:
+        """Raise if the run must stop: DataFault (damaged shard, non-finite data) or FloatingPointError."""
+        world = self.accelerator.num_processes
+        problem = self._verifier_problem(wait=before_checkpoint and sync)
+        if world == 1 and problem:
+            raise DataFault(f"stopped before step {step + 1}: {problem}")
+        if not sync:
+            return
+        flags = self._gather(problem)
+        if problem is None and (int(flags[:, 0].max()) > 0 or int(flags[:, 2].max()) >= 0):
+            # about to stop for non-finite values: a damaged shard, if the check finds one, is the better diagnosis
+            problem = self._verifier_problem(wait=True)
+            flags = self._gather(problem)
+        if int(flags[:, 1].max()) > 0:
+            raise DataFault(f"stopped before step {step + 1}: " + (problem or "the main process found a damaged "
+                                                                   "shard (see its log)"))
+        bad = int(flags[:, 2].max())
+        if bad >= 0:
+            origin = ("The shards match their checksums, so preprocessing stored these values" if self.verifier
+                      else "The shards were not checked against checksums; if they match, preprocessing stored these "
+                      "values")
+            raise DataFault(f"non-finite values in the training data, at or before step {step} (the data is at fault, "
+                            f"not the learning rate): {self.dataset.nonfinite_report(bad)}. {origin}: check that "
+                            "image and the VAE, then encode again with --overwrite (or into a new --dest): "
+                            f"{self.dataset.repair_command()}")
+        if int(flags[:, 0].max()) > 0:
+            kept = list_checkpoints(self.run_dir / "checkpoints")
+            raise FloatingPointError(
+                f"non-finite loss before step {step} with finite data; stopping. Last good checkpoint: "
+                f"{kept[max(kept)] if kept else 'none'} (try a lower --learning-rate or --mixed-precision no)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Failures
+
+
+def log_fatal(message: str, run_dir: Path) -> None:
+    """Write a fatal message to the run's log.txt as well, if its logging is set up (stderr has it already)."""
+    record = logging.LogRecord("train", logging.ERROR, __file__, 0, "error: %s", (message,), None)
+    log_file = os.path.abspath(run_dir / "log.txt")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == log_file:
+            handler.handle(record)
+
+
+def discard_refused_run(run_dir: Path | None) -> None:
+    """Delete a run directory that this invocation created and that never trained a step (a refused run)."""
+    if run_dir is None or not run_dir.is_dir() or list_checkpoints(run_dir / "checkpoints"):
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
