@@ -1,0 +1,60 @@
+"""What every command line shares, importable without torch: one help style, and the choices its flags offer.
+
+Entry points build their parser from this module only, parse, and import torch afterwards, so that `--help` and
+usage errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# The choices of flags that several commands offer. The modules that implement them import these names from here.
+MODEL_NAMES = [f"SiT-{size}/{p}" for size in ("S", "B", "L", "XL") for p in (2, 4, 8)]  # = models.sit's registry
+PATH_TYPES = ("linear", "cosine")
+# "lognormal" is REPA's: sigma = exp(N(0, 1)); "lognormal-edm" is EDM's sigma = exp(N(-1.2, 1.2^2)).
+WEIGHTINGS = ("uniform", "lognormal", "lognormal-edm")
+ALIGN_OBJECTIVES = ("smooth_l1", "l1", "l2", "cosine")
+VAE_REPA_TARGETS = ("latent", "mean")
+# SRA's published blocks (student, teacher): SiT-XL/2 8 -> 20 (its README), 4 -> 8 its code's default (B);
+# L is not published: XL's setting is used for it.
+SRA_DEFAULT_BLOCKS = {"S": (4, 8), "B": (4, 8), "L": (8, 20), "XL": (8, 20)}
+
+TRUST_FLAG = "--trust-checkpoint"
+TRUST_HELP = ("also open a checkpoint that holds Python objects other than tensors and plain values (refused by "
+              "default). Reading such an object RUNS CODE FROM THE FILE, as the person who made it chose: pass this "
+              "only for a file whose origin you trust")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The one help style: the description keeps its line breaks, and every option ends with its default.
+
+    Nothing is appended where it would say nothing or repeat the help: required options and positionals, switches
+    that take no value (`store_true`, `store_const`), a default of None (the help says what happens then), and help
+    that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = (action.help or "").removesuffix(" (default: %(default)s)")  # added by Python 3.10's BooleanOptional
+        if (action.default is None or action.default is argparse.SUPPRESS or action.required
+                or not action.option_strings or "default" in text.lower()):
+            return text
+        if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction):
+            return text  # a switch: its help says what passing it does
+        if isinstance(action, argparse.BooleanOptionalAction):
+            on, off = _bool_flags(action)
+            return f"{text} (default: {on if action.default else off})"
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+def _bool_flags(action: argparse.Action) -> tuple[str, str]:
+    """(--flag, --no-flag) of a BooleanOptionalAction."""
+    off = next(s for s in action.option_strings if s.startswith("--no-"))
+    on = next(s for s in action.option_strings if s.startswith("--") and not s.startswith("--no-"))
+    return on, off
+
+
+def parser(description: str | None, **kwargs) -> argparse.ArgumentParser:
+    """An ArgumentParser in the shared help style."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
