@@ -19,6 +19,11 @@ VAE_REPA_TARGETS = ("latent", "mean")
 # L is not published: XL's setting is used for it.
 SRA_DEFAULT_BLOCKS = {"S": (4, 8), "B": (4, 8), "L": (8, 20), "XL": (8, 20)}
 
+# How decoder output x in [-1, 1] becomes 8-bit pixels (the metrics are computed on these bytes).
+# "repa": uint8(clamp(255 (x + 1) / 2)) = floor(127.5 x + 127.5), REPA's generate.py and so the paper's protocol;
+# "dit": uint8(clamp(127.5 x + 128)), DiT's and SiT's sample_ddp.py: about half of all pixels one level brighter.
+PIXEL_ROUNDINGS = ("repa", "dit")
+
 TRUST_FLAG = "--trust-checkpoint"
 TRUST_HELP = ("also open a checkpoint that holds Python objects other than tensors and plain values (refused by "
               "default). Reading such an object RUNS CODE FROM THE FILE, as the person who made it chose: pass this "
