@@ -273,6 +273,9 @@ def test_bad_input_fails_clearly_before_writing(assets, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         generate.main(["--ckpt", str(assets["ckpt"]), "--cfg-scale", "0.5"])
     assert e.value.code == 2 and "--cfg-scale" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # REPA's --legacy: refused, with what to do instead
+        generate.main(["--ckpt", str(assets["ckpt"]), "--legacy"])
+    assert e.value.code == 2 and "load_legacy_checkpoints" in capsys.readouterr().err
 
 
 def test_help_documents_every_flag_without_a_gpu():
@@ -284,7 +287,7 @@ def test_help_documents_every_flag_without_a_gpu():
              "--num-steps", "--heun", "--cfg-scale", "--guidance-low", "--guidance-high", "--path-type",
              "--num-fid-samples", "--label-sampling", "--global-seed", "--per-proc-batch-size", "--sample-dir",
              "--precision", "--device", "--trust-checkpoint", "--pixel-rounding",
-             "--encoder-depth", "--projector-embed-dims"]
+             "--encoder-depth", "--projector-embed-dims", "--tf32", "--fused-attn", "--legacy"]
     for flag in flags:
         assert f"  {flag}" in proc.stdout, flag
     assert "i % num_classes" in proc.stdout.replace("\n", " ")
