@@ -14,12 +14,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+if __package__ in (None, ""):  # run as a file: the repository root (cli.py, common.py) goes on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cli  # noqa: E402
 
 FORMAT = "vae-repa-latents"
 FORMAT_VERSION = 1
@@ -48,6 +46,56 @@ OUR_FILES = re.compile(
 class UsageError(Exception):
     """A problem with the flags, the input or the destination: printed as one message, exit status 2."""
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (no torch import: `--help` and usage errors answer at once)."""
+    p = cli.parser(
+        "Encode an ImageNet-style image folder into VAE latent shards (posterior mean and std) plus manifest.json.\n"
+        "Multi-GPU: torchrun --nproc-per-node=8 -m preprocessing.encode ... Rerun the same command to resume after "
+        "a crash."
+    )
+    p.add_argument("--source", required=True,
+                   help="image folder: one sub-folder per class (class index = sorted folder order, as "
+                   "torchvision's ImageFolder), or any folder of images together with --labels")
+    p.add_argument("--dest", required=True, help="output folder for the shards and manifest.json")
+    p.add_argument("--labels", default=None,
+                   help="labels file for a folder without class sub-folders: JSON {\"labels\": [[relpath, label], "
+                   "...]} or text lines 'relpath label'; paths are relative to --source")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="number of classes (default: number of class folders, or largest label + 1)")
+    p.add_argument("--resolution", type=int, default=256, help="image side after the ADM center crop (multiple of 8)")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                   help="diffusers AutoencoderKL: Hugging Face hub id or local folder (save_pretrained format)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="VAE compute precision")
+    p.add_argument("--dtype", choices=list(NP_DTYPES), default="fp16", help="storage type of the mean and std")
+    p.add_argument("--flip", action="store_true", help="also store the latents of the horizontally flipped image")
+    p.add_argument("--save-images", action="store_true",
+                   help="also store the center-cropped uint8 images (N, H, W, 3): 196 KB per image at 256 px, and "
+                   "a shard is held in RAM until written (lower --shard-size if needed)")
+    p.add_argument("--scale", type=float, default=0.18215, help="latent scale recorded in the manifest (SD-VAE)")
+    p.add_argument("--shift", type=float, default=0.0,
+                   help="latent shift recorded in the manifest: model input = (z + shift) * scale")
+    p.add_argument("--shard-size", type=int, default=10000, help="images per shard (the unit of work and resume)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass, per rank")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="image decoding processes per rank (default: CPU cores / ranks on this node - 1, at most 16)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the latent-dataset files already in --dest (other files are kept) and start over")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="where the VAE runs (default: cuda when a GPU is visible, else cpu); each process takes the "
+                   "GPU of its local rank")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer here, before torch is imported
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------
 # Images
@@ -499,50 +547,8 @@ def finalize(dest: Path, base: dict, num_shards: int, world_size: int) -> dict:
     return manifest
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Encode an ImageNet-style image folder into VAE latent shards (posterior mean and std) "
-        "plus manifest.json. Multi-GPU: torchrun --nproc-per-node=8 -m preprocessing.encode ... "
-        "Rerun the same command to resume after a crash.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--source", required=True,
-                   help="image folder: one sub-folder per class (class index = sorted folder order, as "
-                   "torchvision's ImageFolder), or any folder of images together with --labels")
-    p.add_argument("--dest", required=True, help="output folder for the shards and manifest.json")
-    p.add_argument("--labels", default=None,
-                   help="labels file for a folder without class sub-folders: JSON {\"labels\": [[relpath, label], "
-                   "...]} or text lines 'relpath label'; paths are relative to --source")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="number of classes (default: number of class folders, or largest label + 1)")
-    p.add_argument("--resolution", type=int, default=256, help="image side after the ADM center crop (multiple of 8)")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
-                   help="diffusers AutoencoderKL: Hugging Face hub id or local folder (save_pretrained format)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="VAE compute precision")
-    p.add_argument("--dtype", choices=list(NP_DTYPES), default="fp16", help="storage type of the mean and std")
-    p.add_argument("--flip", action="store_true", help="also store the latents of the horizontally flipped image")
-    p.add_argument("--save-images", action="store_true",
-                   help="also store the center-cropped uint8 images (N, H, W, 3): 196 KB per image at 256 px, and "
-                   "a shard is held in RAM until written (lower --shard-size if needed)")
-    p.add_argument("--scale", type=float, default=0.18215, help="latent scale recorded in the manifest (SD-VAE)")
-    p.add_argument("--shift", type=float, default=0.0,
-                   help="latent shift recorded in the manifest: model input = (z + shift) * scale")
-    p.add_argument("--shard-size", type=int, default=10000, help="images per shard (the unit of work and resume)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass, per rank")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="image decoding processes per rank (default: CPU cores / ranks on this node - 1, at most 16)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the latent-dataset files already in --dest (other files are kept) and start over")
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
-                   help="where the VAE runs (default: cuda when a GPU is visible, else cpu); each process takes the "
-                   "GPU of its local rank")
-    return p
-
-
 def _launch_problem(device: str | None) -> str | None:
     """common.gpu_launch_problem (the repository root is on sys.path when run as a file or with -m)."""
-    if __package__ in (None, ""):
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from common import gpu_launch_problem
 
     return gpu_launch_problem(device)
