@@ -29,6 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quickstart_lib as lib  # noqa: E402
 
+import cli  # noqa: E402  (the repository root is on the path: quickstart_lib puts it there)
+
 ARMS = ("vae-repa", "vanilla")
 ARGS_FILE, RESULTS_FILE = "quickstart_args.json", "results.txt"  # the settings (written first), the table (last)
 
@@ -44,7 +46,7 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="quickstart_out", help="where every output goes (default: %(default)s)")
     g.add_argument("--overwrite", action="store_true",
