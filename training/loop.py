@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import importlib.util
 import json
 import logging
 import math
@@ -165,6 +166,9 @@ def make_accelerator(args: argparse.Namespace):
     problem = gpu_launch_problem(args.device)  # before the process group: every rank stops, none hangs
     if problem is not None:
         raise UsageError(problem)
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        raise UsageError(f"--report-to {args.report_to} needs the {args.report_to} package, an optional one: "
+                         f"pip install -e '.[trackers]' (or pip install {args.report_to})")
     if args.deterministic:
         enable_deterministic_mode()
     # cpu=True without CUDA (or with --device cpu), so that torchrun's processes form a gloo group instead of running
