@@ -1,4 +1,4 @@
-"""Train SiT on pre-extracted VAE latents, vanilla or with alignment methods (VAE-REPA, REPA, SRA, or a set of
+r"""Train SiT on pre-extracted VAE latents, vanilla or with alignment methods (VAE-REPA, REPA, SRA, or a set of
 them); one or many GPUs, or the CPU.
 
     accelerate launch --multi_gpu --num_processes 8 train.py --model SiT-XL/2 --data-dir data/imagenet256
