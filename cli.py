@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 
+from models.registry import MODEL_NAMES  # noqa: F401  (the registry of every backbone family is torch-free too)
+
 # The choices of flags that several commands offer. The modules that implement them import these names from here.
-MODEL_NAMES = [f"SiT-{size}/{p}" for size in ("S", "B", "L", "XL") for p in (2, 4, 8)]  # = models.sit's registry
 PATH_TYPES = ("linear", "cosine")
-# "lognormal" is REPA's: sigma = exp(N(0, 1)); "lognormal-edm" is EDM's sigma = exp(N(-1.2, 1.2^2)).
-WEIGHTINGS = ("uniform", "lognormal", "lognormal-edm")
+# "lognormal" is REPA's: sigma = exp(N(0, 1)); "lognormal-edm" is EDM's sigma = exp(N(-1.2, 1.2^2));
+# "logit-normal" is LightningDiT's (and SD3's): t = sigmoid(N(0, 1)).
+WEIGHTINGS = ("uniform", "lognormal", "lognormal-edm", "logit-normal")
 ALIGN_OBJECTIVES = ("smooth_l1", "l1", "l2", "cosine")
 VAE_REPA_TARGETS = ("latent", "mean")
 # SRA's published blocks (student, teacher): SiT-XL/2 8 -> 20 (its README), 4 -> 8 its code's default (B);

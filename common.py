@@ -14,7 +14,6 @@ import torch
 
 from cli import PIXEL_ROUNDINGS  # noqa: F401  (imported from here by older code)
 from models import build_model, model_config
-from models.sit import SiT
 
 CHECKPOINT_FORMAT = "vae-repa/1"
 
@@ -30,9 +29,9 @@ ARCH_KEYS = ("model", "depth", "hidden_size", "num_heads", "qk_norm", "num_class
              "sra_student_depth", "sra_teacher_depth")
 
 
-def model_from_args(args: dict, with_heads: bool = True) -> SiT:
-    """Build the SiT a run describes (keys of ARCH_KEYS), with the heads of its alignment methods;
-    `with_heads=False` builds the backbone only."""
+def model_from_args(args: dict, with_heads: bool = True) -> torch.nn.Module:
+    """Build the backbone (SiT or LightningDiT) a run describes (keys of ARCH_KEYS), with the heads of its
+    alignment methods; `with_heads=False` builds the backbone only."""
     from alignment import build_methods, head_specs  # alignment imports loss, which imports models
 
     channels, size, _ = args["latent_shape"]
@@ -104,12 +103,20 @@ def sampling_weights(checkpoint: dict, use_ema: bool = True) -> tuple[dict, dict
 
 
 def load_vae(name: str) -> torch.nn.Module:
-    """diffusers AutoencoderKL from a hub id or a local folder ('ema' / 'mse': REPA's short names)."""
+    """diffusers AutoencoderKL from a hub id or a local folder ('ema' / 'mse': REPA's short names), or from an
+    LDM-format weights file such as VA-VAE's vavae-imagenet256-f16d32-dinov2.pt (latent_codecs.load_vavae)."""
     from diffusers.models import AutoencoderKL  # slow import: keep `--help` fast
 
     if name in ("ema", "mse") and not Path(name).exists():
         name = f"stabilityai/sd-vae-ft-{name}"
     where = "from --vae, the checkpoint or the dataset manifest"
+    if Path(name).expanduser().is_file():
+        from latent_codecs import load_vavae
+
+        try:
+            return load_vavae(Path(name).expanduser())
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            raise UsageError(f"VAE {name} ({where}): {e}") from e
     if name.startswith(("/", ".", "~")):
         name = str(Path(name).expanduser())
         if not Path(name).is_dir():

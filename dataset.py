@@ -86,10 +86,16 @@ class LatentDataset(Dataset):
         for key in ("scale", "shift", "dtype", "latent_shape", "num_images", "num_classes", "shards"):
             if key not in m:
                 raise DatasetError(f"{path}: {key!r} is missing")
-        if not (isinstance(m["scale"], (int, float)) and math.isfinite(m["scale"]) and m["scale"] != 0):
-            raise DatasetError(f"{path}: scale must be a finite non-zero number, got {m['scale']!r}")
         if len(m["latent_shape"]) != 3:
             raise DatasetError(f"{path}: latent_shape must be [C, H, W], got {m['latent_shape']}")
+        for key in ("scale", "shift"):  # a number, or one per channel (channel-wise normalisation)
+            value = m[key]
+            values = value if isinstance(value, list) else [value]
+            ok = len(values) in (1, m["latent_shape"][0]) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+            if not ok or key == "scale" and 0 in values:
+                raise DatasetError(f"{path}: {key} must be a finite{' non-zero' if key == 'scale' else ''} number "
+                                   f"or a list of one per channel ({m['latent_shape'][0]}), got {value!r}")
         kinds = ["mean", "std"] + (["flip-mean", "flip-std"] if m.get("flip") and self.use_flip else [])
         if self.with_images:
             if not m.get("images"):
@@ -105,6 +111,7 @@ class LatentDataset(Dataset):
             raise DatasetError(f"{path}: the shards hold {sum(counts)} images in all but num_images is "
                                f"{m['num_images']}")
         self.manifest = m
+        self._set_normalisation()
         self._repa_files = None
         self._flip = "flip-mean" in kinds
         self._offsets = np.cumsum([0] + counts)
@@ -151,6 +158,7 @@ class LatentDataset(Dataset):
             "flip": False,
             "source": str(vae_dir),
         }
+        self._set_normalisation()
 
     @staticmethod
     def _list_repa_images(folder: Path, count: int) -> list[Path]:
@@ -222,12 +230,18 @@ class LatentDataset(Dataset):
         return self.manifest["vae"]
 
     @property
-    def scale(self) -> float:
-        return float(self.manifest["scale"])
+    def scale(self) -> float | list[float]:
+        """x = (z + shift) * scale: a number (SD-VAE's 0.18215), or one per channel (channel-wise normalisation:
+        scale = multiplier / std, shift = -mean)."""
+        return self.manifest["scale"]
 
     @property
-    def shift(self) -> float:
-        return float(self.manifest["shift"])
+    def shift(self) -> float | list[float]:
+        return self.manifest["shift"]
+
+    def _set_normalisation(self) -> None:
+        self._scale, self._shift = (np.asarray(v, dtype=np.float32).reshape(-1, 1, 1)
+                                    for v in (self.manifest["scale"], self.manifest["shift"]))
 
     @property
     def num_classes(self) -> int:
@@ -289,8 +303,8 @@ class LatentDataset(Dataset):
         flip = rng.random() < 0.5 and self._flip  # always drawn, so eps does not depend on use_flip
         mean, std = self._moments(i, flip)
         eps = rng.standard_normal(mean.shape, dtype=np.float32)
-        x = (mean + std * eps + self.shift) * self.scale
-        target = (mean + self.shift) * self.scale
+        x = (mean + std * eps + self._shift) * self._scale
+        target = (mean + self._shift) * self._scale
         item = {
             "x": torch.from_numpy(x),
             "target": torch.from_numpy(target),

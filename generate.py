@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     g.add_argument("--no-ema", action="store_true", help="sample from the online weights instead of the EMA weights")
     g.add_argument("--model", choices=MODEL_NAMES, default=None, metavar="NAME",
-                   help=f"REPA-format checkpoints only: architecture, one of {', '.join(MODEL_NAMES)} "
+                   help=f"REPA's and LightningDiT's checkpoints only: architecture, one of {', '.join(MODEL_NAMES)}; "
+                        f"LightningDiT-* reads LightningDiT's released checkpoints (with --vae, --latent-stats) "
                         f"(default: the checkpoint's args, else SiT-XL/2)")
     g.add_argument("--resolution", type=int, default=None,
                    help="REPA-format checkpoints only: image side in pixels; latent side = resolution // 8 "
@@ -65,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="REPA's flag: its projectors' widths, comma-separated (e.g. 768); checked against the "
                         "checkpoint's projector weights like --encoder-depth")
     g.add_argument("--vae", default=None,
-                   help=f"VAE id on the Hugging Face hub or local folder; 'ema' / 'mse' mean stabilityai/sd-vae-ft-* "
+                   help=f"VAE id on the Hugging Face hub or local folder; 'ema' / 'mse' mean stabilityai/sd-vae-ft-*; "
+                        f"or an LDM-format file (VA-VAE's vavae-imagenet256-f16d32-dinov2.pt) "
                         f"(default: the checkpoint's args, else {DEFAULT_VAE})")
+    g.add_argument("--latent-stats", default=None,
+                   help="LightningDiT's released checkpoints only: its latents_stats.pt (channel-wise mean and std) "
+                        "(default: latents_stats.pt beside the --vae file)")
 
     g = p.add_argument_group("sampler")
     g.add_argument("--mode", choices=("sde", "ode"), default="sde",
@@ -74,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-steps", type=int, default=250, help="number of sampler steps")
     g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
                    help="ODE only: Heun's second-order corrector")
+    g.add_argument("--time-shift", type=float, default=1.0,
+                   help="ODE only: timestep shift of the grid, t' = s t / (1 + (s - 1) t) (1: uniform; > 1: more "
+                        "steps near the noise). LightningDiT's timestep_shift a is 1/a here (its 0.3: 3.33)")
     g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: no guidance)")
     g.add_argument("--guidance-low", "--guidance_low", type=float, default=0.0,
                    help="guidance applies at times t >= this (t = 1 is noise)")
@@ -131,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--cfg-scale must be >= 1 (1 means no guidance), got {args.cfg_scale}")
     if not 0.0 <= args.guidance_low <= args.guidance_high <= 1.0:
         p.error("need 0 <= --guidance-low <= --guidance-high <= 1")
+    if not args.time_shift > 0 or args.time_shift != 1 and args.mode != "ode":
+        p.error(f"--time-shift {args.time_shift}: must be positive, and applies to --mode ode only")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         p.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if args.num_classes is not None and args.num_classes < 1:
@@ -163,6 +174,7 @@ from common import (
     to_uint8,
 )
 from evaluations.data import NpzImageWriter
+from models import model_family
 from models.sit import SiT
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +207,34 @@ def _repa_arch(args: argparse.Namespace, ckpt_args: dict) -> dict:
         "qk_norm": bool(pick(args.qk_norm, "qk_norm", False)),
         "latent_shape": [4, resolution // 8, resolution // 8],
     }
+
+
+def _latent_shape_of(state: dict, ckpt: Path) -> list[int]:
+    """[C, H, W] of the latents a (LightningDiT) checkpoint was trained on, from its patch embedding and its
+    position embedding: channels, and grid side x patch size."""
+    keys = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    if "x_embedder.proj.weight" not in keys or "pos_embed" not in keys:
+        raise UsageError(f"checkpoint {ckpt}: no x_embedder.proj.weight / pos_embed, so not a LightningDiT")
+    _, channels, patch, _ = keys["x_embedder.proj.weight"].shape
+    side = math.isqrt(keys["pos_embed"].shape[1]) * patch
+    return [int(channels), side, side]
+
+
+def _lightningdit_tokenizer(args: argparse.Namespace) -> tuple[str, list[float], list[float]]:
+    """VAE and channel-wise normalisation of a released LightningDiT: --vae (VA-VAE's file) and its statistics,
+    x = (z - mean) / std, i.e. scale = 1 / std and shift = -mean (LightningDiT's latent_multiplier is 1)."""
+    from latent_codecs import read_latent_stats
+
+    if args.vae is None:
+        raise UsageError("LightningDiT's checkpoints sample VA-VAE latents: pass --vae PATH/vavae-imagenet256-f16d32-"
+                         "dinov2.pt (from the Hugging Face repository hustvl/vavae-imagenet256-f16d32-dinov2, with "
+                         "its latents_stats.pt beside it)")
+    stats = args.latent_stats or str(Path(args.vae).expanduser().parent / "latents_stats.pt")
+    try:
+        mean, std = read_latent_stats(stats)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise UsageError(f"--latent-stats {stats}: {e}") from e
+    return args.vae, (1 / std.flatten().double()).tolist(), (-mean.flatten().double()).tolist()
 
 
 def _check_arch_flags(args: argparse.Namespace, arch: dict, ckpt: Path) -> None:
@@ -254,8 +294,11 @@ def load_model(args: argparse.Namespace, ckpt: Path) -> tuple[SiT, dict]:
         vae = ckpt_args.get("vae") or DEFAULT_VAE
         scale, shift = ckpt_args.get("latent_scale", REPA_LATENT_SCALE), ckpt_args.get("latent_shift", 0.0)
         fix_hint = "the checkpoint may be corrupt"
-    else:
-        arch = _repa_arch(args, ckpt_args)
+    elif model_family((arch := _repa_arch(args, ckpt_args))["model"]) == "LightningDiT":  # LightningDiT's release
+        arch["latent_shape"] = _latent_shape_of(state, ckpt)
+        vae, scale, shift = _lightningdit_tokenizer(args)
+        fix_hint = "set --model / --num-classes / --qk-norm to the architecture it was trained with"
+    else:  # REPA's
         vae, scale, shift = DEFAULT_VAE, REPA_LATENT_SCALE, REPA_LATENT_SHIFT
         fix_hint = "set --model / --resolution / --num-classes / --qk-norm to the architecture it was trained with"
     arch["latent_shape"] = [int(s) for s in arch["latent_shape"]]
@@ -392,6 +435,8 @@ def folder_name(args: argparse.Namespace, ckpt: Path, info: dict, image_size: in
         parts.append(f"interval-{args.guidance_low}-{args.guidance_high}")
     parts += [f"seed-{args.global_seed}", args.mode + ("-heun" if args.heun and args.mode == "ode" else ""),
               f"{args.num_steps}steps", info["path_type"], f"{args.label_sampling}-labels", precision]
+    if args.time_shift != 1:
+        parts.append(f"shift-{args.time_shift}")
     if args.pixel_rounding != "repa":
         parts.append(f"{args.pixel_rounding}-pixels")
     return "-".join(parts)
@@ -418,6 +463,7 @@ def sampling_config(args: argparse.Namespace, info: dict, model: torch.nn.Module
         "label_sampling": args.label_sampling,
         "precision": precision,
         "pixel_rounding": args.pixel_rounding,
+        **({"time_shift": args.time_shift} if args.time_shift != 1 else {}),  # folders made before it still match
     }
 
 
@@ -514,7 +560,7 @@ def sample_batch(model: SiT, vae: torch.nn.Module, indices: list[int], args: arg
                   guidance_low=args.guidance_low, guidance_high=args.guidance_high, path_type=info["path_type"])
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
         if args.mode == "ode":
-            x = samplers.euler_sampler(**kwargs)
+            x = samplers.euler_sampler(**kwargs, time_shift=args.time_shift)
         else:
             # the SDE noise of sample i continues its own generator, after its initial noise
             x = samplers.euler_maruyama_sampler(**kwargs, generator=generators)

@@ -39,13 +39,17 @@ def sample_time(
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """n training times in [0, 1]: uniform, or a log-normal noise level sigma mapped onto the path.
+    """n training times in [0, 1]: uniform, logit-normal, or a log-normal noise level sigma mapped onto the path.
 
     The log-normal choices draw log sigma ~ N(mean, std^2) (LOGNORMAL_PARAMS: REPA's N(0, 1) for "lognormal",
     EDM's N(-1.2, 1.2^2) for "lognormal-edm") and return the t at which sigma_t / alpha_t = sigma.
+    "logit-normal" draws t = sigmoid(n), n ~ N(0, 1), whatever the path: LightningDiT's `use_lognorm` (its time runs
+    the other way, s = 1 - t, but the law is symmetric about 1/2, so t has the same law).
     """
     if weighting == "uniform":
         return torch.rand(n, device=device, generator=generator)
+    if weighting == "logit-normal":
+        return torch.sigmoid(torch.randn(n, device=device, generator=generator))
     if weighting in LOGNORMAL_PARAMS:
         p_mean, p_std = LOGNORMAL_PARAMS[weighting]
         sigma = (torch.randn(n, device=device, generator=generator) * p_std + p_mean).exp()
@@ -99,6 +103,7 @@ class LossConfig:
     path_type: str = "linear"
     weighting: str = "uniform"
     cfg_prob: float = 0.1
+    cos_coeff: float = 0.0  # weight of LightningDiT's velocity cosine term (0: off)
 
     def __post_init__(self) -> None:
         if self.path_type not in PATH_TYPES:
@@ -107,6 +112,12 @@ class LossConfig:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"cfg_prob must be in [0, 1), got {self.cfg_prob}")
+        if not (self.cos_coeff >= 0 and math.isfinite(self.cos_coeff)):
+            raise ValueError(f"cos_coeff must be a finite number >= 0, got {self.cos_coeff}")
+
+    def terms(self, methods: Sequence = ()) -> list[str]:
+        """The keys of training_loss's result, in a fixed order: total, denoise, cos_loss (when on), each method's."""
+        return ["total", "denoise"] + (["cos_loss"] if self.cos_coeff > 0 else []) + [m.log_name for m in methods]
 
 
 def training_loss(
@@ -124,7 +135,9 @@ def training_loss(
 
     `methods` are alignment.AlignmentMethod objects; `step_inputs` go to them (posterior_mean, images, teacher,
     epoch: see alignment.StepInputs). Returns scalars `total` (what to backpropagate), `denoise` (velocity MSE:
-    mean over C, H, W, then over the batch) and one unweighted term per method under its `log_name`.
+    mean over C, H, W, then over the batch), `cos_loss` when `config.cos_coeff` > 0 (LightningDiT's term:
+    1 - cos(v_pred, v) over channels at each position, averaged) and one unweighted term per method under its
+    `log_name`.
     """
     from alignment.base import StepInputs
 
@@ -142,6 +155,11 @@ def training_loss(
 
     out = {"denoise": denoise.detach()}
     total = denoise
+    if config.cos_coeff > 0:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            cos = mean_flat(1 - F.cosine_similarity(v_pred.float(), v_target.float(), dim=1)).mean()
+        total = total + config.cos_coeff * cos
+        out["cos_loss"] = cos.detach()
     if methods:
         step = StepInputs(x=x, noise=noise, t=t, y=y, heads=heads, path_type=config.path_type, **step_inputs)
         for method in methods:

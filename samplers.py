@@ -82,6 +82,13 @@ class _GuidedVelocity:
         return out
 
 
+def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Timestep shift of a time grid: t' = shift t / (1 + (shift - 1) t), which keeps 0 and 1 and, for shift > 1,
+    spends more steps near the noise (t = 1). LightningDiT's `timestep_shift` a (its time s = 1 - t runs towards
+    the data) is shift = 1 / a here: its 0.3 is 3.33."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 @torch.no_grad()
 def euler_sampler(
     model: Callable,
@@ -94,11 +101,13 @@ def euler_sampler(
     guidance_high: float = 1.0,
     path_type: str = "linear",
     null_class: int | None = None,
+    time_shift: float = 1.0,
 ) -> torch.Tensor:
-    """Probability-flow ODE dx/dt = v(x, t) from t = 1 to 0 on a uniform grid; Heun adds a corrector
-    (skipped on the last step, which lands on t = 0). `path_type` is unused: the ODE is the same."""
+    """Probability-flow ODE dx/dt = v(x, t) from t = 1 to 0 on a uniform grid (shifted by `shift_times` when
+    `time_shift` != 1); Heun adds a corrector (skipped on the last step, which lands on t = 0). `path_type` is
+    unused: the ODE is the same."""
     velocity = _GuidedVelocity(model, y, cfg_scale, guidance_low, guidance_high, latents.dtype, null_class)
-    t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
+    t_steps = shift_times(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), time_shift).tolist()
     x = latents.to(torch.float64)
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         d_cur = velocity(x, t_cur)

@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prediction", choices=("v",), default="v", help="model output (velocity)")
     g.add_argument("--weighting", choices=WEIGHTINGS, default="uniform",
                    help="training time distribution: uniform; lognormal (REPA's: log sigma ~ N(0, 1)); "
-                        "lognormal-edm (EDM's: log sigma ~ N(-1.2, 1.2^2)); sigma = noise-to-signal ratio")
+                        "lognormal-edm (EDM's: log sigma ~ N(-1.2, 1.2^2)); sigma = noise-to-signal ratio; "
+                        "logit-normal (LightningDiT's: t = sigmoid(N(0, 1)))")
+    g.add_argument("--cos-loss-coeff", type=float, default=0.0,
+                   help="weight of LightningDiT's velocity cosine term, 1 - cos(v_pred, v) over channels (its configs "
+                        "use 1; 0: off); logged as cos_loss")
     g.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout probability for CFG")
 
     g = p.add_argument_group("optimisation")
@@ -146,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "resolution", "num_classes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if not args.cos_loss_coeff >= 0:
+        p.error(f"--cos-loss-coeff must be >= 0, got {args.cos_loss_coeff}")
     return args
 
 

@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from cli import ALIGN_OBJECTIVES, SRA_DEFAULT_BLOCKS, VAE_REPA_TARGETS
+from models.registry import model_config, model_size  # torch-free
 
 if TYPE_CHECKING:
     from alignment.base import AlignmentMethod, StepInputs
@@ -125,10 +126,9 @@ def resolve_args(args: argparse.Namespace, argv: list[str] | None, error) -> lis
         error(f"{', '.join(repa_flags)} configure REPA, which --align {args.align} does not include")
 
     from alignment.repa import Repa
-    from models.sit import model_config
 
     size = model_config(args.model)
-    size_name = args.model.removeprefix("SiT-").split("/")[0]
+    size_name = model_size(args.model)
     args.enc_type = args.enc_type or "dinov2-vit-b"
     args.encoder_depth = args.encoder_depth if args.encoder_depth is not None else 8
     args.proj_coeff = args.proj_coeff if args.proj_coeff is not None else 0.5
@@ -177,11 +177,10 @@ def build_methods(run_args: dict) -> list[AlignmentMethod]:
     from alignment.repa import Repa
     from alignment.sra import Sra
     from alignment.vae_repa import VaeRepa
-    from models.sit import model_config
 
     a = upgrade_run_args(run_args)
     size = model_config(a["model"])
-    size_name = a["model"].removeprefix("SiT-").split("/")[0]
+    size_name = model_size(a["model"])
     methods: list[AlignmentMethod] = []
     for name in a["align"]:
         if name == "vae-repa":

@@ -130,6 +130,23 @@ def diffusers_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def infer_ldm_config(state: Mapping[str, torch.Tensor], resolution: int = 256) -> dict:
+    """The LDM ddconfig (ch, ch_mult, num_res_blocks, attn_resolutions, z_channels) that LDM-named autoencoder
+    weights were made for, read off their keys and shapes: VA-VAE f16d32 gives VAVAE_F16D32, and any other LDM
+    AutoencoderKL (e.g. a small one in a test) loads as well. `resolution` only names the attention levels."""
+    try:
+        ch = state["encoder.conv_in.weight"].shape[0]
+        levels = _levels(state, r"encoder\.down\.(\d+)\.")
+        blocks = _levels(state, r"encoder\.down\.0\.block\.(\d+)\.")
+        ch_mult = tuple(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels))
+        z_channels = state["post_quant_conv.weight"].shape[0]
+    except KeyError as e:
+        raise KeyError(f"not LDM autoencoder weights: {e} is missing") from e
+    attn = tuple(resolution // 2**i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state)
+    return dict(ch=ch, ch_mult=ch_mult, num_res_blocks=blocks, attn_resolutions=attn, z_channels=z_channels,
+                resolution=resolution)
+
+
 def vavae_state_dict(checkpoint: Mapping) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The autoencoder's weights from a VA-VAE checkpoint, and the keys left out.
 
@@ -151,8 +168,11 @@ def vavae_state_dict(checkpoint: Mapping) -> tuple[dict[str, torch.Tensor], list
 
 
 def load_vavae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-               trusted: bool = False, config: Mapping = VAVAE_F16D32):
+               trusted: bool = False, config: Mapping | None = None):
     """Load VA-VAE weights (LDM names, e.g. vavae-imagenet256-f16d32-dinov2.pt) into a frozen diffusers AutoencoderKL.
+
+    The architecture is `config` (an LDM ddconfig such as VAVAE_F16D32), or, by default, read off the weights
+    (`infer_ldm_config`), so that any LDM-format AutoencoderKL file loads.
 
     The file is read with `torch.load(weights_only=True)`; a file that holds other Python objects (a full training
     checkpoint) is refused unless `trusted=True`, which unpickles it: only for files you trust.
@@ -171,9 +191,12 @@ def load_vavae(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     state, _ = vavae_state_dict(checkpoint)
     if not state:
         raise KeyError(f"{path} holds no autoencoder weights (no keys under {', '.join(AUTOENCODER_PREFIXES)})")
-    vae = build_vavae(config)
+    vae = build_vavae(config if config is not None else infer_ldm_config(state))
     missing, unexpected = vae.load_state_dict(ldm_to_diffusers(state), strict=False)
     if missing or unexpected:
         raise KeyError(f"{path} does not match VA-VAE's architecture: missing {missing[:6]}, "
                        f"unexpected {unexpected[:6]}")
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    vae = vae.to(device)
+    if dtype is not None:
+        vae = vae.to(dtype)
+    return vae.eval().requires_grad_(False)

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads import AlignmentHeads, HeadSpec
+from models.registry import MODEL_NAMES, model_config
 from models.sit import (
     LabelEmbedder,
     PatchEmbed,
@@ -273,27 +274,15 @@ class LightningDiT(AlignmentHeads, nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Registry. LightningDiT publishes B/1, B/2, L/2, XL/1, XL/2 (and 1p0B, 1p6B); L/1 is added here with L's size.
+# Registry (names and sizes in models/registry.py)
 
-LIGHTNINGDIT_SIZES = {  # depth, hidden size, heads, default alignment block (as SiT's sizes: 2 for B, 8 for L, XL)
-    "B": (12, 768, 12, 2),
-    "L": (24, 1024, 16, 8),
-    "XL": (28, 1152, 16, 8),
-}
-LIGHTNINGDIT_NAMES = [f"LightningDiT-{size}/{p}" for size in LIGHTNINGDIT_SIZES for p in (1, 2)]
-
-
-def lightningdit_config(name: str) -> dict:
-    """Architecture keyword arguments of a registry name such as 'LightningDiT-XL/1'."""
-    if name not in LIGHTNINGDIT_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(LIGHTNINGDIT_NAMES)}")
-    size, patch = name.removeprefix("LightningDiT-").split("/")
-    depth, hidden, heads, encoder_depth = LIGHTNINGDIT_SIZES[size]
-    return dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch), encoder_depth=encoder_depth)
+LIGHTNINGDIT_NAMES = [name for name in MODEL_NAMES if name.startswith("LightningDiT-")]
 
 
 def build_lightningdit(name: str, **overrides) -> LightningDiT:
     """Build a registry LightningDiT; keyword arguments (not None) override the size's defaults."""
-    config = lightningdit_config(name)
+    if name not in LIGHTNINGDIT_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(LIGHTNINGDIT_NAMES)}")
+    config = model_config(name)
     config.update({k: v for k, v in overrides.items() if v is not None})
     return LightningDiT(**config)

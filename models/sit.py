@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads import AlignmentHeads, HeadList, HeadSpec, build_mlp
+from models.registry import model_config
 
 # ----------------------------------------------------------------------------------------------
 # Patch layout: a token holds a p x p x C patch in (p, q, c) order.
@@ -277,31 +278,13 @@ class SiT(AlignmentHeads, nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Registry: the names users type in `--model`.
-
-SIZES = {  # depth, hidden size, heads, default alignment depth (paper: 2 for B, 8 for L and XL)
-    "S": (12, 384, 6, 2),
-    "B": (12, 768, 12, 2),
-    "L": (24, 1024, 16, 8),
-    "XL": (28, 1152, 16, 8),
-}
-MODEL_NAMES = [f"SiT-{size}/{p}" for size in SIZES for p in (2, 4, 8)]
-
-
-def model_config(name: str) -> dict:
-    """Architecture keyword arguments of a registry name such as 'SiT-XL/2'."""
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    size, patch = name.removeprefix("SiT-").split("/")
-    depth, hidden, heads, encoder_depth = SIZES[size]
-    return dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch), encoder_depth=encoder_depth)
+# Registry (names and sizes in models/registry.py)
 
 
 def build_model(name: str, **kwargs) -> SiT:
-    """Build a registry model; keyword arguments override the size's defaults (e.g. encoder_depth)."""
+    """Build a registry SiT; keyword arguments (not None) override the size's defaults (e.g. encoder_depth)."""
     config = model_config(name)
+    if not name.startswith("SiT-"):
+        raise ValueError(f"{name} is not a SiT; models.build_model builds every family")
     config.update({k: v for k, v in kwargs.items() if v is not None})
     return SiT(**config)
-
-
-SiT_models = {name: (lambda name=name, **kw: build_model(name, **kw)) for name in MODEL_NAMES}

@@ -35,6 +35,9 @@ CONFIG_FLAGS = {
     "shard_size": "--shard-size",
     "scale": "--scale",
     "shift": "--shift",
+    "latent_norm": "--latent-norm",
+    "latent_stats": "--latent-stats",
+    "latent_multiplier": "--latent-multiplier",
     "num_classes": "--num-classes",
     "source_sha256": "--source/--labels (the list of image files and their labels)",
 }
@@ -72,9 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-images", action="store_true",
                    help="also store the center-cropped uint8 images (N, H, W, 3): 196 KB per image at 256 px, and "
                    "a shard is held in RAM until written (lower --shard-size if needed)")
-    p.add_argument("--scale", type=float, default=0.18215, help="latent scale recorded in the manifest (SD-VAE)")
+    p.add_argument("--latent-norm", choices=["auto", "scale", "channelwise"], default="auto",
+                   help="how latents become the model's input: scale = (z + --shift) * --scale (SD-VAE's); "
+                   "channelwise = (z - mean_c) / std_c * --latent-multiplier, LightningDiT's, with per-channel "
+                   "statistics (--latent-stats); auto = channelwise when released statistics lie beside the VAE's "
+                   "weights (see --latent-stats) or its latents have other than 4 channels (VA-VAE), else scale "
+                   "(the SD-VAE family)")
+    p.add_argument("--scale", type=float, default=0.18215,
+                   help="--latent-norm scale: latent scale recorded in the manifest (SD-VAE)")
     p.add_argument("--shift", type=float, default=0.0,
-                   help="latent shift recorded in the manifest: model input = (z + shift) * scale")
+                   help="--latent-norm scale: latent shift recorded in the manifest: model input = (z + shift) * scale")
+    p.add_argument("--latent-stats", default="auto",
+                   help="--latent-norm channelwise: a latents_stats.pt ({'mean', 'std'}, LightningDiT's and REPA-E's "
+                   "layout); 'compute' = over this dataset (exact per-channel moments of the posterior samples); "
+                   "'auto' = latents_stats.pt or *latents-stats.pt beside the VAE's weights when there is one, else "
+                   "compute")
+    p.add_argument("--latent-multiplier", type=float, default=1.0,
+                   help="--latent-norm channelwise: factor after standardising (LightningDiT's 1.0)")
     p.add_argument("--shard-size", type=int, default=10000, help="images per shard (the unit of work and resume)")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass, per rank")
     p.add_argument("--num-workers", type=int, default=None,
@@ -290,11 +307,26 @@ def shard_is_done(dest: Path, k: int, config: dict, latent_shape: list[int]) -> 
 # VAE
 
 
+def _repository_on_path() -> None:
+    """The repository root on sys.path (run as a file, or with -m from elsewhere), for common and latent_codecs."""
+    if __package__ in (None, ""):
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
 def load_vae(name: str, device: torch.device, dtype: torch.dtype):
-    """`AutoencoderKL.from_pretrained(name)` (hub id or local folder) in eval mode; clear error offline."""
+    """`AutoencoderKL.from_pretrained(name)` (hub id or local folder), or an LDM-format weights file (VA-VAE f16d32,
+    `vavae-imagenet256-f16d32-dinov2.pt`) converted into one, in eval mode; a clear error offline."""
     from diffusers.models import AutoencoderKL  # imported here so that --help stays fast
 
     local = os.path.expanduser(name)
+    if os.path.isfile(local):
+        _repository_on_path()
+        from latent_codecs import load_vavae
+
+        try:
+            return load_vavae(local, device, dtype)
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            raise UsageError(f"--vae {name}: {e}") from e
     if not os.path.isdir(local) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
         raise UsageError(
             f"--vae {name}: no such directory. Pass a Hugging Face hub id (default stabilityai/sd-vae-ft-ema) "
@@ -326,6 +358,46 @@ def encode_batch(vae, images: np.ndarray, flip: bool, dtype: torch.dtype) -> lis
     mean, std = posterior.mean.float().cpu().numpy(), posterior.std.float().cpu().numpy()
     n = len(images)
     return [mean[:n], std[:n], mean[n:], std[n:]] if flip else [mean, std]
+
+
+def _stats_beside(vae: str) -> str | None:
+    """A released statistics file next to the VAE's weights: latents_stats.pt (LightningDiT's VA-VAE) or
+    *latents-stats.pt (REPA-E's E2E-VAEs); None for a hub id or when there is none."""
+    path = Path(vae).expanduser()
+    folder = path.parent if path.is_file() else path if path.is_dir() else None
+    if folder is None:
+        return None
+    found = sorted(folder.glob("latents_stats.pt")) + sorted(folder.glob("*latents-stats.pt"))
+    return str(found[0]) if found else None
+
+
+def resolve_normalisation(args: argparse.Namespace, channels: int) -> dict:
+    """The manifest's "normalization" entry: {"type": "scale"} (SD-VAE's (z + shift) * scale), or
+    {"type": "channelwise", "stats": "compute" or a file, "multiplier", and "mean" / "std" when read from a file}."""
+    mode, beside = args.latent_norm, _stats_beside(args.vae)
+    if mode == "auto":
+        mode = "scale" if channels == 4 and beside is None else "channelwise"
+    if mode == "scale":
+        return {"type": "scale"}
+    if not (math.isfinite(args.latent_multiplier) and args.latent_multiplier > 0):
+        raise UsageError(f"--latent-multiplier {args.latent_multiplier}: must be a positive number")
+    source = args.latent_stats
+    if source == "auto":
+        source = beside or "compute"
+    out = {"type": "channelwise", "stats": source, "multiplier": args.latent_multiplier}
+    if source != "compute":
+        _repository_on_path()
+        from latent_codecs import read_latent_stats
+
+        try:
+            mean, std = read_latent_stats(source)
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            raise UsageError(f"--latent-stats {source}: {e}") from e
+        if mean.shape[1] != channels:
+            raise UsageError(f"--latent-stats {source}: statistics of {mean.shape[1]} channels, but --vae {args.vae} "
+                             f"gives {channels}")
+        out.update(mean=mean.flatten().tolist(), std=std.flatten().tolist())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,7 +445,6 @@ def encode_dataset(
         "num_classes": num_classes,
         "source_sha256": hashlib.sha256(listing.encode()).hexdigest(),
     }
-    manifest = None if args.overwrite else check_destination(dest, config)
 
     if getattr(args, "device", None) != "cpu" and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -390,18 +461,27 @@ def encode_dataset(
     if args.resolution % factor:
         raise UsageError(f"--resolution {args.resolution}: must be a multiple of the VAE's downsampling {factor}")
     latent_shape = [vae.config.latent_channels, args.resolution // factor, args.resolution // factor]
-    if manifest is not None and manifest.get("latent_shape") != latent_shape:
+    normalisation = resolve_normalisation(args, latent_shape[0])
+    if normalisation["type"] == "channelwise":  # --scale / --shift play no part; SD-VAE datasets keep their config
+        config.update(scale=None, shift=None, latent_norm=args.latent_norm, latent_stats=args.latent_stats,
+                      latent_multiplier=args.latent_multiplier)
+    recorded = dest / "manifest.json"
+    recorded = read_json(recorded) if not args.overwrite and recorded.is_file() else None
+    same_vae = recorded is not None and (recorded.get("vae"), recorded.get("resolution")) == (args.vae, args.resolution)
+    if same_vae and recorded.get("latent_shape") != latent_shape:
         raise UsageError(
             f"--vae {args.vae} now gives latents of shape {latent_shape} ({latent_shape[0]} channels), but "
-            f"{dest / 'manifest.json'} records latent_shape {manifest.get('latent_shape')} from the first run: the "
+            f"{dest / 'manifest.json'} records latent_shape {recorded.get('latent_shape')} from the first run: the "
             "VAE behind this name changed. Choose another --dest, or pass --overwrite to replace the dataset."
         )
+    manifest = None if args.overwrite else check_destination(dest, config)
 
     config_scale, config_shift = vae.config.get("scaling_factor"), vae.config.get("shift_factor")
-    if rank == 0 and config_scale is not None and config_scale != args.scale:
+    if normalisation["type"] == "scale" and rank == 0 and config_scale is not None and config_scale != args.scale:
         print(f"warning: the VAE's config has scaling_factor {config_scale}, this run records --scale {args.scale}",
               file=sys.stderr)
-    if rank == 0 and config_shift and -config_shift != args.shift:  # diffusers: (z - shift_factor) * scale
+    # diffusers: (z - shift_factor) * scale
+    if normalisation["type"] == "scale" and rank == 0 and config_shift and -config_shift != args.shift:
         print(f"warning: the VAE's config has shift_factor {config_shift}, i.e. --shift {-config_shift}; this run "
               f"records --shift {args.shift}", file=sys.stderr)
 
@@ -414,6 +494,7 @@ def encode_dataset(
         "latent_shape": latent_shape,
         "stored": list(shard_files(0, args.flip, args.save_images)),
         "latent": "x = (z + shift) * scale with z = mean + std * eps; target = (mean + shift) * scale",
+        "normalization": normalisation,
         "pixels": "ADM center crop, RGB, x / 127.5 - 1",
         "class_names": class_names,
         "source": str(source.resolve()),
@@ -502,7 +583,7 @@ def write_shard(dest: Path, k: int, parts: list[list[np.ndarray]], kept: list[in
     """Write shard k's arrays, then its sidecar JSON: the sidecar's presence marks the shard complete."""
     names = shard_files(k, args.flip, args.save_images)
     empty = {"images": (0, args.resolution, args.resolution, 3)}
-    sha = {}
+    sha, stored = {}, {}
     for j, kind in enumerate(names):
         if parts:
             arr = np.concatenate([p[j] for p in parts])
@@ -510,6 +591,8 @@ def write_shard(dest: Path, k: int, parts: list[list[np.ndarray]], kept: list[in
             arr = np.zeros(empty.get(kind, (0, *latent_shape)))
         arr = arr.astype(np.uint8 if kind == "images" else config["dtype"], copy=False)
         sha[kind] = save_npy(dest / names[kind], arr)
+        if kind in ("mean", "std"):
+            stored[kind] = arr
     save_json(sidecar_path(dest, k), {
         "shard": k,
         "count": len(kept),
@@ -520,12 +603,47 @@ def write_shard(dest: Path, k: int, parts: list[list[np.ndarray]], kept: list[in
         "labels": [labels[i] for i in kept],
         "paths": [paths[i] for i in kept],
         "skipped": skipped,
+        "moments": channel_moments(stored["mean"], stored["std"]),  # of the stored values, which training reads
     })
+
+
+def channel_moments(mean: np.ndarray, std: np.ndarray) -> dict:
+    """Per-channel moments of the posterior samples z = mean + std * eps of a block of latents (N, C, H, W):
+    count (values per channel), the mean of `mean`, the sum of squared deviations of `mean` (m2), and the sum of
+    std^2 (the expected squared noise). Merged over shards by `merge_moments`; in float64."""
+    m = mean.astype(np.float64).transpose(1, 0, 2, 3).reshape(mean.shape[1], -1)
+    s = std.astype(np.float64).transpose(1, 0, 2, 3).reshape(std.shape[1], -1)
+    mu = m.mean(axis=1) if m.shape[1] else np.zeros(m.shape[0])
+    return {"count": int(m.shape[1]), "mean": mu.tolist(), "m2": ((m - mu[:, None]) ** 2).sum(axis=1).tolist(),
+            "noise": (s**2).sum(axis=1).tolist()}
+
+
+def merge_moments(parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) per channel of the posterior samples over all parts: mean = E[mean], var = Var(mean) (with
+    count - 1, as torch.std) + E[std^2]. Pairwise merging of means and m2 (Chan et al.)."""
+    count, mean, m2, noise = 0, None, None, None
+    for part in parts:
+        n = part["count"]
+        if n == 0:
+            continue
+        mu, q, e = (np.asarray(part[k], dtype=np.float64) for k in ("mean", "m2", "noise"))
+        if mean is None:
+            count, mean, m2, noise = n, mu, q, e
+            continue
+        total = count + n
+        delta = mu - mean
+        mean = mean + delta * (n / total)
+        m2 = m2 + q + delta**2 * (count * n / total)
+        noise = noise + e
+        count = total
+    if mean is None or count < 2:
+        raise UsageError("channel-wise latent statistics need at least two latent values per channel")
+    return mean, np.sqrt(m2 / (count - 1) + noise / count)
 
 
 def finalize(dest: Path, base: dict, num_shards: int, world_size: int) -> dict:
     """Rank 0, once every shard exists: labels.npy and the complete manifest.json."""
-    shards, labels, skipped = [], [], []
+    shards, labels, skipped, moments = [], [], [], []
     for k in range(num_shards):
         side = sidecar_path(dest, k)
         if not side.exists():
@@ -537,9 +655,19 @@ def finalize(dest: Path, base: dict, num_shards: int, world_size: int) -> dict:
         shards.append({"count": info["count"], "files": info["files"], "sha256": info["sha256"]})
         labels += info["labels"]
         skipped += info["skipped"]
+        moments.append(info.get("moments"))
     labels_sha = save_npy(dest / "labels.npy", np.asarray(labels, dtype=np.int64))
     manifest = {**base, "complete": True, "num_images": len(labels), "labels": "labels.npy",
                 "labels_sha256": labels_sha, "shards": shards, "skipped": skipped}
+    norm = dict(base["normalization"])
+    if norm["type"] == "channelwise":
+        if norm["stats"] == "compute":
+            if None in moments:
+                raise UsageError(f"a shard sidecar in {dest} predates the latent statistics; rerun with --overwrite")
+            mean, std = merge_moments(moments)
+            norm.update(mean=mean.tolist(), std=std.tolist(), count=sum(m["count"] for m in moments))
+        mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
+        manifest.update(normalization=norm, scale=(norm["multiplier"] / std).tolist(), shift=(-mean).tolist())
     save_json(dest / "manifest.json", manifest)
     for p in dest.glob("*.tmp"):  # leftovers of a killed run whose shard has been rewritten since
         if OUR_FILES.match(p.name):
@@ -549,6 +677,7 @@ def finalize(dest: Path, base: dict, num_shards: int, world_size: int) -> dict:
 
 def _launch_problem(device: str | None) -> str | None:
     """common.gpu_launch_problem (the repository root is on sys.path when run as a file or with -m)."""
+    _repository_on_path()
     from common import gpu_launch_problem
 
     return gpu_launch_problem(device)

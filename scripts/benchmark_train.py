@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli  # noqa: E402
 from alignment import build_methods  # noqa: E402
-from cli import MODEL_NAMES  # noqa: E402
 from common import model_from_args  # noqa: E402
 from loss import LossConfig, training_loss  # noqa: E402
+from models import MODEL_NAMES, model_config, model_family  # noqa: E402
 from models.encoders import FrozenEncoder  # noqa: E402
 from training.loop import update_ema  # noqa: E402
 
@@ -41,6 +41,7 @@ from training.loop import update_ema  # noqa: E402
 PAPER_TABLE4 = {"none": (0, 0, 8.1, 114.46, 18.05), "repa": (303, 8, 5.4, 194.50, 29.03),
                 "sra": (481, 2, 5.1, 197.57, 30.90), "vae-repa": (0, 18, 7.2, 118.55, 19.20)}
 TABLE4_SETS = ["none", "repa", "sra", "vae-repa", "repa,vae-repa"]
+VAVAE_MODELS = ["SiT-XL/2", "LightningDiT-XL/1"]  # Table 2's VAVAE rows beside the SD-VAE model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,12 +52,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--table4", action="store_true",
                    help=f"the paper's Table 4: SiT-XL/2, sets {' '.join(TABLE4_SETS)}, batch 32 per GPU, REPA with "
                         "DINOv2 ViT-L; prints the paper's figures beside ours")
+    p.add_argument("--vavae-rows", action="store_true",
+                   help=f"Table 2's VAVAE rows: {' and '.join(VAVAE_MODELS)} (on VA-VAE latents, with LightningDiT's "
+                        "objective), each vanilla and with VAE-REPA, batch 32 per GPU")
     p.add_argument("--enc-type", default="dinov2-vit-b", help="REPA's encoder (Table 4: dinov2-vit-l)")
     p.add_argument("--enc-weights", default=None, help="REPA's encoder weights file (default: random weights)")
     p.add_argument("--batch-size", type=int, default=256, help="per-GPU batch size")
     p.add_argument("--steps", type=int, default=100, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--latent-size", type=int, default=32, help="latent side (32 for 256 px with SD-VAE)")
+    p.add_argument("--latent-size", type=int, default=32,
+                   help="SD-VAE latent side (32 for 256 px); models at patch 1 get VA-VAE latents of the same images "
+                        "(32 channels, half the side)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--depth", type=int, default=None, help="override depth (tiny CPU smoke runs)")
@@ -68,14 +74,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.models, args.align, args.enc_type = ["SiT-XL/2"], TABLE4_SETS, "dinov2-vit-l"
         if "--batch-size" not in (argv if argv is not None else sys.argv[1:]):
             args.batch_size = 32  # the paper's 8 x 32 share of batch 256: SiT-XL/2 at 256 does not fit one GPU
+    if args.vavae_rows:
+        args.models, args.align = VAVAE_MODELS, ["none", "vae-repa"]
+        if "--batch-size" not in (argv if argv is not None else sys.argv[1:]):
+            args.batch_size = 32
     return args
+
+
+def latent_shape(name: str, args) -> list[int]:
+    """SD-VAE latents (4 x side x side), or VA-VAE's of the same images (32 x side/2 x side/2) for patch-1 models."""
+    if model_config(name)["patch_size"] == 1:
+        return [32, args.latent_size // 2, args.latent_size // 2]
+    return [4, args.latent_size, args.latent_size]
+
+
+def loss_config(name: str) -> LossConfig:
+    """Each family's own objective: LightningDiT's logit-normal time and velocity cosine term, SiT's defaults."""
+    if model_family(name) == "LightningDiT":
+        return LossConfig(weighting="logit-normal", cos_coeff=1.0)
+    return LossConfig()
 
 
 def build(name: str, align: str, args, device: torch.device):
     """Model, EMA and the methods, set up as train.py does (REPA's encoder random unless --enc-weights)."""
     names = [] if align == "none" else align.split(",")
     run_args = dict(model=name, depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
-                    num_classes=1000, latent_shape=[4, args.latent_size, args.latent_size], align=names,
+                    num_classes=1000, latent_shape=latent_shape(name, args), align=names,
                     enc_type=args.enc_type, enc_weights=args.enc_weights)
     if args.depth is not None:  # a shrunk model: keep every method's block inside it
         run_args.update(encoder_depth=min(8, args.depth), vae_repa_depth=min(2, args.depth),
@@ -110,9 +134,9 @@ def time_config(name: str, align: str, args, device: torch.device) -> dict:
     model, ema, methods = build(name, align, args, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
     net = torch.compile(model) if args.compile else model
-    config = LossConfig()
+    config = loss_config(name)
     b = args.batch_size
-    x = torch.randn(b, 4, args.latent_size, args.latent_size, device=device)
+    x = torch.randn(b, *latent_shape(name, args), device=device)
     y = torch.randint(0, 1000, (b,), device=device)
     needs = set().union(*(m.needs for m in methods))
     inputs = {"epoch": 0}
@@ -170,13 +194,13 @@ def time_config(name: str, align: str, args, device: torch.device) -> dict:
 
 def table(results: list[dict], with_paper: bool) -> str:
     base = {r["model"]: r for r in results if r["align"] == "none"}
-    lines = [f"{'model':9s} {'methods':14s} {'EFP (M)':>13s} {'img/s/GPU':>10s} {'it/s 8x256*':>11s} "
+    lines = [f"{'model':17s} {'methods':14s} {'EFP (M)':>13s} {'img/s/GPU':>10s} {'it/s 8x256*':>11s} "
              f"{'GMAC/img':>9s} {'fwd+bwd GFLOP':>13s} {'latency ms':>10s}" + ("   paper: EFP, it/s, GFLOPs, ms"
                                                                                if with_paper else "")]
     for r in results:
         ref = base.get(r["model"])
         rel = (f" ({100 * (r['images_per_s'] / ref['images_per_s'] - 1):+.0f}%)" if ref and r is not ref else "")
-        line = (f"{r['model']:9s} {r['align']:14s} {r['external_params_m']:6.0f} + {r['head_params_m']:4.1f} "
+        line = (f"{r['model']:17s} {r['align']:14s} {r['external_params_m']:6.0f} + {r['head_params_m']:4.1f} "
                 f"{r['images_per_s']:10.1f} {r['derived_iters_per_s_batch256_8gpus']:11.2f}{rel:7s} "
                 f"{r['forward_gmacs_per_image']:9.2f} {r['train_gflops_per_image']:13.1f} "
                 f"{r['forward_latency_ms']:10.1f}")

@@ -44,7 +44,7 @@ if __name__ == "__main__":
 
 from checkpoints import load_checkpoint, write_safetensors  # noqa: E402
 from common import CHECKPOINT_FORMAT, UsageError, atomic_save, list_checkpoints  # noqa: E402
-from models.sit import model_config  # noqa: E402
+from models.registry import model_config  # noqa: E402
 
 
 def resolve(path: Path) -> Path:
@@ -66,6 +66,9 @@ def repa_layout(checkpoint: dict) -> dict:
     if channels != 4:
         raise UsageError(f"--format repa: REPA's layout describes SD-VAE latents (4 channels), this run has "
                          f"{channels}; use --format safetensors")
+    if not args["model"].startswith("SiT-"):
+        raise UsageError(f"--format repa: REPA's layout holds a SiT, this run trained {args['model']}; use --format "
+                         "safetensors")
     registry = model_config(args["model"])
     custom = [k for k in ("depth", "hidden_size", "num_heads") if args.get(k) not in (None, registry[k])]
     if custom:

@@ -57,3 +57,23 @@ def test_table4_preset_is_the_paper_s_setting():
     args = bench.parse_args(["--table4"])
     assert (args.models, args.align, args.enc_type, args.batch_size) == (
         ["SiT-XL/2"], ["none", "repa", "sra", "vae-repa", "repa,vae-repa"], "dinov2-vit-l", 32)
+
+
+def test_vavae_rows_time_lightningdit_on_vavae_latents_with_its_objective(tmp_path):
+    """--vavae-rows: LightningDiT-XL/1 on 32-channel latents of half the side, beside SiT-XL/2; a tiny LightningDiT's
+    forward multiply-accumulates against the closed form of its layers (SwiGLU width int(2/3 * 4d))."""
+    bench = load_script("benchmark_train")
+    args = bench.parse_args(["--vavae-rows"])
+    assert (args.models, args.align, args.batch_size) == (["SiT-XL/2", "LightningDiT-XL/1"], ["none", "vae-repa"], 32)
+    assert bench.latent_shape("LightningDiT-XL/1", args) == [32, 16, 16]
+    assert bench.latent_shape("SiT-XL/2", args) == [4, 32, 32]
+    assert bench.loss_config("LightningDiT-XL/1").cos_coeff == 1.0
+    out = tmp_path / "bench.json"
+    assert bench.main(["--models", "LightningDiT-B/1", "--align", "none", "--depth", "2", "--hidden-size", "32",
+                       "--num-heads", "2", "--latent-size", "8", "--batch-size", "2", "--steps", "1", "--warmup",
+                       "0", "--precision", "fp32", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    t, d, c, h, depth = 16, 32, 32, int(2 / 3 * 4 * 32), 2  # 4 x 4 tokens of 32 channels at patch 1
+    block = 6 * d * d + t * (3 * d * d + d * d + 2 * h * d + h * d) + 2 * t * t * d
+    expected = t * c * d + 256 * d + d * d + depth * block + 2 * d * d + t * d * c
+    assert row["forward_gmacs_per_image"] * 1e9 == pytest.approx(expected, rel=1e-9)

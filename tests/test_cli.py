@@ -94,13 +94,15 @@ def test_help_style():
 def test_choices_match_the_modules_that_implement_them():
     """cli.py holds the choices without importing torch; they must be what the models and losses accept."""
     import models
-    from loss import LOGNORMAL_PARAMS
+    from loss import sample_time
 
-    assert cli.MODEL_NAMES == list(models.MODEL_NAMES)
-    assert set(cli.WEIGHTINGS) == {"uniform", *LOGNORMAL_PARAMS}
-    from models.sit import SIZES
+    assert cli.MODEL_NAMES == list(models.MODEL_NAMES) and "SiT-XL/2" in cli.MODEL_NAMES
+    for weighting in cli.WEIGHTINGS:  # every choice the flag offers is one the loss implements
+        t = sample_time(64, weighting)
+        assert t.shape == (64,) and bool(((t >= 0) & (t <= 1)).all()), weighting
+    from models.registry import FAMILIES
 
-    assert set(cli.SRA_DEFAULT_BLOCKS) == set(SIZES)
+    assert set(cli.SRA_DEFAULT_BLOCKS) >= {size for sizes, _ in FAMILIES.values() for size in sizes}
 
 
 def test_train_usage_errors_answer_before_torch():

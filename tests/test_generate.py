@@ -287,7 +287,8 @@ def test_help_documents_every_flag_without_a_gpu():
              "--num-steps", "--heun", "--cfg-scale", "--guidance-low", "--guidance-high", "--path-type",
              "--num-fid-samples", "--label-sampling", "--global-seed", "--per-proc-batch-size", "--sample-dir",
              "--precision", "--device", "--trust-checkpoint", "--pixel-rounding",
-             "--encoder-depth", "--projector-embed-dims", "--tf32", "--fused-attn", "--legacy"]
+             "--encoder-depth", "--projector-embed-dims", "--tf32", "--fused-attn", "--legacy", "--latent-stats",
+             "--time-shift"]
     for flag in flags:
         assert f"  {flag}" in proc.stdout, flag
     assert "i % num_classes" in proc.stdout.replace("\n", " ")

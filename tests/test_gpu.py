@@ -1,4 +1,5 @@
-"""CUDA code paths: bf16 training steps of the real SiT-B/2 and XL/2 (eager and compiled), exact resume under
+"""CUDA code paths: bf16 training steps of the real SiT-B/2 and XL/2 (eager and compiled) and of LightningDiT-XL/1 on
+VA-VAE-shaped latents, exact resume under
 --deterministic, generate.py per sample on CUDA, SD-VAE-sized preprocessing in bf16, the evaluator on CUDA against
 the CPU, and launches with more processes than GPUs or with --device cpu beside a GPU.
 
@@ -101,6 +102,22 @@ def test_sit_xl2_bf16_steps(tmp_path, record_property):
     moved = any(not torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["model"])
     assert moved  # the optimizer stepped (EMA lags behind)
     report(record_property, "xl2_max_memory_gb_batch16", log[2]["max_memory_gb"])
+
+
+@pytest.mark.parametrize("align", ["none", "vae-repa"])
+def test_lightningdit_xl1_bf16_steps_on_vavae_latents(tmp_path, record_property, align):
+    """Table 2's VAVAE row on CUDA: LightningDiT-XL/1 on 32 x 16 x 16 latents with its objective, with and without
+    VAE-REPA (a head of 32 values per token after block 8)."""
+    data = latent_dataset(tmp_path / "data", shape=(32, 16, 16))
+    train_cli(tmp_path, "--model", "LightningDiT-XL/1", "--data-dir", str(data), "--output-dir",
+              str(tmp_path / "runs"), "--exp-name", "ldit", "--align", align, "--weighting", "logit-normal",
+              "--cos-loss-coeff", "1", "--adam-beta2", "0.95", "--batch-size", "16", "--max-train-steps", "2",
+              "--mixed-precision", "bf16", "--device", "cuda")
+    log = logged(tmp_path / "runs/ldit")
+    assert sorted(log) == [1, 2] and all(np.isfinite(list(v.values())).all() for v in log.values())
+    assert log[2]["cos_loss"] > 0 and (align == "none") == ("vae_repa_loss" not in log[2])
+    report(record_property, f"lightningdit_xl1_{align}_images_per_s_step2", log[2]["images_per_s"])
+    report(record_property, f"lightningdit_xl1_{align}_max_memory_gb_batch16", log[2]["max_memory_gb"])
 
 
 RESUME = ["--model", "SiT-B/2", "--depth", "4", "--batch-size", "8", "--mixed-precision", "bf16", "--device", "cuda",

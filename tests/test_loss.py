@@ -191,6 +191,39 @@ def test_lognormal_time_quantiles(path, weighting, mean, std):
     assert torch.allclose(torch.quantile(t, probs), expected, atol=4e-3)
 
 
+def test_logit_normal_time_quantiles():
+    """LightningDiT's use_lognorm: t = sigmoid(n), n ~ N(0, 1); the same law on either path."""
+    n = 200_000
+    probs = torch.tensor([0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99], dtype=torch.float64)
+    expected = 1 / (1 + torch.exp(-torch.distributions.Normal(0.0, 1.0).icdf(probs).double()))
+    for path in ("linear", "cosine"):
+        t = sample_time(n, "logit-normal", path, generator=torch.Generator().manual_seed(1)).double()
+        assert torch.allclose(torch.quantile(t, probs), expected, atol=4e-3)
+
+
+def test_cosine_velocity_term_equals_its_formula():
+    """cos_loss = mean over batch and positions of 1 - <v_pred, v> / (|v_pred| |v|), the norms over channels."""
+    x = torch.randn(3, 4, 5, 5)
+    pred = torch.randn(3, 4, 5, 5)
+    y = torch.zeros(3, dtype=torch.long)
+    cfg = LossConfig(cos_coeff=0.5)
+    out = training_loss(lambda *a, **k: (pred, {}), x, y, cfg, 10, generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    t = sample_time(3, "uniform", "linear", "cpu", gen)
+    noise = torch.randn(x.shape, generator=gen)
+    v = noise - x  # the linear path's velocity
+    dot, norms = (pred * v).sum(1), pred.norm(dim=1) * v.norm(dim=1)
+    cos = (1 - dot / norms).mean()
+    mse = ((pred - v) ** 2).mean()
+    assert t.shape == (3,)
+    assert out["cos_loss"].item() == pytest.approx(cos.item(), rel=1e-5)
+    assert out["total"].item() == pytest.approx(mse.item() + 0.5 * cos.item(), rel=1e-5)
+    assert LossConfig(cos_coeff=0.5).terms() == ["total", "denoise", "cos_loss"]
+    assert "cos_loss" not in training_loss(lambda *a, **k: (pred, {}), x, y, LossConfig(), 10)
+    with pytest.raises(ValueError, match="cos_coeff"):
+        LossConfig(cos_coeff=-1.0)
+
+
 def test_config_rejects_unknown_choices():
     for bad in (dict(path_type="vp"), dict(weighting="edm"), dict(weighting="lognormal_edm"), dict(cfg_prob=1.0)):
         with pytest.raises(ValueError):

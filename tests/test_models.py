@@ -51,16 +51,22 @@ def test_head_parameter_count_closed_form():
 
 
 def test_registry_names_and_default_alignment_depth():
-    assert len(MODEL_NAMES) == 12
+    sit = [f"SiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (1, 2, 4, 8)]
+    lightning = [f"LightningDiT-{s}/{p}" for s in ("B", "L", "XL") for p in (1, 2)]
+    assert MODEL_NAMES == sit + lightning
     depths = {}
     for name in MODEL_NAMES:
         with torch.device("meta"):
             m = build_model(name)
+        assert type(m).__name__ == name.split("-")[0]
         depths[name.split("/")[0]] = m.encoder_depth
         assert m.patch_size == int(name.split("/")[1])
-    assert depths == {"SiT-S": 2, "SiT-B": 2, "SiT-L": 8, "SiT-XL": 8}
+    assert depths == {"SiT-S": 2, "SiT-B": 2, "SiT-L": 8, "SiT-XL": 8, "LightningDiT-B": 2, "LightningDiT-L": 8,
+                      "LightningDiT-XL": 8}
     with pytest.raises(ValueError, match="unknown model"):
         build_model("SiT-XXL/2")
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("LightningDiT-S/2")
 
 
 @pytest.mark.parametrize("channels, size, patch", [(4, 8, 2), (16, 8, 4), (3, 16, 8)])

@@ -19,7 +19,7 @@ from latent_codecs import (
     save_latent_stats,
     vavae_state_dict,
 )
-from latent_codecs.vavae import VAVAE_F16D32, build_vavae
+from latent_codecs.vavae import VAVAE_F16D32, build_vavae, infer_ldm_config
 
 SMALL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,), z_channels=8, resolution=64)
 
@@ -196,3 +196,16 @@ def test_latent_stats_file_and_normalisation(tmp_path):
         read_latent_stats(tmp_path / "bad.pt")
     with pytest.raises(FileNotFoundError, match="latents_stats.pt"):
         read_latent_stats(tmp_path / "none.pt")
+
+
+def test_architecture_is_read_off_the_weights(tmp_path, small_ldm_weights):
+    """The full VA-VAE's ddconfig from its own (meta) weights, and a small one's, which then loads without config."""
+    with torch.device("meta"):
+        full = diffusers_to_ldm(build_vavae().state_dict())
+    assert infer_ldm_config(full) == {**VAVAE_F16D32, "ch_mult": (1, 1, 2, 2, 4), "attn_resolutions": (16,)}
+    assert infer_ldm_config(small_ldm_weights, resolution=64) == {**SMALL, "attn_resolutions": (16,)}
+    torch.save(small_ldm_weights, tmp_path / "small.pt")
+    vae = load_vavae(tmp_path / "small.pt")
+    assert vae.config.latent_channels == SMALL["z_channels"]
+    with pytest.raises(KeyError, match="not LDM autoencoder weights"):
+        infer_ldm_config({"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)})

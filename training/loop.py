@@ -298,7 +298,7 @@ def accumulate_gradients(model, null_class: int, data, accelerator, args: argpar
                          methods: list, needs: set, ema: torch.nn.Module) -> tuple[torch.Tensor, int, int]:
     """Forward and backward of one optimizer step's micro-batches (gradients synchronised on the last one only).
 
-    Returns the mean over micro-batches of (total loss, denoising loss, each method's term), and the data epoch and
+    Returns the mean over micro-batches of the loss terms (`loss_config.terms(methods)`), and the data epoch and
     position after them."""
     device, n = accelerator.device, args.gradient_accumulation_steps
     parts = 0
@@ -309,7 +309,7 @@ def accumulate_gradients(model, null_class: int, data, accelerator, args: argpar
         with accelerator.no_sync(model) if micro < n - 1 else contextlib.nullcontext(), accelerator.autocast():
             out = training_loss(model, x, y, loss_config, null_class, methods, **inputs)
             accelerator.backward(out["total"] / n)
-        parts = parts + torch.stack([out["total"].detach(), out["denoise"]] + [out[m.log_name] for m in methods]) / n
+        parts = parts + torch.stack([out[k].detach() for k in loss_config.terms(methods)]) / n
     return parts, epoch, position
 
 
@@ -380,7 +380,8 @@ def train(args: argparse.Namespace):
             set_rng_state(states[rank], device)
         logger.info("resumed from %s at step %d (epoch %d, position %d)", resume_from, step, epoch, position)
 
-    loss_config = LossConfig(path_type=args.path_type, weighting=args.weighting, cfg_prob=args.cfg_prob)
+    loss_config = LossConfig(path_type=args.path_type, weighting=args.weighting, cfg_prob=args.cfg_prob,
+                             cos_coeff=args.cos_loss_coeff)
 
     from dataset import ResumableDistributedSampler
 
@@ -404,7 +405,8 @@ def train(args: argparse.Namespace):
     from tqdm.auto import tqdm
 
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
-    log_names = ["total_loss", "loss"] + [m.log_name for m in methods]  # loss: the denoising loss, as REPA logs it
+    # loss: the denoising loss, as REPA logs it
+    log_names = [{"total": "total_loss", "denoise": "loss"}.get(k, k) for k in loss_config.terms(methods)]
     sums = torch.zeros(len(log_names) + 1, device=device)  # the losses and the grad norm since the last log
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     last_log_time, last_log_step = time.time(), step
