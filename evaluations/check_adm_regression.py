@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from evaluations.data import EvaluationError  # torch is imported from here on
-    from evaluations.evaluator import evaluate, read_reference_stats
+    from evaluations import evaluator  # torch is imported from here on
+    from evaluations.data import EvaluationError
 
     for path, name in ((args.ref, REF_FILE), (args.sample, SAMPLE_FILE)):
         if not Path(path).is_file():
@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     started = time.time()
     try:
-        stored = read_reference_stats(args.ref)
+        stored = evaluator.read_reference_stats(args.ref)
         if stored is None:
             raise EvaluationError(f"{args.ref} holds no mu/sigma/mu_s/sigma_s: not ADM's reference batch")
-        result = evaluate(
+        result = evaluator.evaluate(
             args.ref,
             args.sample,
             inception_weights=args.inception_weights,
