@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_data import make_image_folder
+from PIL import Image
 
 import generate
 import train
@@ -19,8 +20,9 @@ from preprocessing import encode
 
 RES = 32
 # VA-VAE's layout (LDM AutoencoderKL, attention inside the lowest level, 2 res blocks) at a test's size: 3 levels
-# (downsampling 4), 32 base channels, 8 latent channels.
-SMALL = dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=2, attn_resolutions=(8,), z_channels=8, resolution=RES)
+# (downsampling 4), 32 base channels, VA-VAE's 32 latent channels.
+C = 32
+SMALL = dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=2, attn_resolutions=(8,), z_channels=C, resolution=RES)
 
 
 def released_layout(path: Path, seed: int = 0) -> Path:
@@ -59,13 +61,13 @@ def stored(dest: Path, kind: str) -> np.ndarray:
 
 def test_statistics_are_the_moments_of_the_posterior_samples(assets):
     m = json.loads((assets["data"] / "manifest.json").read_text())
-    assert m["latent_shape"] == [8, RES // 4, RES // 4]
+    assert m["latent_shape"] == [C, RES // 4, RES // 4]
     norm = m["normalization"]
     assert norm["type"] == "channelwise" and norm["stats"] == "compute" and norm["multiplier"] == 1.0
     # z = mean + std * eps: E[z] = E[mean], Var[z] = Var[mean] + E[std^2] per channel (numpy, over all images)
     mean, std = stored(assets["data"], "mean").astype(np.float64), stored(assets["data"], "std").astype(np.float64)
     expected_mean = mean.mean(axis=(0, 2, 3))
-    per_channel = mean.transpose(1, 0, 2, 3).reshape(8, -1)
+    per_channel = mean.transpose(1, 0, 2, 3).reshape(C, -1)
     expected_std = np.sqrt(per_channel.var(axis=1, ddof=1) + (std**2).mean(axis=(0, 2, 3)))
     assert np.allclose(norm["mean"], expected_mean, rtol=1e-6, atol=1e-9)
     assert np.allclose(norm["std"], expected_std, rtol=1e-6)
@@ -76,7 +78,7 @@ def test_statistics_are_the_moments_of_the_posterior_samples(assets):
     for epoch in range(60):
         ds.set_epoch(epoch)
         xs += [ds[i]["x"].numpy() for i in range(len(ds))]
-    x = np.stack(xs).transpose(1, 0, 2, 3).reshape(8, -1)
+    x = np.stack(xs).transpose(1, 0, 2, 3).reshape(C, -1)
     assert np.abs(x.mean(axis=1)).max() < 0.05 and np.abs(x.std(axis=1) - 1).max() < 0.05
 
 
@@ -96,7 +98,7 @@ def test_decoding_inverts_the_datasets_normalisation(assets):
 
 
 def test_released_statistics_are_used_and_checked(assets, tmp_path):
-    mean, std = torch.randn(1, 8, 1, 1), torch.rand(1, 8, 1, 1) + 0.5
+    mean, std = torch.randn(1, C, 1, 1), torch.rand(1, C, 1, 1) + 0.5
     vae = tmp_path / "release" / "vavae.pt"
     vae.parent.mkdir()
     vae.write_bytes(assets["vae"].read_bytes())
@@ -125,7 +127,7 @@ def test_lightningdit_with_vae_repa_trains_and_samples_through_the_clis(assets, 
     model, _ = train.train(args)
     assert type(model).__name__ == "LightningDiT"
     last = [m for m in model.vae_projector.modules() if isinstance(m, torch.nn.Linear)][-1]
-    assert last.out_features == 8  # the VAE-REPA target: 8 channels x 1 x 1 per token at patch 1
+    assert last.out_features == C  # the VAE-REPA target: C channels x 1 x 1 per token at patch 1
     run = out / "ldit"
     log = (run / "log.txt").read_text()
     assert "cos_loss" in log and "vae_repa_loss" in log
@@ -156,7 +158,7 @@ def test_a_checkpoint_and_a_dataset_of_another_tokenizer_do_not_mix(assets, tmp_
             "--sampling-steps", "0", "--device", "cpu"]
     assert train.main(["--data-dir", str(assets["data"]), *base]) == 0
     assert train.main(["--data-dir", str(sd_like), *base, "--max-train-steps", "2", "--resume", "latest"]) == 2
-    assert "latent_shape: checkpoint [8, 8, 8] vs now [4, 8, 8]" in capsys.readouterr().err
+    assert "latent_shape: checkpoint [32, 8, 8] vs now [4, 8, 8]" in capsys.readouterr().err
 
 
 def test_lightningdits_released_layout_samples_with_its_vae_and_statistics(assets, tmp_path, monkeypatch, capsys):
@@ -165,7 +167,7 @@ def test_lightningdits_released_layout_samples_with_its_vae_and_statistics(asset
     from models import build_model, registry
 
     monkeypatch.setitem(registry.FAMILIES["LightningDiT"][0], "B", (2, 64, 2, 1))  # a test-sized "B"
-    net = build_model("LightningDiT-B/1", input_size=RES // 4, in_channels=8, num_classes=3)
+    net = build_model("LightningDiT-B/1", input_size=RES // 4, in_channels=C, num_classes=3)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in net.parameters():
@@ -182,11 +184,49 @@ def test_lightningdits_released_layout_samples_with_its_vae_and_statistics(asset
     assert "pass --vae" in capsys.readouterr().err
     assert generate.main([*flags, "--vae", str(vae)]) == 2  # no latents_stats.pt beside it yet
     assert "latents_stats.pt" in capsys.readouterr().err
-    mean, std = torch.randn(1, 8, 1, 1), torch.rand(1, 8, 1, 1) + 0.5
+    mean, std = torch.randn(1, C, 1, 1), torch.rand(1, C, 1, 1) + 0.5
     save_latent_stats(vae.parent / "latents_stats.pt", mean, std)
     assert generate.main([*flags, "--vae", str(vae)]) == 0
     config = json.loads(next((tmp_path / "s").glob("*/config.json")).read_text())["config"]
-    assert config["arch"]["latent_shape"] == [8, RES // 4, RES // 4]
+    assert config["arch"]["latent_shape"] == [C, RES // 4, RES // 4]
     assert np.allclose(config["latent_scale"], 1 / std.flatten().numpy(), rtol=1e-6)
     assert np.allclose(config["latent_shift"], -mean.flatten().numpy(), rtol=1e-6)
     assert np.load(next((tmp_path / "s").glob("*.npz")))["arr_0"].shape == (2, RES, RES, 3)
+
+
+def test_full_size_vavae_encodes_and_decodes_through_the_clis(tmp_path):
+    """VA-VAE's real architecture (random weights, the released file's layout): two 256 px images through
+    preprocessing.encode (32 x 16 x 16 latents), then generate.py decoding a LightningDiT's sample to 256 px with
+    the tokenizer the checkpoint's data recorded. About 20 s on 2 CPU cores."""
+    from helpers_generate import random_state
+
+    from common import CHECKPOINT_FORMAT, atomic_save
+
+    torch.manual_seed(0)
+    vae = build_vavae()
+    weights = tmp_path / "vae" / "vavae-imagenet256-f16d32-dinov2.pt"
+    weights.parent.mkdir()
+    torch.save({"state_dict": {k: v.half() for k, v in diffusers_to_ldm(vae.state_dict()).items()}}, weights)
+    del vae
+    src = tmp_path / "src"
+    for i, name in enumerate(("a", "b")):
+        (src / name).mkdir(parents=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (300, 260, 3), dtype=np.uint8)).save(
+            src / name / "x.png")
+    data = tmp_path / "data"
+    assert encode.main(["--source", str(src), "--dest", str(data), "--vae", str(weights), "--num-workers", "0"]) == 0
+    m = json.loads((data / "manifest.json").read_text())
+    assert m["latent_shape"] == [32, 16, 16] and m["normalization"]["type"] == "channelwise"
+    assert len(m["scale"]) == 32 and stored(data, "mean").shape == (2, 32, 16, 16)
+
+    args = dict(model="LightningDiT-B/1", depth=1, hidden_size=32, num_heads=2, qk_norm=False, num_classes=2,
+                latent_shape=m["latent_shape"], align=[], vae=m["vae"], latent_scale=m["scale"],
+                latent_shift=m["shift"], path_type="linear")
+    state = random_state(args, seed=0)
+    ckpt = tmp_path / "run" / "checkpoints" / "0000001.pt"
+    atomic_save({"format": CHECKPOINT_FORMAT, "model": state, "ema": state, "opt": {}, "step": 1, "args": args,
+                 "rng": None, "data": None}, ckpt)
+    assert generate.main(["--ckpt", str(ckpt), "--sample-dir", str(tmp_path / "s"), "--device", "cpu",
+                          "--num-fid-samples", "1", "--per-proc-batch-size", "1", "--num-steps", "1",
+                          "--mode", "ode"]) == 0
+    assert np.load(next((tmp_path / "s").glob("*.npz")))["arr_0"].shape == (1, 256, 256, 3)
