@@ -388,3 +388,15 @@ def test_repa_s_projector_flags_are_checked_not_rejected(assets, tmp_path, capsy
     assert rc == 0 and "--encoder-depth 4: checkpoint" in out and "after block 8" in out
     assert "--projector-embed-dims 768,1024" in out and "widths 768;" in out
     np.testing.assert_array_equal(arr_0(other), arr_0(npz))
+
+
+def test_repa_s_fused_attn_and_tf32_flags_say_what_they_do(assets, tmp_path, capsys):
+    """REPA's --fused-attn / --no-fused-attn and --tf32 are accepted; on the CPU neither changes the images, and a
+    note says so (no silent reinterpretation)."""
+    quick = ["--num-fid-samples", "2", "--num-steps", "2"]
+    rc, _, plain = sample(assets["ckpt"], tmp_path / "a", *quick)
+    capsys.readouterr()
+    rc, _, flagged = sample(assets["ckpt"], tmp_path / "b", *quick, "--no-fused-attn", "--tf32")
+    out = capsys.readouterr().out
+    assert rc == 0 and "--no-fused-attn changes nothing" in out and "--tf32 changes nothing on the CPU" in out
+    np.testing.assert_array_equal(arr_0(flagged), arr_0(plain))
