@@ -1,4 +1,5 @@
-# Entry points: `make quickstart`, `make test`, `make test-gpu`. Each creates (or reuses) $(VENV) from requirements.txt,
+# Entry points: `make quickstart`, `make test`, `make test-gpu`. Each creates (or reuses) $(VENV) from requirements.txt
+# (this repository, editable, with every extra of pyproject.toml),
 # pinned to the tested versions in constraints/py<major.minor>.txt when that file exists for $(PYTHON)'s version.
 # `make test CONSTRAINTS=` installs the newest releases requirements.txt allows instead; `make test PYTHON=python3.12
 # VENV=.venv-py3.12` uses another Python.
@@ -10,7 +11,7 @@ CONSTRAINTS ?= $(wildcard constraints/py$(PYVER).txt)
 
 .PHONY: quickstart test test-gpu lint constraints
 
-$(VENV)/.installed: requirements.txt $(CONSTRAINTS)
+$(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
 	@test -n "$(PYVER)" || { echo "error: PYTHON=$(PYTHON) does not run"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade --quiet pip

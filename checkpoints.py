@@ -22,15 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from cli import TRUST_FLAG, TRUST_HELP  # noqa: F401  (defined without torch, for the command lines)
 from common import CHECKPOINT_FORMAT, atomic_save
 from integrity import checksum_path, verify_file
 
 logger = logging.getLogger(__name__)
 
-TRUST_FLAG = "--trust-checkpoint"
-TRUST_HELP = ("also open a checkpoint that holds Python objects other than tensors and plain values (refused by "
-              "default). Reading such an object RUNS CODE FROM THE FILE, as the person who made it chose: pass this "
-              "only for a file whose origin you trust")
 
 _reconstruct = np.zeros(0).__reduce__()[0]  # numpy's ndarray rebuilder (numpy._core in numpy 2, numpy.core before)
 # The allowlist, as `(object, name in the pickle)`: numpy 1 and numpy 2 pickle the rebuilder under different modules.

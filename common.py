@@ -11,6 +11,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from cli import PIXEL_ROUNDINGS  # noqa: F401  (imported from here by older code)
 from integrity import atomic_write
 from models import build_model, model_config
 
@@ -120,7 +121,7 @@ def load_vae(name: str) -> torch.nn.Module:
 # How decoder output x in [-1, 1] becomes 8-bit pixels (the metrics are computed on these bytes).
 # "repa": uint8(clamp(255 (x + 1) / 2)) = floor(127.5 x + 127.5), REPA's generate.py and so the paper's protocol;
 # "dit": uint8(clamp(127.5 x + 128)), DiT's and SiT's sample_ddp.py: about half of all pixels one level brighter.
-PIXEL_ROUNDINGS = ("repa", "dit")
+# (PIXEL_ROUNDINGS, the names, live in cli.py so that generate.py's flags need no torch.)
 
 
 def to_uint8(images: torch.Tensor, rounding: str = "repa") -> torch.Tensor:

@@ -28,30 +28,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from PIL import Image
-from tqdm import tqdm
-
-import samplers
-from checkpoints import TRUST_FLAG, TRUST_HELP, load_checkpoint
-from common import (
-    PIXEL_ROUNDINGS,
-    UsageError,
-    decode_latents,
-    gpu_launch_problem,
-    list_checkpoints,
-    load_vae,
-    model_from_args,
-    sampling_weights,
-    to_uint8,
-)
-from evaluations.data import NpzImageWriter
-from integrity import atomic_write, remove_stale_temps
-from loss import PATH_TYPES
-from models import MODEL_NAMES, model_family
-from models.sit import SiT
+import cli
+from cli import MODEL_NAMES, PATH_TYPES, PIXEL_ROUNDINGS, TRUST_FLAG, TRUST_HELP
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 REPA_LATENT_SCALE, REPA_LATENT_SHIFT = 0.18215, 0.0  # REPA's SD-VAE latents: x = 0.18215 * z
@@ -60,15 +38,9 @@ CONFIG_NAME = "config.json"
 PNG_NAME = re.compile(r"^\d{6}\.png$")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it is None / False (those flags describe their default themselves)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
+    """The command line (no torch import: `--help` and usage errors answer at once)."""
+    p = cli.parser(__doc__)
     g = p.add_argument_group("checkpoint")
     g.add_argument("--ckpt", required=True,
                    help="checkpoint file (ours, REPA's, or a .safetensors export of EMA weights), or a run directory: "
@@ -105,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=("sde", "ode"), default="sde",
                    help="sde: REPA's Euler-Maruyama sampler; ode: Euler (or Heun) probability-flow ODE")
     g.add_argument("--num-steps", type=int, default=250, help="number of sampler steps")
-    g.add_argument("--heun", action="store_true", help="ODE only: Heun's second-order corrector")
+    g.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False,
+                   help="ODE only: Heun's second-order corrector")
     g.add_argument("--time-shift", type=float, default=1.0,
                    help="ODE only: timestep shift of the grid, t' = s t / (1 + (s - 1) t) (1: uniform; > 1: more "
                         "steps near the noise). LightningDiT's timestep_shift a is 1/a here (its 0.3: 3.33)")
@@ -138,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp32 either way); auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", default=None,
                    help="cuda or cpu (default: cuda when available); under torchrun each process takes cuda:LOCAL_RANK")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
+                   help="REPA's flag: TF32 matmuls on CUDA (faster, less precise; on in REPA by default, off here so "
+                        "that fp32 sampling is fp32). Recorded in the folder name and config.json")
+
+    g = p.add_argument_group("REPA's other flags")
+    g.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=None,
+                   help="accepted: attention always runs as F.scaled_dot_product_attention here, the same sums, so it "
+                        "changes nothing (a note says so)")
+    g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
+                   help="REPA's conversion of its pre-release checkpoints: not supported (refused with a message)")
     return p
 
 
@@ -146,6 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_fid_samples < 1 or args.per_proc_batch_size < 1 or args.num_steps < 1:
         p.error("--num-fid-samples, --per-proc-batch-size and --num-steps must be positive")
+    if args.legacy:
+        p.error("--legacy converts REPA's pre-release checkpoint layout, which this generate.py does not read; load "
+                "the file with REPA's utils.load_legacy_checkpoints, save its state dict as {'ema': ...}, and pass "
+                "that file (without --legacy)")
     if args.global_seed < 0:
         p.error("--global-seed must be non-negative")
     if args.cfg_scale < 1.0:
@@ -159,14 +146,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_classes is not None and args.num_classes < 1:
         p.error("--num-classes must be positive")
     if args.device is not None:
-        try:
-            kind = torch.device(args.device).type
-        except RuntimeError:
-            kind = None
-        if kind not in ("cuda", "cpu"):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
             p.error(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
     return args
 
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before torch is imported (main parses again: cheap)
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import samplers
+from checkpoints import load_checkpoint
+from common import (
+    UsageError,
+    decode_latents,
+    gpu_launch_problem,
+    list_checkpoints,
+    load_vae,
+    model_from_args,
+    sampling_weights,
+    to_uint8,
+)
+from evaluations.data import NpzImageWriter
+from integrity import atomic_write, remove_stale_temps
+from models import model_family
+from models.sit import SiT
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoint -> model
@@ -543,7 +552,7 @@ def sample_batch(model: SiT, vae: torch.nn.Module, indices: list[int], args: arg
     y = sample_labels(indices, model.num_classes, args.label_sampling, args.global_seed).to(device)
     kwargs = dict(model=model, latents=z, y=y, num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
                   guidance_low=args.guidance_low, guidance_high=args.guidance_high, path_type=info["path_type"])
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
         if args.mode == "ode":
             x = samplers.euler_sampler(**kwargs, time_shift=args.time_shift)
         else:
@@ -571,6 +580,14 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if args.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # REPA's --tf32
+        precision += "-tf32"  # in the folder name and config.json: the images differ
+    elif args.tf32:
+        log("note: --tf32 changes nothing on the CPU")
+    if args.fused_attn is not None:
+        log(f"note: --{'' if args.fused_attn else 'no-'}fused-attn changes nothing here: attention always runs as "
+            "F.scaled_dot_product_attention")
     ckpt = resolve_checkpoint(args.ckpt)
     model, info = load_model(args, ckpt)
     for note in info["notes"]:

@@ -12,12 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-PATH_TYPES = ("linear", "cosine")
-# "lognormal" is REPA's: sigma = exp(N(0, 1)); "lognormal-edm" is EDM's sigma = exp(N(-1.2, 1.2^2));
-# "logit-normal" is LightningDiT's (and SD3's): t = sigmoid(N(0, 1)).
-WEIGHTINGS = ("uniform", "lognormal", "lognormal-edm", "logit-normal")
-LOGNORMAL_PARAMS = {"lognormal": (0.0, 1.0), "lognormal-edm": (-1.2, 1.2)}  # (mean, std) of log sigma
-ALIGN_OBJECTIVES = ("smooth_l1", "l1", "l2", "cosine")
+from cli import ALIGN_OBJECTIVES, PATH_TYPES, WEIGHTINGS  # the flags' choices, importable without torch
+
+LOGNORMAL_PARAMS = {"lognormal": (0.0, 1.0), "lognormal-edm": (-1.2, 1.2)}  # (mean, std) of log sigma (WEIGHTINGS)
 
 
 def interpolant(t: torch.Tensor, path_type: str = "linear") -> tuple[torch.Tensor, ...]:

@@ -1,4 +1,4 @@
-"""Train SiT on pre-extracted VAE latents, vanilla or with alignment methods (VAE-REPA, REPA, SRA, or a set of
+r"""Train SiT on pre-extracted VAE latents, vanilla or with alignment methods (VAE-REPA, REPA, SRA, or a set of
 them); one or many GPUs, or the CPU.
 
     accelerate launch --multi_gpu --num_processes 8 train.py --model SiT-XL/2 --data-dir data/imagenet256
@@ -14,23 +14,36 @@ import os
 import sys
 from pathlib import Path
 
-import alignment
-from checkpoints import TRUST_FLAG, TRUST_HELP
-from common import UsageError
-from loss import PATH_TYPES, WEIGHTINGS
-from models import MODEL_NAMES
-from training import guard
-from training.loop import train
+import alignment  # declares the methods' flags without importing torch
+import cli
+from cli import MODEL_NAMES, PATH_TYPES, TRUST_FLAG, TRUST_HELP, WEIGHTINGS
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def __getattr__(name: str):
+    """`train.train` and `train.UsageError`, imported on first use (they import torch)."""
+    if name == "train":
+        from training.loop import train
+        return train
+    if name == "UsageError":
+        from common import UsageError
+        return UsageError
+    raise AttributeError(f"module 'train' has no attribute {name!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (no torch import: `--help` and usage errors answer at once)."""
+    p = cli.parser(__doc__)
     g = p.add_argument_group("run")
     g.add_argument("--data-dir", required=True, help="latent dataset folder (preprocessing/ output or REPA's layout)")
-    g.add_argument("--output-dir", default="runs", help="parent folder of run directories")
-    g.add_argument("--exp-name", default=None, help="run directory name (default: <model>-<vae-repa|vanilla>)")
+    g.add_argument("--output-dir", "--output_dir", dest="output_dir", default="runs",
+                   help="parent folder of run directories")
+    g.add_argument("--exp-name", "--exp_name", dest="exp_name", default=None,
+                   help="run directory name (default: <model>-<methods, or vanilla>)")
     g.add_argument("--resume", default=None,
                    help="'latest' to continue the run in <output-dir>/<exp-name>, or a checkpoint path")
+    g.add_argument("--resume-step", type=int, default=0,
+                   help="REPA's flag: continue the run in <output-dir>/<exp-name> from its checkpoint of this step "
+                        "(checkpoints/NNNNNNN.pt); 0 starts a new run. The same as --resume with that file")
     g.add_argument(TRUST_FLAG, action="store_true", help=f"--resume: {TRUST_HELP}")
     g.add_argument("--seed", type=int, default=0, help="global seed (model init, data order, noise)")
     g.add_argument("--report-to", choices=("none", "wandb", "tensorboard"), default="none",
@@ -50,7 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--depth", type=int, default=None, help="override the number of blocks (small experiments)")
     g.add_argument("--hidden-size", type=int, default=None, help="override the hidden size (small experiments)")
     g.add_argument("--num-heads", type=int, default=None, help="override the attention heads (small experiments)")
-    g.add_argument("--qk-norm", action="store_true", help="LayerNorm on queries and keys")
+    g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="LayerNorm on queries and keys")
+    g.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=None,
+                   help="REPA's flag; here attention always runs as F.scaled_dot_product_attention (fused kernels "
+                        "where available, the math kernel under --deterministic), so it changes nothing (a note)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     g = p.add_argument_group("objective")
@@ -66,9 +83,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout probability for CFG")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch size (all GPUs, all accumulation steps)")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="images per micro-batch over all processes, as in REPA: each process takes batch-size / "
+                        "processes; with accumulation an optimizer step sees batch-size x accumulation steps images")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                   help="micro-batches per optimizer step (multiplies the batch, as in REPA)")
     g.add_argument("--max-train-steps", type=int, default=400000, help="optimizer steps to train for")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="REPA's flag: also stop after this many passes over the data, whichever of it and "
+                        "--max-train-steps comes first (default: no limit in epochs; REPA's is 1400, which "
+                        "--max-train-steps reaches first on ImageNet)")
     g.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW learning rate (constant)")
     g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
@@ -77,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: off)")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per optimizer step")
     g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16", help="autocast precision")
-    g.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="TF32 matmuls on Ampere and newer GPUs")
+    g.add_argument("--allow-tf32", "--tf32", dest="allow_tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls on Ampere and newer GPUs (--tf32 is REPA's spelling)")
     g.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="where to train (default: cuda when a GPU is visible, else cpu); each process takes the GPU "
                         "of its local rank, and several processes on the CPU form a gloo group")
@@ -93,14 +117,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(--no-verify-data: skip)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="use the flipped-image latents (probability 0.5) when the dataset has them")
+    g = p.add_argument_group("REPA's other flags (REPA's meaning)")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels; the dataset fixes it, and training stops with a message when the two "
+                        "disagree (default: the dataset's)")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="number of classes; checked against the dataset like --resolution (default: the dataset's)")
+    g.add_argument("--logging-dir", default=None,
+                   help="REPA's tracker folder: refused here, as the log, args.json and tracker files all go in the "
+                        "run directory <output-dir>/<exp-name>")
     alignment.add_arguments(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.logging_dir is not None:
+        p.error("--logging-dir: the log, args.json and tracker files go in the run directory <output-dir>/<exp-name>"
+                " here; drop the flag (choose the place with --output-dir and --exp-name)")
+    if args.resume_step < 0:
+        p.error("--resume-step must be 0 (a new run) or a checkpoint's step")
     args.notes = alignment.resolve_args(args, argv, p.error)
+    if args.fused_attn is not None:
+        args.notes.append(f"--{'' if args.fused_attn else 'no-'}fused-attn changes nothing here: attention always "
+                          "runs as F.scaled_dot_product_attention")
     if args.exp_name is None:
         args.exp_name = f"{args.model.replace('/', '-')}-{'+'.join(args.align) or 'vanilla'}"
+    if args.resume_step > 0:
+        if args.resume is not None:
+            p.error("--resume-step and --resume both name the checkpoint to resume from: pass one")
+        args.resume = os.path.join(args.output_dir, args.exp_name, "checkpoints", f"{args.resume_step:07d}.pt")
     for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
                  "logging_steps"):
         if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("epochs", "resolution", "num_classes"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if not args.cos_loss_coeff >= 0:
         p.error(f"--cos-loss-coeff must be >= 0, got {args.cos_loss_coeff}")
@@ -129,6 +182,10 @@ def check_ranges(args: argparse.Namespace, error) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from common import UsageError  # torch is imported from here on
+    from training import guard
+    from training.loop import train
+
     try:
         train(args)
     except (UsageError, FloatingPointError) as e:

@@ -2,20 +2,23 @@
 
 `add_arguments` declares every method's flags, `resolve_args` turns a command line into the set of methods
 (REPA's flags keep REPA's meaning), and `build_methods` rebuilds the methods from a run's saved arguments.
+Importing this package does not import torch (the command lines declare their flags first); the methods'
+modules are imported when they are used.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from typing import TYPE_CHECKING
 
-from alignment.base import AlignmentMethod, StepInputs
-from alignment.repa import Repa
-from alignment.sra import DEFAULT_BLOCKS, Sra
-from alignment.vae_repa import TARGETS, VaeRepa
-from loss import ALIGN_OBJECTIVES
-from models.heads import HeadSpec
-from models.registry import model_config, model_size
+from cli import ALIGN_OBJECTIVES, SRA_DEFAULT_BLOCKS, VAE_REPA_TARGETS
+from models.registry import model_config, model_size  # torch-free
+
+if TYPE_CHECKING:
+    from alignment.base import AlignmentMethod, StepInputs
+    from models.heads import HeadSpec
 
 METHOD_NAMES = ("vae-repa", "repa", "sra")  # also the order in which terms are logged and names joined
 REPA_FLAGS = ("enc_type", "encoder_depth", "proj_coeff", "projector_embed_dims")
@@ -26,6 +29,12 @@ DEPRECATED = {"--align-loss": "--vae-repa-loss", "--align-beta": "--vae-repa-bet
 
 __all__ = ["AlignmentMethod", "StepInputs", "METHOD_NAMES", "add_arguments", "resolve_args", "build_methods",
            "head_specs", "upgrade_run_args"]
+
+
+def __getattr__(name: str):  # `alignment.AlignmentMethod` etc., imported on first use
+    if name in ("AlignmentMethod", "StepInputs"):
+        return getattr(importlib.import_module("alignment.base"), name)
+    raise AttributeError(f"module 'alignment' has no attribute {name!r}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,8 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae-repa-t-range", "--align-t-range", dest="vae_repa_t_range", type=float, nargs=2,
                    default=(0.0, 1.0), metavar=("LOW", "HIGH"), help="align only samples with t in [LOW, HIGH] "
                                                                      "(t = 1 is noise)")
-    g.add_argument("--vae-repa-target", "--align-target", dest="vae_repa_target", choices=TARGETS, default="latent",
-                   help="'latent': the clean latent being noised; 'mean': the VAE posterior mean")
+    g.add_argument("--vae-repa-target", "--align-target", dest="vae_repa_target", choices=VAE_REPA_TARGETS,
+                   default="latent", help="'latent': the clean latent being noised; 'mean': the VAE posterior mean")
     g.add_argument("--vae-repa-head-layers", "--head-layers", dest="vae_repa_head_layers", type=int, default=5,
                    help="Linear layers in the VAE-REPA head")
     g.add_argument("--vae-repa-head-width", "--head-width", dest="vae_repa_head_width", type=int, default=None,
@@ -116,6 +125,8 @@ def resolve_args(args: argparse.Namespace, argv: list[str] | None, error) -> lis
     if repa_flags and "repa" not in names:
         error(f"{', '.join(repa_flags)} configure REPA, which --align {args.align} does not include")
 
+    from alignment.repa import Repa
+
     size = model_config(args.model)
     size_name = model_size(args.model)
     args.enc_type = args.enc_type or "dinov2-vit-b"
@@ -123,7 +134,7 @@ def resolve_args(args: argparse.Namespace, argv: list[str] | None, error) -> lis
     args.proj_coeff = args.proj_coeff if args.proj_coeff is not None else 0.5
     if args.vae_repa_depth is None:
         args.vae_repa_depth = size["encoder_depth"]
-    student, teacher = DEFAULT_BLOCKS[size_name]
+    student, teacher = SRA_DEFAULT_BLOCKS[size_name]
     args.sra_student_depth = args.sra_student_depth if args.sra_student_depth is not None else student
     args.sra_teacher_depth = args.sra_teacher_depth if args.sra_teacher_depth is not None else teacher
     if "repa" in names:
@@ -163,6 +174,10 @@ def upgrade_run_args(run_args: dict) -> dict:
 
 def build_methods(run_args: dict) -> list[AlignmentMethod]:
     """The methods a run's arguments (args.json, a checkpoint's `args`) switch on, in METHOD_NAMES order."""
+    from alignment.repa import Repa
+    from alignment.sra import Sra
+    from alignment.vae_repa import VaeRepa
+
     a = upgrade_run_args(run_args)
     size = model_config(a["model"])
     size_name = model_size(a["model"])
@@ -179,7 +194,7 @@ def build_methods(run_args: dict) -> list[AlignmentMethod]:
                                 a.get("proj_coeff", 0.5), enc_weights=a.get("enc_weights"),
                                 enc_source=a.get("enc_source", "timm")))
         elif name == "sra":
-            student, teacher = DEFAULT_BLOCKS[size_name]
+            student, teacher = SRA_DEFAULT_BLOCKS[size_name]
             methods.append(Sra(a.get("sra_student_depth") or student, a.get("sra_teacher_depth") or teacher,
                                a.get("sra_t_max", 0.2), a.get("sra_coeff", 0.2), a.get("sra_decay_after", 149),
                                a.get("sra_decay_epochs", 1000), a.get("sra_loss", "smooth_l1"),

@@ -10,10 +10,6 @@ from alignment.base import AlignmentMethod, StepInputs
 from loss import ALIGN_OBJECTIVES, alignment_loss, interpolant
 from models.heads import HeadSpec
 
-# SRA's published blocks (student, teacher): SiT-XL/2 8 -> 20 (its README), 4 -> 8 its code's default (B);
-# L is not published: XL's setting is used for it.
-DEFAULT_BLOCKS = {"S": (4, 8), "B": (4, 8), "L": (8, 20), "XL": (8, 20)}
-
 
 class SraHead(nn.Module):
     """SRA's student head: Linear(d, 2d), SiLU, Linear(2d, d), with SRA's parameter names (`linear1`, `linear2`)."""

@@ -6,11 +6,10 @@ from __future__ import annotations
 import torch
 
 from alignment.base import AlignmentMethod, StepInputs
+from cli import VAE_REPA_TARGETS as TARGETS
 from loss import ALIGN_OBJECTIVES, alignment_loss
 from models.heads import HeadSpec, build_mlp
 from models.sit import patchify
-
-TARGETS = ("latent", "mean")
 
 
 class VaeRepa(AlignmentMethod):

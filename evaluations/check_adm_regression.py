@@ -12,8 +12,8 @@ import argparse
 import json
 import time
 
-from evaluations.data import EvaluationError
-from evaluations.evaluator import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, evaluate, read_reference_stats
+import cli
+from evaluations import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 
 BATCHES_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
 REF_FILE = "VIRTUAL_imagenet256_labeled.npz"
@@ -33,11 +33,11 @@ TOLERANCE = {"inception_score": 0.2, "fid": 0.01, "sfid": 0.02, "precision": 0.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m evaluations.check_adm_regression",
-        description=f"Score ADM's sample batch {SAMPLE_FILE} against its reference batch {REF_FILE} (both from "
-        f"{BATCHES_URL}) and compare with the numbers ADM's README publishes. Exit status 0 when all five "
+    parser = cli.parser(
+        f"Score ADM's sample batch {SAMPLE_FILE} against its reference batch {REF_FILE} (both from\n"
+        f"{BATCHES_URL})\nand compare with the numbers ADM's README publishes. Exit status 0 when all five "
         "metrics are within tolerance.",
+        prog="python -m evaluations.check_adm_regression",
     )
     parser.add_argument("ref", nargs="?", default=REF_FILE, help="path to %(default)s (default: %(default)s)")
     parser.add_argument("sample", nargs="?", default=SAMPLE_FILE, help="path to %(default)s (default: %(default)s)")
@@ -57,16 +57,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from evaluations import evaluator  # torch is imported from here on
+    from evaluations.data import EvaluationError
+
     for path, name in ((args.ref, REF_FILE), (args.sample, SAMPLE_FILE)):
         if not Path(path).is_file():
             print(f"error: {path} not found; download it from {BATCHES_URL}{name}", file=sys.stderr)
             return 2
     started = time.time()
     try:
-        stored = read_reference_stats(args.ref)
+        stored = evaluator.read_reference_stats(args.ref)
         if stored is None:
             raise EvaluationError(f"{args.ref} holds no mu/sigma/mu_s/sigma_s: not ADM's reference batch")
-        result = evaluate(
+        result = evaluator.evaluate(
             args.ref,
             args.sample,
             inception_weights=args.inception_weights,

@@ -14,6 +14,79 @@ import os
 import platform
 import time
 
+import cli
+from evaluations import DEFAULT_BATCH_SIZE, DEFAULT_REF_PR_IMAGES, DEFAULT_WORKERS, INCEPTION_WEIGHTS_ENV
+
+ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (no torch import: `--help` and usage errors answer at once)."""
+    parser = cli.parser(
+        "Inception Score, FID, sFID, precision and recall of a sample batch against a reference batch, as OpenAI's\n"
+        "ADM evaluator computes them, in PyTorch. Prints the metrics like ADM and writes them as JSON.",
+        prog="python -m evaluations.evaluator",
+    )
+    parser.add_argument(
+        "ref",
+        help="reference batch: ADM's .npz (e.g. VIRTUAL_imagenet256_labeled.npz, whose stored mu/sigma/mu_s/sigma_s "
+        "are used), or an .npz with arr_0 (N, H, W, 3) uint8, or a folder of images",
+    )
+    parser.add_argument("sample", help="sample batch: .npz with arr_0 (N, H, W, 3) uint8, or a folder of images")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON file for the metrics (default: SAMPLE.metrics.json beside the samples, e.g. samples.npz -> "
+        "samples.metrics.json). An existing file is an error unless --overwrite is given.",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --out / --save-ref files")
+    parser.add_argument(
+        "--save-ref",
+        default=None,
+        metavar="PATH",
+        help="when the reference is images, also save its statistics and its precision/recall images as an "
+        "ADM-format .npz at PATH, for reuse as REF (default: do not save)",
+    )
+    parser.add_argument(
+        "--ref-pr-images",
+        type=int,
+        default=DEFAULT_REF_PR_IMAGES,
+        help="when the reference is images, how many of them (evenly spaced) serve for precision/recall and "
+        "--save-ref; statistics always use all of them (default: %(default)s, as ADM's reference batches)",
+    )
+    parser.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="PATH",
+        help=f"torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: ${INCEPTION_WEIGHTS_ENV} if set, "
+        "else torch.hub's cache, else downloaded there by torch-fidelity)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="images per Inception forward pass; does not change the results (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="processes decoding image files of a folder input (default: %(default)s)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or status messages")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before torch is imported
+
 import numpy as np
 import scipy
 import torch
@@ -23,7 +96,6 @@ from evaluations.data import EvaluationError, NpzImageWriter, npz_keys, open_ima
 from evaluations.inception import (
     POOL_DIM,
     SPATIAL_DIM,
-    WEIGHTS_ENV,
     InceptionFeatures,
     default_device,
     extract_features,
@@ -37,11 +109,6 @@ from evaluations.metrics import (
     precision_recall,
 )
 from integrity import write_text
-
-ADM_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
-DEFAULT_BATCH_SIZE = 250
-DEFAULT_REF_PR_IMAGES = 10000  # ADM's reference batches keep 10K images for precision/recall
-DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 
 def read_reference_stats(path: str | os.PathLike) -> tuple[FIDStatistics, FIDStatistics] | None:
@@ -187,66 +254,6 @@ def default_output_path(sample: str | os.PathLike) -> Path:
 
 def write_json(path: Path, record: dict) -> None:
     write_text(path, json.dumps(record, indent=2) + "\n")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m evaluations.evaluator",
-        description="Inception Score, FID, sFID, precision and recall of a sample batch against a reference "
-        "batch, as OpenAI's ADM evaluator computes them, in PyTorch. Prints the metrics like ADM and writes them "
-        "as JSON.",
-    )
-    parser.add_argument(
-        "ref",
-        help="reference batch: ADM's .npz (e.g. VIRTUAL_imagenet256_labeled.npz, whose stored mu/sigma/mu_s/sigma_s "
-        "are used), or an .npz with arr_0 (N, H, W, 3) uint8, or a folder of images",
-    )
-    parser.add_argument("sample", help="sample batch: .npz with arr_0 (N, H, W, 3) uint8, or a folder of images")
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="JSON file for the metrics (default: SAMPLE.metrics.json beside the samples, e.g. samples.npz -> "
-        "samples.metrics.json). An existing file is an error unless --overwrite is given.",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing --out / --save-ref files")
-    parser.add_argument(
-        "--save-ref",
-        default=None,
-        metavar="PATH",
-        help="when the reference is images, also save its statistics and its precision/recall images as an "
-        "ADM-format .npz at PATH, for reuse as REF (default: do not save)",
-    )
-    parser.add_argument(
-        "--ref-pr-images",
-        type=int,
-        default=DEFAULT_REF_PR_IMAGES,
-        help="when the reference is images, how many of them (evenly spaced) serve for precision/recall and "
-        "--save-ref; statistics always use all of them (default: %(default)s, as ADM's reference batches)",
-    )
-    parser.add_argument(
-        "--inception-weights",
-        default=None,
-        metavar="PATH",
-        help=f"torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: ${WEIGHTS_ENV} if set, "
-        "else torch.hub's cache, else downloaded there by torch-fidelity)",
-    )
-    parser.add_argument(
-        "--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        help="images per Inception forward pass; does not change the results (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--num-workers",
-        type=int,
-        default=DEFAULT_WORKERS,
-        help="processes decoding image files of a folder input (default: %(default)s)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or status messages")
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,11 @@ from torch.hub import load_state_dict_from_url
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
+from evaluations import INCEPTION_WEIGHTS_ENV
 from evaluations.data import EvaluationError, ImageSource
 from evaluations.metrics import strict_fp32
 
-WEIGHTS_ENV = "VAE_REPA_INCEPTION_WEIGHTS"
+WEIGHTS_ENV = INCEPTION_WEIGHTS_ENV  # defined without torch, for the command lines
 WEIGHTS_URL = URL_INCEPTION_V3
 WEIGHTS_FILE = WEIGHTS_URL.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
 SPATIAL_CHANNELS = 7

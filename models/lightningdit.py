@@ -5,7 +5,7 @@ weights of its released checkpoints load with `load_backbone_state_dict`; see do
 
 Time convention. LightningDiT (like SiT's repository, `transport/path.py` ICPlan) trains on
 x_s = s * data + (1 - s) * noise with target velocity u = data - noise, so s = 1 is data and its ODE integrates s from
-0 to 1. Ours (DECISIONS.md) is x_t = (1 - t) * data + t * noise, v = noise - data, t = 1 noise. With s = 1 - t the two
+0 to 1. Ours (loss.py) is x_t = (1 - t) * data + t * noise, v = noise - data, t = 1 noise. With s = 1 - t the two
 paths are the same points, and d x / dt = -d x / ds, so v = -u. This class takes our t and returns our v: it feeds
 s = 1 - t to its timestep embedder and negates the velocity it computes. A released LightningDiT checkpoint therefore
 gives correct velocities in our convention, and a model trained here can be used by LightningDiT's own sampler.

@@ -14,12 +14,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+if __package__ in (None, ""):  # run as a file: the repository root (cli.py, common.py) goes on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cli  # noqa: E402
 
 if __package__ in (None, ""):  # run as a file: python preprocessing/encode.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,6 +53,70 @@ OUR_FILES = re.compile(
 class UsageError(Exception):
     """A problem with the flags, the input or the destination: printed as one message, exit status 2."""
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (no torch import: `--help` and usage errors answer at once)."""
+    p = cli.parser(
+        "Encode an ImageNet-style image folder into VAE latent shards (posterior mean and std) plus manifest.json.\n"
+        "Multi-GPU: torchrun --nproc-per-node=8 -m preprocessing.encode ... Rerun the same command to resume after "
+        "a crash."
+    )
+    p.add_argument("--source", required=True,
+                   help="image folder: one sub-folder per class (class index = sorted folder order, as "
+                   "torchvision's ImageFolder), or any folder of images together with --labels")
+    p.add_argument("--dest", required=True, help="output folder for the shards and manifest.json")
+    p.add_argument("--labels", default=None,
+                   help="labels file for a folder without class sub-folders: JSON {\"labels\": [[relpath, label], "
+                   "...]} or text lines 'relpath label'; paths are relative to --source")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="number of classes (default: number of class folders, or largest label + 1)")
+    p.add_argument("--resolution", type=int, default=256, help="image side after the ADM center crop (multiple of 8)")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                   help="diffusers AutoencoderKL: Hugging Face hub id or local folder (save_pretrained format)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="VAE compute precision")
+    p.add_argument("--dtype", choices=list(NP_DTYPES), default="fp16", help="storage type of the mean and std")
+    p.add_argument("--flip", action="store_true", help="also store the latents of the horizontally flipped image")
+    p.add_argument("--save-images", action="store_true",
+                   help="also store the center-cropped uint8 images (N, H, W, 3): 196 KB per image at 256 px, and "
+                   "a shard is held in RAM until written (lower --shard-size if needed)")
+    p.add_argument("--latent-norm", choices=["auto", "scale", "channelwise"], default="auto",
+                   help="how latents become the model's input: scale = (z + --shift) * --scale (SD-VAE's); "
+                   "channelwise = (z - mean_c) / std_c * --latent-multiplier, LightningDiT's, with per-channel "
+                   "statistics (--latent-stats); auto = channelwise when released statistics lie beside the VAE's "
+                   "weights (see --latent-stats) or its latents have other than 4 channels (VA-VAE), else scale "
+                   "(the SD-VAE family)")
+    p.add_argument("--scale", type=float, default=0.18215,
+                   help="--latent-norm scale: latent scale recorded in the manifest (SD-VAE)")
+    p.add_argument("--shift", type=float, default=0.0,
+                   help="--latent-norm scale: latent shift recorded in the manifest: model input = (z + shift) * scale")
+    p.add_argument("--latent-stats", default="auto",
+                   help="--latent-norm channelwise: a latents_stats.pt ({'mean', 'std'}, LightningDiT's and REPA-E's "
+                   "layout); 'compute' = over this dataset (exact per-channel moments of the posterior samples); "
+                   "'auto' = latents_stats.pt or *latents-stats.pt beside the VAE's weights when there is one, else "
+                   "compute")
+    p.add_argument("--latent-multiplier", type=float, default=1.0,
+                   help="--latent-norm channelwise: factor after standardising (LightningDiT's 1.0)")
+    p.add_argument("--shard-size", type=int, default=10000, help="images per shard (the unit of work and resume)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass, per rank")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="image decoding processes per rank (default: CPU cores / ranks on this node - 1, at most 16)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the latent-dataset files already in --dest (other files are kept) and start over")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="where the VAE runs (default: cuda when a GPU is visible, else cpu); each process takes the "
+                   "GPU of its local rank")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer here, before torch is imported
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------
 # Images
@@ -632,60 +694,6 @@ def finalize(dest: Path, base: dict, num_shards: int, world_size: int) -> dict:
             p.unlink()
     remove_stale_temps(dest, OUR_FILES)
     return manifest
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Encode an ImageNet-style image folder into VAE latent shards (posterior mean and std) "
-        "plus manifest.json. Multi-GPU: torchrun --nproc-per-node=8 -m preprocessing.encode ... "
-        "Rerun the same command to resume after a crash.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--source", required=True,
-                   help="image folder: one sub-folder per class (class index = sorted folder order, as "
-                   "torchvision's ImageFolder), or any folder of images together with --labels")
-    p.add_argument("--dest", required=True, help="output folder for the shards and manifest.json")
-    p.add_argument("--labels", default=None,
-                   help="labels file for a folder without class sub-folders: JSON {\"labels\": [[relpath, label], "
-                   "...]} or text lines 'relpath label'; paths are relative to --source")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="number of classes (default: number of class folders, or largest label + 1)")
-    p.add_argument("--resolution", type=int, default=256, help="image side after the ADM center crop (multiple of 8)")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
-                   help="diffusers AutoencoderKL: Hugging Face hub id or local folder (save_pretrained format)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="VAE compute precision")
-    p.add_argument("--dtype", choices=list(NP_DTYPES), default="fp16", help="storage type of the mean and std")
-    p.add_argument("--flip", action="store_true", help="also store the latents of the horizontally flipped image")
-    p.add_argument("--save-images", action="store_true",
-                   help="also store the center-cropped uint8 images (N, H, W, 3): 196 KB per image at 256 px, and "
-                   "a shard is held in RAM until written (lower --shard-size if needed)")
-    p.add_argument("--latent-norm", choices=["auto", "scale", "channelwise"], default="auto",
-                   help="how latents become the model's input: scale = (z + --shift) * --scale (SD-VAE's); "
-                   "channelwise = (z - mean_c) / std_c * --latent-multiplier, LightningDiT's, with per-channel "
-                   "statistics (--latent-stats); auto = channelwise when released statistics lie beside the VAE's "
-                   "weights (see --latent-stats) or its latents have other than 4 channels (VA-VAE), else scale "
-                   "(the SD-VAE family)")
-    p.add_argument("--scale", type=float, default=0.18215,
-                   help="--latent-norm scale: latent scale recorded in the manifest (SD-VAE)")
-    p.add_argument("--shift", type=float, default=0.0,
-                   help="--latent-norm scale: latent shift recorded in the manifest: model input = (z + shift) * scale")
-    p.add_argument("--latent-stats", default="auto",
-                   help="--latent-norm channelwise: a latents_stats.pt ({'mean', 'std'}, LightningDiT's and REPA-E's "
-                   "layout); 'compute' = over this dataset (exact per-channel moments of the posterior samples); "
-                   "'auto' = latents_stats.pt or *latents-stats.pt beside the VAE's weights when there is one, else "
-                   "compute")
-    p.add_argument("--latent-multiplier", type=float, default=1.0,
-                   help="--latent-norm channelwise: factor after standardising (LightningDiT's 1.0)")
-    p.add_argument("--shard-size", type=int, default=10000, help="images per shard (the unit of work and resume)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass, per rank")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="image decoding processes per rank (default: CPU cores / ranks on this node - 1, at most 16)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the latent-dataset files already in --dest (other files are kept) and start over")
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
-                   help="where the VAE runs (default: cuda when a GPU is visible, else cpu); each process takes the "
-                   "GPU of its local rank")
-    return p
 
 
 def _launch_problem(device: str | None) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -18,6 +17,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import cli  # noqa: E402
 from preprocessing import encode  # noqa: E402
 
 # Random-weight stand-ins (timing only): the tests' 2-level VAE (downsampling 2, so its mid-block attention
@@ -83,7 +83,7 @@ def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--vae", default="tiny",
                    help="'tiny', 'tiny-f8' or 'sd-random' (random weights, timing only), or a hub id / local folder")
     p.add_argument("--resolution", type=int, default=256, help="image side")

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cli  # noqa: E402
 from evaluations.data import open_images  # noqa: E402
 from evaluations.inception import (  # noqa: E402
     InceptionFeatures,
@@ -38,7 +39,7 @@ from evaluations.metrics import FIDStatistics, frechet_distance, precision_recal
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--images", type=int, default=16, help="images to run through Inception (default: 16)")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (default: 256)")

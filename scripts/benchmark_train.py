@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cli  # noqa: E402
 from alignment import build_methods  # noqa: E402
 from common import model_from_args  # noqa: E402
 from loss import LossConfig, training_loss  # noqa: E402
@@ -44,7 +45,7 @@ VAVAE_MODELS = ["SiT-XL/2", "LightningDiT-XL/1"]  # Table 2's VAVAE rows beside 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=["SiT-B/2", "SiT-XL/2"], help="models to time")
     p.add_argument("--align", nargs="+", default=["none", "vae-repa"], metavar="SET",
                    help="method sets to time, each as train.py's --align (e.g. none vae-repa repa,vae-repa sra)")

@@ -18,26 +18,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoints import TRUST_FLAG, TRUST_HELP, load_checkpoint, write_safetensors  # noqa: E402
-from common import CHECKPOINT_FORMAT, UsageError, atomic_save, list_checkpoints  # noqa: E402
-from models.registry import model_config  # noqa: E402
+import cli  # noqa: E402
+from cli import TRUST_FLAG, TRUST_HELP  # noqa: E402
 
 FORMATS = ("safetensors", "repa")
 REPA_DROP = ("vae_projector.", "ap_head.")  # heads REPA's SiT has no names for (VAE-REPA, SRA): left out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--ckpt", required=True,
                    help="a train.py checkpoint (NNNNNNN.pt), or a run directory: then its highest step")
     p.add_argument("--format", choices=FORMATS, default="safetensors",
                    help="safetensors: EMA weights + run arguments in the metadata (for sharing); repa: REPA's "
-                        "checkpoint layout (default: %(default)s)")
+                        "checkpoint layout")
     p.add_argument("--out", default=None,
                    help="output file (default: beside the checkpoint, <step>.safetensors or <step>-repa.pt)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (without it: refuse)")
     p.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before torch is imported
+
+from checkpoints import load_checkpoint, write_safetensors  # noqa: E402
+from common import CHECKPOINT_FORMAT, UsageError, atomic_save, list_checkpoints  # noqa: E402
+from models.registry import model_config  # noqa: E402
 
 
 def resolve(path: Path) -> Path:

@@ -23,11 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quickstart  # noqa: E402
 import quickstart_lib as lib  # noqa: E402
 
+import cli  # noqa: E402  (the repository root is on the path: quickstart_lib puts it there)
+
 ROUNDINGS = ("repa", "dit")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--quickstart-dir", default="quickstart_out", help="a finished quickstart's --output-dir")
     p.add_argument("--runs", nargs="+", choices=quickstart.ARMS, default=list(quickstart.ARMS),
                    help="which of the quickstart's runs to sample again")

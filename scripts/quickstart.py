@@ -19,6 +19,7 @@ import math
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quickstart_lib as lib  # noqa: E402
 
+import cli  # noqa: E402  (the repository root is on the path: quickstart_lib puts it there)
+
 ARMS = ("vae-repa", "vanilla")
+ARGS_FILE, RESULTS_FILE = "quickstart_args.json", "results.txt"  # the settings (written first), the table (last)
 
 # Sizes of the two presets; every entry can be overridden by the flag of the same name.
 PRESETS = {
@@ -42,11 +46,13 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="quickstart_out", help="where every output goes (default: %(default)s)")
     g.add_argument("--overwrite", action="store_true",
-                   help="delete an existing --output-dir first (without it, an existing one is an error)")
+                   help="delete an existing --output-dir first. Without it, a rerun with the same settings reuses a "
+                        "finished quickstart's results, an unfinished quickstart (or one with other settings) starts "
+                        "again from scratch, and any other non-empty folder is an error")
     g.add_argument("--smoke", action="store_true",
                    help="tiny sizes (1,000 images, 30 steps per run): checks the pipeline, not the method")
     g.add_argument("--data-dir", default=None,
@@ -110,13 +116,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
+def prepare_output_dir(out: Path, overwrite: bool, settings: dict) -> bool:
+    """Make `out` ready for a run; True when it already holds a finished quickstart with these settings.
+
+    A folder that an earlier quickstart wrote (it has ARGS_FILE) is the quickstart's own: rerunning the same command
+    (`make quickstart` twice) reuses its results when it finished, and starts again from scratch when it did not or
+    had other settings. Any other non-empty folder is left alone unless `overwrite`."""
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise SystemExit(f"error: --output-dir {out} already exists and is not empty; pass --overwrite to "
-                             f"replace it, or choose another --output-dir (nothing was changed)")
+        ours = (out / ARGS_FILE).is_file()
+        if not ours and not overwrite:
+            raise SystemExit(f"error: --output-dir {out} already exists, is not empty and was not written by the "
+                             f"quickstart; pass --overwrite to replace it, or choose another --output-dir (nothing "
+                             f"was changed)")
+        if ours and not overwrite:
+            same = json.loads((out / ARGS_FILE).read_text()) == json.loads(json.dumps(settings))
+            if same and (out / RESULTS_FILE).is_file():
+                return True
+            print(f"{out} holds an earlier quickstart ({'unfinished' if same else 'other settings'}): starting again "
+                  "from scratch", flush=True)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    return False
 
 
 def train_command(args: argparse.Namespace, out: Path, arm: str) -> list[str]:
@@ -142,14 +162,20 @@ def generate_command(args: argparse.Namespace, out: Path, arm: str) -> list[str]
 
 
 def train_progress_filter(args: argparse.Namespace) -> Callable[[str], str | None]:
-    """What to show of train.py's output: the model summary and about 5 of the loss lines."""
+    """What to show of train.py's output: the model summary and about 5 of the loss lines, each with the time
+    left at the rate so far."""
     every = max(args.logging_steps, args.train_steps // 5 // args.logging_steps * args.logging_steps)
+    start = time.time()
 
     def show(line: str) -> str | None:
         match = re.search(r"\bstep (\d+): .*|\bmodel .* parameters.*", line)
         if match is None or (match.group(1) is not None and int(match.group(1)) % every):
             return None
-        return re.sub(r" ?images_per_s=\S+", "", match.group(0))
+        shown = re.sub(r" ?images_per_s=\S+", "", match.group(0))
+        if match.group(1) is not None:
+            step = int(match.group(1))
+            shown += f"  [{lib.eta_text(time.time() - start, step, args.train_steps)}]"
+        return shown
 
     return show
 
@@ -176,12 +202,15 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir).resolve()
-    prepare_output_dir(out, args.overwrite)
+    if prepare_output_dir(out, args.overwrite, vars(args)):
+        print(f"{out} already holds this quickstart's results (the same settings; --overwrite computes them "
+              f"again):\n\n{(out / RESULTS_FILE).read_text()}")
+        return 0
     device = torch.device(args.device)
     env = lib.subprocess_env(args.device)
     torch.manual_seed(args.seed)
     clock = lib.Stopwatch()
-    (out / "quickstart_args.json").write_text(json.dumps(vars(args), indent=2))
+    (out / ARGS_FILE).write_text(json.dumps(vars(args), indent=2))
     print(f"VAE-REPA quickstart ({'smoke' if args.smoke else 'full'} size) on {args.device}, "
           f"{torch.get_num_threads()} CPU threads; outputs in {out}")
 

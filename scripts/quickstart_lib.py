@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # so that `preprocessing` imports when this file runs as a script
@@ -120,6 +121,7 @@ def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, k
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # posterior sampling noise
     history = []
+    bar = tqdm(total=steps, desc="    VAE", unit="step", dynamic_ncols=True, leave=False, mininterval=1.0)
     for step in range(1, steps + 1):
         x = data[torch.randint(len(data), (batch_size,), generator=gen)].to(device)
         posterior = vae.encode(x).latent_dist
@@ -133,9 +135,19 @@ def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, k
         opt.step()
         schedule.step()
         history.append(mse.item())
+        bar.update(1)  # the bar shows the rate and the time left
         if step % max(1, steps // 5) == 0 or step == steps:
-            log(f"step {step}/{steps}: reconstruction MSE {np.mean(history[-20:]):.4f}, KL/element {kl.item():.3f}")
+            with bar.external_write_mode():
+                log(f"step {step}/{steps}: reconstruction MSE {np.mean(history[-20:]):.4f}, KL/element "
+                    f"{kl.item():.3f}  [{eta_text(bar.format_dict['elapsed'], step, steps)}]")
+    bar.close()
     return history
+
+
+def eta_text(elapsed: float, done: int, total: int) -> str:
+    """'elapsed 1:05, about 2:10 left' at the rate so far."""
+    left = elapsed / max(done, 1) * (total - done)
+    return f"elapsed {tqdm.format_interval(elapsed)}, about {tqdm.format_interval(left)} left"
 
 
 @torch.no_grad()
@@ -193,6 +205,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, e
     model = SmallCNN(num_classes).to(device).train()
     data, targets = to_tensor(images), torch.from_numpy(labels)
     steps = epochs * math.ceil(len(data) / batch_size)
+    bar = tqdm(total=steps, desc="    classifier", unit="step", dynamic_ncols=True, leave=False, mininterval=1.0)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
@@ -207,6 +220,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, e
             loss.backward()
             opt.step()
             schedule.step()
+            bar.update(1)
+    bar.close()
     return model.eval()
 
 

@@ -273,6 +273,9 @@ def test_bad_input_fails_clearly_before_writing(assets, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         generate.main(["--ckpt", str(assets["ckpt"]), "--cfg-scale", "0.5"])
     assert e.value.code == 2 and "--cfg-scale" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # REPA's --legacy: refused, with what to do instead
+        generate.main(["--ckpt", str(assets["ckpt"]), "--legacy"])
+    assert e.value.code == 2 and "load_legacy_checkpoints" in capsys.readouterr().err
 
 
 def test_help_documents_every_flag_without_a_gpu():
@@ -284,7 +287,8 @@ def test_help_documents_every_flag_without_a_gpu():
              "--num-steps", "--heun", "--cfg-scale", "--guidance-low", "--guidance-high", "--path-type",
              "--num-fid-samples", "--label-sampling", "--global-seed", "--per-proc-batch-size", "--sample-dir",
              "--precision", "--device", "--trust-checkpoint", "--pixel-rounding",
-             "--encoder-depth", "--projector-embed-dims", "--time-shift", "--latent-stats"]
+             "--encoder-depth", "--projector-embed-dims", "--tf32", "--fused-attn", "--legacy", "--latent-stats",
+             "--time-shift"]
     for flag in flags:
         assert f"  {flag}" in proc.stdout, flag
     assert "i % num_classes" in proc.stdout.replace("\n", " ")
@@ -384,3 +388,15 @@ def test_repa_s_projector_flags_are_checked_not_rejected(assets, tmp_path, capsy
     assert rc == 0 and "--encoder-depth 4: checkpoint" in out and "after block 8" in out
     assert "--projector-embed-dims 768,1024" in out and "widths 768;" in out
     np.testing.assert_array_equal(arr_0(other), arr_0(npz))
+
+
+def test_repa_s_fused_attn_and_tf32_flags_say_what_they_do(assets, tmp_path, capsys):
+    """REPA's --fused-attn / --no-fused-attn and --tf32 are accepted; on the CPU neither changes the images, and a
+    note says so (no silent reinterpretation)."""
+    quick = ["--num-fid-samples", "2", "--num-steps", "2"]
+    rc, _, plain = sample(assets["ckpt"], tmp_path / "a", *quick)
+    capsys.readouterr()
+    rc, _, flagged = sample(assets["ckpt"], tmp_path / "b", *quick, "--no-fused-attn", "--tf32")
+    out = capsys.readouterr().out
+    assert rc == 0 and "--no-fused-attn changes nothing" in out and "--tf32 changes nothing on the CPU" in out
+    np.testing.assert_array_equal(arr_0(flagged), arr_0(plain))

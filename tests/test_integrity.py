@@ -276,10 +276,11 @@ def test_resume_refuses_changed_settings_and_records_the_ones_that_may_change(cl
     args_file = tmp_path / "runs/a/args.json"
     before = args_file.read_bytes()
     r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest",
-            "--batch-size", "2", "--seed", "1", "--learning-rate", "2e-3")
+            "--batch-size", "2", "--seed", "1", "--learning-rate", "2e-3", "--gradient-accumulation-steps", "2")
     assert r.returncode == 2
     for difference in ("--batch-size: checkpoint 4, now 2", "--seed: checkpoint 0, now 1",
-                       "--learning-rate: checkpoint 0.001, now 0.002"):
+                       "--learning-rate: checkpoint 0.001, now 0.002",
+                       "--gradient-accumulation-steps: checkpoint 1, now 2"):  # the global batch is batch x steps
         assert difference in r.stderr
     assert args_file.read_bytes() == before
     r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "3", "--resume", "latest",

@@ -103,3 +103,39 @@ def test_stratified_split_and_mnist_folder(tmp_path):
     train, test = lib.stratified_split(labels, 0.34, seed=0)
     assert set(train).isdisjoint(test) and len(train) + len(test) == 30
     assert np.bincount(labels[test]).tolist() == [1] * 10
+
+
+def test_a_second_run_reuses_or_restarts_its_own_folder(tmp_path, capsys):
+    """`make quickstart` twice: the quickstart's own folder is reused when finished with the same settings, started
+    again when unfinished or made with other settings; a folder it did not write is kept unless --overwrite."""
+    import quickstart
+
+    settings = {"smoke": True, "seed": 0}
+    out = tmp_path / "qs"
+    out.mkdir()
+    (out / quickstart.ARGS_FILE).write_text(json.dumps(settings))
+    (out / quickstart.RESULTS_FILE).write_text("table")
+    assert quickstart.prepare_output_dir(out, False, settings) is True  # finished, same settings: reused
+    assert (out / quickstart.RESULTS_FILE).read_text() == "table"
+
+    assert quickstart.prepare_output_dir(out, False, {**settings, "seed": 1}) is False  # other settings: restarted
+    assert list(out.iterdir()) == [] and "other settings" in capsys.readouterr().out
+
+    (out / quickstart.ARGS_FILE).write_text(json.dumps(settings))  # unfinished (no results): restarted
+    (out / "images").mkdir()
+    assert quickstart.prepare_output_dir(out, False, settings) is False
+    assert list(out.iterdir()) == [] and "unfinished" in capsys.readouterr().out
+
+    (out / "keep.txt").write_text("not the quickstart's")
+    with pytest.raises(SystemExit, match="--overwrite"):
+        quickstart.prepare_output_dir(out, False, settings)
+    assert (out / "keep.txt").is_file()
+    (out / quickstart.ARGS_FILE).write_text(json.dumps(settings))
+    (out / quickstart.RESULTS_FILE).write_text("table")
+    assert quickstart.prepare_output_dir(out, True, settings) is False  # --overwrite: always from scratch
+    assert list(out.iterdir()) == []
+
+
+def test_eta_text():
+    assert lib.eta_text(60.0, 10, 30) == "elapsed 01:00, about 02:00 left"
+    assert lib.eta_text(5.0, 0, 4).startswith("elapsed 00:05")

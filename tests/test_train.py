@@ -109,7 +109,7 @@ def test_exact_resume_on_the_cpu(tmp_path, deterministic, restore_determinism):
 def test_checkpoint_contents_and_retention(tmp_path):
     data = make_dataset(tmp_path / "data")
     run(tmp_path, data, "--exp-name", "r", "--max-train-steps", "6", "--checkpointing-steps", "1",
-        "--keep-last", "2", "--keep-every", "4", "--gradient-accumulation-steps", "2")
+        "--keep-last", "2", "--keep-every", "4", "--gradient-accumulation-steps", "2", "--batch-size", "2")
     run_dir = tmp_path / "runs/r"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["0000004.pt", "0000005.pt", "0000006.pt"]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.sha256")) == [
@@ -117,20 +117,24 @@ def test_checkpoint_contents_and_retention(tmp_path):
     ckpt = torch.load(run_dir / "checkpoints/0000006.pt", weights_only=True)
     assert {"format", "model", "ema", "opt", "step", "args", "rng", "data"} <= set(ckpt)
     assert ckpt["step"] == 6 and len(ckpt["rng"]) == 1
-    # Accumulation: 6 optimizer steps x 2 micro-batches of 2 = 24 samples = 2 full epochs + 4 (5 per epoch
+    # Accumulation (REPA's meaning: --batch-size 2 is the micro-batch, an optimizer step sees 2 x 2):
+    # 6 optimizer steps x 2 micro-batches of 2 = 24 samples = 2 full epochs + 4 (5 per epoch
     # usable as 2 batches of 2).
     assert ckpt["data"] == {"epoch": 2, "position": 4}
     saved = json.loads((run_dir / "args.json").read_text())
     assert saved["latent_shape"] == [4, 8, 8] and saved["num_classes"] == 3 and saved["align"] == ["vae-repa"]
     # One optimizer step logs once: steps 1..6, not 12 micro-batches.
     assert sorted(logged_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
+    log = (run_dir / "log.txt").read_text()
+    assert "effective global batch 4 images per optimizer step = 1 processes x 2 per process x 2" in log
     # Resuming from an older checkpoint while newer ones exist would let retention delete the wrong files.
     with pytest.raises(train.UsageError, match="after step 4"):
-        run(tmp_path, data, "--exp-name", "r", "--max-train-steps", "8", "--resume",
-            str(run_dir / "checkpoints/0000004.pt"))
+        run(tmp_path, data, "--exp-name", "r", "--max-train-steps", "8", "--gradient-accumulation-steps", "2",
+            "--batch-size", "2", "--resume", str(run_dir / "checkpoints/0000004.pt"))
     # A checkpoint is never pruned right after it is written, whatever the retention flags.
     run(tmp_path, data, "--exp-name", "r", "--max-train-steps", "7", "--checkpointing-steps", "1",
-        "--keep-last", "0", "--keep-every", "0", "--resume", "latest")
+        "--keep-last", "0", "--keep-every", "0", "--gradient-accumulation-steps", "2", "--batch-size", "2",
+        "--resume", "latest")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000007.pt", "0000007.pt.sha256"]
 
 
@@ -225,6 +229,40 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path):
     assert (tmp_path / "runs/a/args.json").read_bytes() == args_json
     assert ckpt.read_bytes() == ckpt_bytes
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["0000001.pt", "0000001.pt.sha256"]
+
+
+def test_repa_train_flags_keep_repa_meaning(tmp_path):
+    """REPA's --resume-step, --epochs, --resolution, --num-classes, --tf32, --fused-attn, --no-qk-norm and the
+    underscore spellings: each works as in REPA, or the run stops with a message."""
+    data = make_dataset(tmp_path / "data")  # 10 latents of 8 x 8, 3 classes
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["resolution"] = 64
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    base = ["--data-dir", str(data), "--output_dir", str(tmp_path / "runs"), *TINY]
+    # --epochs 2 with 10 latents and batch 4: 2 batches per pass, so 2 passes end at step 4 (before 100).
+    args = train.parse_args([*base, "--exp_name", "e", "--max-train-steps", "100", "--epochs", "2",
+                             "--checkpointing-steps", "3", "--resolution", "64", "--num-classes", "3", "--no-tf32",
+                             "--no-qk-norm", "--fused-attn"])
+    assert not args.allow_tf32 and not args.qk_norm and args.output_dir == str(tmp_path / "runs")
+    assert any("fused-attn changes nothing" in n for n in args.notes)
+    train.train(args)
+    run_dir = tmp_path / "runs/e"
+    assert sorted(logged_losses(run_dir)) == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["0000003.pt", "0000004.pt"]
+    # --resume-step N: the run's checkpoint of step N, as REPA's train.py finds it.
+    args = train.parse_args([*base, "--exp_name", "e", "--resume-step", "4", "--max-train-steps", "5"])
+    assert args.resume == str(run_dir / "checkpoints/0000004.pt")
+    train.train(args)
+    assert sorted(logged_losses(run_dir)) == [1, 2, 3, 4, 5]
+    with pytest.raises(train.UsageError, match="--resolution 256, but .* holds resolution 64"):
+        train.train(train.parse_args([*base, "--exp-name", "r", "--resolution", "256"]))
+    with pytest.raises(train.UsageError, match="--num-classes 1000, but .* holds num classes 3"):
+        train.train(train.parse_args([*base, "--exp-name", "r", "--num-classes", "1000"]))
+    assert not (tmp_path / "runs/r").exists()
+    for bad, said in ((["--logging-dir", "logs"], "run directory"), (["--resume-step", "4", "--resume", "latest"],
+                                                                       "pass one")):
+        r = cli(tmp_path, *bad, "--data-dir", str(data))
+        assert r.returncode == 2 and said in r.stderr, r.stderr
 
 
 def test_help_works_without_a_gpu():

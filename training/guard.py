@@ -21,13 +21,15 @@ logger = logging.getLogger("train")
 checksum_sidecar = checksum_path
 
 # Settings a resumed run may change: how long it runs, what it logs, writes and keeps, where its files are, and how
-# it uses its hardware (processes and accumulation steps, with the same global batch). The change is recorded in
-# args.json ("history") and the log. Any other difference from the checkpoint's settings (batch size, seed,
-# learning rate, optimizer, objective, alignment, data...) is refused.
-MAY_CHANGE = ("gradient_accumulation_steps", "max_train_steps", "logging_steps", "checkpointing_steps", "keep_last",
-              "keep_every", "sample_every", "sample_grid_size", "sample_grid_steps", "eval_every", "num_workers",
-              "in_memory", "report_to", "resume", "trust_checkpoint", "output_dir", "exp_name", "data_dir",
-              "enc_weights", "compile", "device", "allow_tf32", "deterministic", "world_size", "verify_data")
+# it uses its hardware (the number of processes: --batch-size is split over them, so the global batch stays). The change
+# is recorded in args.json ("history") and the log. Any other difference from the checkpoint's settings (batch size
+# and accumulation steps, whose product is the global batch, seed, learning rate, optimizer, objective, alignment,
+# data...) is refused.
+MAY_CHANGE = ("max_train_steps", "epochs", "resolution", "fused_attn", "resume_step", "logging_steps",
+              "checkpointing_steps", "keep_last", "keep_every", "sample_every", "sample_grid_size",
+              "sample_grid_steps", "eval_every", "num_workers", "in_memory", "report_to", "resume",
+              "trust_checkpoint", "output_dir", "exp_name", "data_dir", "enc_weights", "compile", "device",
+              "allow_tf32", "deterministic", "world_size", "verify_data")
 
 
 class DataFault(UsageError):

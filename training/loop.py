@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import importlib.util
 import logging
 import math
 import os
@@ -168,6 +169,9 @@ def make_accelerator(args: argparse.Namespace):
     problem = gpu_launch_problem(args.device)  # before the process group: every rank stops, none hangs
     if problem is not None:
         raise UsageError(problem)
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        raise UsageError(f"--report-to {args.report_to} needs the {args.report_to} package, an optional one: "
+                         f"pip install -e '.[trackers]' (or pip install {args.report_to})")
     if args.deterministic:
         enable_deterministic_mode()
     # cpu=True without CUDA (or with --device cpu), so that torchrun's processes form a gloo group instead of running
@@ -216,6 +220,28 @@ def init_trackers(accelerator, args: argparse.Namespace, run_args: dict, run_dir
     accelerator.init_trackers("vae-repa", config={k: str(v) for k, v in run_args.items()}, init_kwargs=init_kwargs)
 
 
+def check_dataset_flags(args: argparse.Namespace, dataset) -> None:
+    """REPA's --resolution and --num-classes: the dataset fixes both; a flag that disagrees stops the run."""
+    found = {"resolution": dataset.manifest.get("resolution"), "num_classes": dataset.num_classes}
+    for name, value in found.items():
+        given, flag = getattr(args, name, None), f"--{name.replace('_', '-')}"
+        if given is None:
+            continue
+        if value is None:
+            raise UsageError(f"{flag} {given}: --data-dir {args.data_dir} does not record its {name.replace('_', ' ')}"
+                             f" (its manifest.json has no '{name}'), so the flag cannot be checked: drop it")
+        if int(given) != int(value):
+            raise UsageError(f"{flag} {given}, but --data-dir {args.data_dir} holds {name.replace('_', ' ')} "
+                             f"{value}: drop the flag or pass the matching dataset")
+
+
+def epoch_step_limit(args: argparse.Namespace, samples_per_rank: int, local_batch: int) -> int:
+    """The optimizer step at which --epochs passes over the data end (REPA's --epochs; micro-batches carry on
+    across an epoch's end, so that is micro-batches per epoch x epochs / accumulation, rounded down)."""
+    micro_batches = (samples_per_rank // local_batch) * args.epochs
+    return max(1, micro_batches // args.gradient_accumulation_steps)
+
+
 def log_summary(args: argparse.Namespace, model: torch.nn.Module, methods: list, device: torch.device, world: int,
                 local_batch: int) -> None:
     if args.deterministic:
@@ -224,8 +250,10 @@ def log_summary(args: argparse.Namespace, model: torch.nn.Module, methods: list,
     n_params = sum(p.numel() for p in model.parameters())
     prefixes = model.head_state_prefixes()
     head_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
-    logger.info("model %s: %.2fM parameters (%.2fM in alignment heads), %d processes, per-process batch %d x %d "
-                "accumulation", args.model, n_params / 1e6, head_params / 1e6, world, local_batch,
+    logger.info("model %s: %.2fM parameters (%.2fM in alignment heads)", args.model, n_params / 1e6,
+                head_params / 1e6)
+    logger.info("effective global batch %d images per optimizer step = %d processes x %d per process x %d "
+                "accumulation steps", world * local_batch * args.gradient_accumulation_steps, world, local_batch,
                 args.gradient_accumulation_steps)
     logger.info("alignment: %s", "none (vanilla SiT)" if not methods else "; ".join(m.describe() for m in methods))
     for method in methods:
@@ -300,15 +328,16 @@ def train(args: argparse.Namespace):
     accelerator = make_accelerator(args)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
-    if args.batch_size % (world * args.gradient_accumulation_steps):
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by processes x accumulation steps "
-                         f"= {world} x {args.gradient_accumulation_steps}")
-    local_batch = args.batch_size // (world * args.gradient_accumulation_steps)
+    # REPA's meaning: --batch-size is split over the processes, and accumulation multiplies it.
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
+    local_batch = args.batch_size // world
 
     run_dir, resume_from = locate_run(args)
     methods = alignment.build_methods(vars(args))
     needs = set().union(*(m.needs for m in methods))
     dataset = open_dataset(args, with_images="images" in needs)
+    check_dataset_flags(args, dataset)
     run_args = {k: v for k, v in vars(args).items() if k != "notes"}
     run_args.update(latent_shape=list(dataset.latent_shape), num_classes=dataset.num_classes, vae=dataset.vae,
                     latent_scale=dataset.scale, latent_shift=dataset.shift, world_size=world)
@@ -380,6 +409,11 @@ def train(args: argparse.Namespace):
     loader_kwargs = dict(batch_size=local_batch, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                          persistent_workers=False, worker_init_fn=worker_init() if args.num_workers > 0 else None)
     data = batches(dataset, sampler, loader_kwargs, epoch, position)
+    if getattr(args, "epochs", None) is not None:
+        limit = epoch_step_limit(args, sampler.per_rank, local_batch)
+        logger.info("--epochs %d: the data passes end at step %d; training stops at step %d", args.epochs, limit,
+                    min(limit, args.max_train_steps))
+        args.max_train_steps = min(limit, args.max_train_steps)
     vae = load_vae(run_args["vae"]).to(device) if args.sample_every > 0 and is_main else None
     init_trackers(accelerator, args, run_args, run_dir)
     log_summary(args, raw_model, methods, device, world, local_batch)
@@ -418,7 +452,8 @@ def train(args: argparse.Namespace):
             n = step - last_log_step
             values = (accelerator.reduce(sums, reduction="mean") / n).tolist()
             logs = dict(zip(log_names, values[:-1]))
-            logs.update(grad_norm=values[-1], images_per_s=n * args.batch_size / (time.time() - last_log_time))
+            images = n * args.batch_size * args.gradient_accumulation_steps
+            logs.update(grad_norm=values[-1], images_per_s=images / (time.time() - last_log_time))
             if device.type == "cuda":
                 logs["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             progress.set_postfix({k: f"{logs[k]:.4f}" for k in log_names[1:]})

@@ -1,0 +1,67 @@
+"""What every command line shares, importable without torch: one help style, and the choices its flags offer.
+
+Entry points build their parser from this module only, parse, and import torch afterwards, so that `--help` and
+usage errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from models.registry import MODEL_NAMES  # noqa: F401  (the registry of every backbone family is torch-free too)
+
+# The choices of flags that several commands offer. The modules that implement them import these names from here.
+PATH_TYPES = ("linear", "cosine")
+# "lognormal" is REPA's: sigma = exp(N(0, 1)); "lognormal-edm" is EDM's sigma = exp(N(-1.2, 1.2^2));
+# "logit-normal" is LightningDiT's (and SD3's): t = sigmoid(N(0, 1)).
+WEIGHTINGS = ("uniform", "lognormal", "lognormal-edm", "logit-normal")
+ALIGN_OBJECTIVES = ("smooth_l1", "l1", "l2", "cosine")
+VAE_REPA_TARGETS = ("latent", "mean")
+# SRA's published blocks (student, teacher): SiT-XL/2 8 -> 20 (its README), 4 -> 8 its code's default (B);
+# L is not published: XL's setting is used for it.
+SRA_DEFAULT_BLOCKS = {"S": (4, 8), "B": (4, 8), "L": (8, 20), "XL": (8, 20)}
+
+# How decoder output x in [-1, 1] becomes 8-bit pixels (the metrics are computed on these bytes).
+# "repa": uint8(clamp(255 (x + 1) / 2)) = floor(127.5 x + 127.5), REPA's generate.py and so the paper's protocol;
+# "dit": uint8(clamp(127.5 x + 128)), DiT's and SiT's sample_ddp.py: about half of all pixels one level brighter.
+PIXEL_ROUNDINGS = ("repa", "dit")
+
+TRUST_FLAG = "--trust-checkpoint"
+TRUST_HELP = ("also open a checkpoint that holds Python objects other than tensors and plain values (refused by "
+              "default). Reading such an object RUNS CODE FROM THE FILE, as the person who made it chose: pass this "
+              "only for a file whose origin you trust")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The one help style: the description keeps its line breaks, and every option ends with its default.
+
+    Nothing is appended where it would say nothing or repeat the help: required options and positionals, switches
+    that take no value (`store_true`, `store_const`), a default of None (the help says what happens then), and help
+    that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = (action.help or "").removesuffix(" (default: %(default)s)")  # added by Python 3.10's BooleanOptional
+        if (action.default is None or action.default is argparse.SUPPRESS or action.required
+                or not action.option_strings or "default" in text.lower()):
+            return text
+        if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction):
+            return text  # a switch: its help says what passing it does
+        if isinstance(action, argparse.BooleanOptionalAction):
+            on, off = _bool_flags(action)
+            return f"{text} (default: {on if action.default else off})"
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+def _bool_flags(action: argparse.Action) -> tuple[str, str]:
+    """(--flag, --no-flag) of a BooleanOptionalAction."""
+    off = next(s for s in action.option_strings if s.startswith("--no-"))
+    on = next(s for s in action.option_strings if s.startswith("--") and not s.startswith("--no-"))
+    return on, off
+
+
+def parser(description: str | None, **kwargs) -> argparse.ArgumentParser:
+    """An ArgumentParser in the shared help style."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
