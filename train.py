@@ -18,6 +18,7 @@ from checkpoints import TRUST_FLAG, TRUST_HELP
 from common import UsageError
 from loss import PATH_TYPES, WEIGHTINGS
 from models import MODEL_NAMES
+from training import evaluation
 from training.loop import train
 
 
@@ -84,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="use the flipped-image latents (probability 0.5) when the dataset has them")
     alignment.add_arguments(p)
+    evaluation.add_arguments(p)
     args = p.parse_args(argv)
     args.notes = alignment.resolve_args(args, argv, p.error)
     if args.exp_name is None:
@@ -92,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "logging_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    evaluation.check_arguments(args, p.error)
     return args
 
 
