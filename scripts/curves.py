@@ -202,6 +202,7 @@ def plot(rows: list[dict], path: Path, caption: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     axes_x = (("step", "training iterations (optimizer steps)"), ("images_seen", "images seen (iterations × batch)"),
               ("gpu_hours", "GPU-hours (wall time × processes)"))
@@ -228,6 +229,8 @@ def plot(rows: list[dict], path: Path, caption: str) -> None:
             ax.set_xscale("log")
             if i == 0:
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
@@ -237,7 +240,8 @@ def plot(rows: list[dict], path: Path, caption: str) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=8)
     fig.text(0.5, 0.01, f"Ours: {caption}. Paper points (VAE-REPA, Table 2): 50,000 samples, no CFG, batch 256; "
-             "GPU-hours unknown for the paper.", ha="center", fontsize=9, wrap=True)
+             "GPU-hours unknown for the paper. Dashed: figures train.py --eval-every logged "
+             "(fewer samples, so higher FID).", ha="center", fontsize=9, wrap=True)
     fig.tight_layout(rect=(0, 0.04, 1, 0.9))
     fig.savefig(path, dpi=120)
     plt.close(fig)
