@@ -150,8 +150,12 @@ class Evaluator:
         return step % self.args.eval_every == 0 or step == self.args.max_train_steps
 
     def pending(self, step: int) -> bool:
-        """True when `step` is an evaluation step without a row (e.g. a kill interrupted its evaluation)."""
-        return step > 0 and self.due(step) and all(r.get("step") != step for r in read_rows(self.run_dir))
+        """True when `step` is an evaluation step without a row (e.g. a kill interrupted its evaluation); rank 0
+        reads metrics.jsonl and tells the others, so that all ranks agree even without a shared file system."""
+        answer = [step > 0 and self.due(step) and all(r.get("step") != step for r in read_rows(self.run_dir))]
+        if self.accelerator.num_processes > 1:
+            torch.distributed.broadcast_object_list(answer, src=0)
+        return answer[0]
 
     def _features(self, ema: torch.nn.Module):
         """This rank's sample indices and their Inception features, sampled exactly as generate.py samples them."""
