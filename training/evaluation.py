@@ -31,22 +31,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reference batch: ADM's .npz (e.g. VIRTUAL_imagenet256_labeled.npz), an .npz with arr_0 "
                         "uint8 images, or an image folder; required with --eval-every")
     g.add_argument("--eval-samples", type=int, default=10_000,
-                   help="images per evaluation (the paper's tables use 50K: scripts/curves.py; 10K FID is higher)")
+                   help="images per evaluation (default: %(default)s; the paper's tables use 50K: scripts/curves.py; "
+                        "a 10K FID is higher than a 50K one)")
     g.add_argument("--eval-mode", choices=("sde", "ode"), default="sde",
                    help="sampler, as generate.py --mode (default: REPA's Euler-Maruyama SDE, the paper's protocol)")
-    g.add_argument("--eval-num-steps", type=int, default=250, help="sampler steps, as generate.py --num-steps")
-    g.add_argument("--eval-heun", action="store_true", help="--eval-mode ode only: Heun's corrector")
+    g.add_argument("--eval-num-steps", type=int, default=250,
+                   help="sampler steps, as generate.py --num-steps (default: %(default)s)")
+    g.add_argument("--eval-heun", action="store_true", help="--eval-mode ode only: Heun's corrector (default: off)")
     g.add_argument("--eval-cfg-scale", type=float, default=1.0,
                    help="classifier-free guidance scale (default 1: no guidance, the paper's Table 2 protocol)")
-    g.add_argument("--eval-guidance-low", type=float, default=0.0, help="guidance applies at t >= this")
-    g.add_argument("--eval-guidance-high", type=float, default=1.0, help="guidance applies at t <= this")
+    g.add_argument("--eval-guidance-low", type=float, default=0.0,
+                   help="guidance applies at t >= this (default: %(default)s)")
+    g.add_argument("--eval-guidance-high", type=float, default=1.0,
+                   help="guidance applies at t <= this (default: %(default)s)")
     g.add_argument("--eval-seed", type=int, default=0,
-                   help="sample i depends only on (this seed, i), as generate.py --global-seed")
+                   help="sample i depends only on (this seed, i), as generate.py --global-seed (default: %(default)s)")
     g.add_argument("--eval-label-sampling", choices=("random", "balanced"), default="random",
-                   help="class of each sample, as generate.py --label-sampling")
+                   help="class of each sample, as generate.py --label-sampling (default: %(default)s)")
     g.add_argument("--eval-pixel-rounding", choices=PIXEL_ROUNDINGS, default="repa",
-                   help="decoder output -> 8-bit pixels, as generate.py --pixel-rounding")
-    g.add_argument("--eval-batch-size", type=int, default=64, help="images per sampling batch on each process")
+                   help="decoder output -> 8-bit pixels, as generate.py --pixel-rounding (default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=64,
+                   help="images per sampling batch on each process; does not change the images (default: %(default)s)")
     g.add_argument("--inception-weights", default=None,
                    help="torch-fidelity's Inception weights file (default: $VAE_REPA_INCEPTION_WEIGHTS, else "
                         "torch.hub's cache, else downloaded), as evaluations/evaluator.py --inception-weights")
