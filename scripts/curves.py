@@ -84,12 +84,13 @@ def protocol_caption(args: argparse.Namespace) -> str:
 
 
 def run_tool(argv: list[str], nproc: int = 1) -> None:
-    """Run generate.py or the evaluator as a user would (torchrun for several processes); stop on failure."""
+    """Run a script (generate.py, evaluations/evaluator.py: argv[0]) as a user would, in this directory (torchrun for
+    several processes); stop on failure."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     f"--nproc_per_node={nproc}"]
-    done = subprocess.run(launcher + argv, cwd=ROOT)
+    done = subprocess.run(launcher + argv)
     if done.returncode != 0:
-        raise SystemExit(f"error: {' '.join(argv[:1])} failed (exit {done.returncode}); rerun to resume")
+        raise SystemExit(f"error: {Path(argv[0]).name} failed (exit {done.returncode}); rerun to resume")
 
 
 def run_info(run: Path) -> dict:
@@ -127,7 +128,7 @@ def evaluate_checkpoint(args: argparse.Namespace, run: Path, step: int, ckpt: Pa
     metrics_path = work / f"{step:07d}.metrics.json"
     if not metrics_path.is_file():
         # generate.py keeps the PNGs a killed attempt wrote and only samples the missing ones
-        gen = ["generate.py", "--ckpt", str(ckpt), "--sample-dir", str(sample_dir), "--num-fid-samples",
+        gen = [str(ROOT / "generate.py"), "--ckpt", str(ckpt), "--sample-dir", str(sample_dir), "--num-fid-samples",
                str(args.num_samples), "--mode", args.mode, "--num-steps", str(args.num_steps), "--cfg-scale",
                str(args.cfg_scale), "--guidance-high", str(args.guidance_high), "--global-seed",
                str(args.global_seed), "--per-proc-batch-size", str(args.per_proc_batch_size)]
@@ -135,8 +136,8 @@ def evaluate_checkpoint(args: argparse.Namespace, run: Path, step: int, ckpt: Pa
         npzs = sorted(sample_dir.glob("*.npz"))
         if len(npzs) != 1:
             raise SystemExit(f"error: expected one .npz in {sample_dir}, found {len(npzs)}")
-        ev = ["-m", "evaluations.evaluator", str(args.ref), str(npzs[0]), "--out", str(metrics_path), "--overwrite",
-              "--quiet"]
+        ev = [str(ROOT / "evaluations" / "evaluator.py"), str(args.ref), str(npzs[0]), "--out", str(metrics_path),
+              "--overwrite", "--quiet"]
         ev += (["--device", args.device] if args.device else [])
         run_tool(ev + (["--inception-weights", args.inception_weights] if args.inception_weights else []))
     metrics = json.loads(metrics_path.read_text())

@@ -37,7 +37,7 @@ def calls(monkeypatch):
 
     def run_tool(argv, nproc=1):
         seen.append(argv)
-        rc = generate.main(argv[1:]) if argv[0] == "generate.py" else evaluator.main(argv[2:])
+        rc = (generate.main if argv[0].endswith("generate.py") else evaluator.main)(argv[1:])
         assert rc == 0, argv
 
     monkeypatch.setattr(curves, "run_tool", run_tool)
@@ -80,7 +80,8 @@ def test_curves_evaluates_each_checkpoint_once_and_tabulates_what_the_tools_meas
     argv = [str(tiny), str(xl), "--ref", str(ref), "--num-samples", "6", "--num-steps", "2", "--device", "cpu",
             "--inception-weights", str(weights), "--per-proc-batch-size", "3", "--out-dir", str(tmp_path / "out")]
     assert curves.main(argv) == 0
-    assert [a[0] for a in calls] == ["generate.py", "-m", "generate.py", "-m"]  # two checkpoints, two tools each
+    # two checkpoints, the two tools for each
+    assert [Path(a[0]).name for a in calls] == ["generate.py", "evaluator.py", "generate.py", "evaluator.py"]
 
     rows = read_csv(tmp_path / "out" / "curves.csv")
     ours = {int(r["step"]): r for r in rows if r["run"] == "tiny" and r["series"] == "6 samples"}
