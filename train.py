@@ -17,6 +17,7 @@ from pathlib import Path
 import alignment  # declares the methods' flags without importing torch
 import cli
 from cli import MODEL_NAMES, PATH_TYPES, TRUST_FLAG, TRUST_HELP, WEIGHTINGS
+from training import eval_flags  # --eval-* flags (torch-free)
 
 
 def __getattr__(name: str):
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="REPA's tracker folder: refused here, as the log, args.json and tracker files all go in the "
                         "run directory <output-dir>/<exp-name>")
     alignment.add_arguments(p)
+    eval_flags.add_arguments(p)
     return p
 
 
@@ -158,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.cos_loss_coeff >= 0:
         p.error(f"--cos-loss-coeff must be >= 0, got {args.cos_loss_coeff}")
     check_ranges(args, p.error)
+    eval_flags.check_arguments(args, p.error)
     return args
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+from typing import NamedTuple
 
 import cli
 from evaluations import DEFAULT_BATCH_SIZE, DEFAULT_REF_PR_IMAGES, DEFAULT_WORKERS, INCEPTION_WEIGHTS_ENV
@@ -96,6 +97,7 @@ from evaluations.data import EvaluationError, NpzImageWriter, npz_keys, open_ima
 from evaluations.inception import (
     POOL_DIM,
     SPATIAL_DIM,
+    Features,
     InceptionFeatures,
     default_device,
     extract_features,
@@ -169,13 +171,9 @@ def evaluate(
         if verbose:
             print(message, file=sys.stderr, flush=True)
 
-    is_npz = not isinstance(ref, np.ndarray) and Path(ref).is_file() and Path(ref).suffix.lower() == ".npz"
-    ref_stats = read_reference_stats(ref) if is_npz else None
+    ref_images, ref_stats = open_reference(ref, num_workers)
     stats_stored = ref_stats is not None
-    ref_images = None
-    if not stats_stored or "arr_0" in npz_keys(ref):
-        ref_images = open_images(ref, num_workers, "reference batch")
-    else:
+    if ref_images is None:
         log(f"{ref} holds statistics but no images (arr_0): precision and recall are skipped")
     sample_images = open_images(sample, num_workers, "sample batch")
     if save_ref is not None and stats_stored:
@@ -191,7 +189,32 @@ def evaluate(
         raise EvaluationError(f"device {device} requested, but CUDA is not available here")
     model = InceptionFeatures(inception_weights).to(device)
     extract = dict(batch_size=batch_size, device=device, progress=verbose)
+    reference = reference_features(ref_images, ref_stats, model, save_ref=save_ref, ref_pr_images=ref_pr_images,
+                                   log=log, **extract)
+    log(f"computing sample features ({len(sample_images)} images)...")
+    sample_features = extract_features(model, sample_images, desc="samples", **extract)
+    log("computing metrics...")
+    return {
+        **score_features(sample_features, reference, device=device),
+        "num_ref_images": 0 if ref_images is None else len(ref_images),
+        "inception_weights": model.weights,
+        "device": str(device),
+    }
 
+
+class Reference(NamedTuple):
+    """What scoring needs of a reference batch: its (pool, spatial) statistics, its pool features for
+    precision/recall (None without images), and whether the statistics were stored in the file or computed."""
+
+    stats: tuple[FIDStatistics, FIDStatistics]
+    pr_features: np.ndarray | None
+    stats_stored: bool
+
+
+def reference_features(ref_images, ref_stats, model: InceptionFeatures, *, save_ref=None,
+                       ref_pr_images: int = DEFAULT_REF_PR_IMAGES, log=lambda message: None, **extract) -> Reference:
+    """The reference's statistics (stored ones, else computed from all its images) and precision/recall features."""
+    stats_stored = ref_stats is not None
     ref_pr_features = None
     if ref_images is not None:
         keep = np.arange(len(ref_images)) if stats_stored else evenly_spaced(len(ref_images), ref_pr_images)
@@ -216,31 +239,36 @@ def evaluate(
                 writer.abort()
             raise
         ref_pr_features = ref_features.pool[keep]
+    return Reference(ref_stats, ref_pr_features, stats_stored)
 
-    log(f"computing sample features ({len(sample_images)} images)...")
-    sample_features = extract_features(model, sample_images, desc="samples", **extract)
+
+def open_reference(ref: str | os.PathLike | np.ndarray, num_workers: int = DEFAULT_WORKERS):
+    """(reference images or None, stored statistics or None) of a reference batch, as `evaluate` reads it."""
+    is_npz = not isinstance(ref, np.ndarray) and Path(ref).is_file() and Path(ref).suffix.lower() == ".npz"
+    ref_stats = read_reference_stats(ref) if is_npz else None
+    ref_images = None
+    if ref_stats is None or "arr_0" in npz_keys(ref):
+        ref_images = open_images(ref, num_workers, "reference batch")
+    return ref_images, ref_stats
+
+
+def score_features(sample_features: Features, reference: Reference, device: str | torch.device = "cpu") -> dict:
+    """ADM's metrics of sample features (in sample order: IS scores contiguous splits) against a reference."""
     sample_stats = compute_statistics(sample_features.pool), compute_statistics(sample_features.spatial)
-
-    log("computing metrics...")
     is_mean, is_std = inception_score(sample_features.logits)
-    fid = frechet_distance(sample_stats[0], ref_stats[0])
-    sfid = frechet_distance(sample_stats[1], ref_stats[1])
     precision = recall = None
-    if ref_pr_features is not None:
-        precision, recall = precision_recall(ref_pr_features, sample_features.pool, device=device)
+    if reference.pr_features is not None:
+        precision, recall = precision_recall(reference.pr_features, sample_features.pool, device=device)
     return {
         "inception_score": is_mean,
         "inception_score_std": is_std,
-        "fid": fid,
-        "sfid": sfid,
+        "fid": frechet_distance(sample_stats[0], reference.stats[0]),
+        "sfid": frechet_distance(sample_stats[1], reference.stats[1]),
         "precision": precision,
         "recall": recall,
-        "num_samples": len(sample_images),
-        "num_ref_images": 0 if ref_images is None else len(ref_images),
-        "num_ref_pr_images": 0 if ref_pr_features is None else len(ref_pr_features),
-        "ref_stats": "stored" if stats_stored else "computed",
-        "inception_weights": model.weights,
-        "device": str(device),
+        "num_samples": len(sample_features.pool),
+        "num_ref_pr_images": 0 if reference.pr_features is None else len(reference.pr_features),
+        "ref_stats": "stored" if reference.stats_stored else "computed",
     }
 
 

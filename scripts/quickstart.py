@@ -64,6 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available, else the CPU; cpu also hides the GPUs from the subprocesses")
     g.add_argument("--seed", type=int, default=0, help="seed of every stage (default: %(default)s)")
+    g.add_argument("--seeds", type=int, default=1,
+                   help="train each arm with N SiT seeds (--seed, --seed + 1, ...); the VAE, the latents, the "
+                        "classifier and the sampling noise are shared, so the arms are compared seed by seed "
+                        "(paired) and the table says whether the difference exceeds its spread (default: %(default)s)")
+    g.add_argument("--curve-points", type=int, default=None,
+                   help="checkpoints per run that are sampled and scored, evenly spaced, for the metric curves "
+                        "(default: 1, the last step, with one seed; 4 with --seeds > 1)")
     g.add_argument("--held-out", type=float, default=0.2,
                    help="fraction of each class held out from the classifier, for its accuracy and the real "
                         "statistics of the Frechet distance (default: %(default)s)")
@@ -113,6 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA device is available")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    if args.curve_points is None:
+        args.curve_points = 1 if args.seeds == 1 else 4
+    if not 1 <= args.curve_points <= args.train_steps:
+        p.error("--curve-points must be between 1 and --train-steps")
     return args
 
 
@@ -139,22 +152,50 @@ def prepare_output_dir(out: Path, overwrite: bool, settings: dict) -> bool:
     return False
 
 
-def train_command(args: argparse.Namespace, out: Path, arm: str) -> list[str]:
+def model_description(args: argparse.Namespace) -> str:
+    """What the quickstart trains, said plainly: SiT-S/2's layout shrunk, not SiT-S/2 itself."""
+    return (f"a SiT with SiT-S/2's layout (patch 2) shrunk to {args.depth} blocks of width {args.hidden_size} with "
+            f"{args.num_heads} heads (SiT-S/2 itself has 12 blocks of width 384 and 6 heads)")
+
+
+def run_name(arm: str, seed: int, args: argparse.Namespace) -> str:
+    return arm if args.seeds == 1 else f"{arm}-seed{seed}"
+
+
+def eval_steps(args: argparse.Namespace) -> list[int]:
+    """The steps whose checkpoints are sampled and scored: --curve-points of them, evenly spaced, the last included."""
+    every = args.train_steps // args.curve_points
+    return sorted({every * (k + 1) for k in range(args.curve_points - 1)} | {args.train_steps})
+
+
+def train_command(args: argparse.Namespace, out: Path, arm: str, seed: int | None = None) -> list[str]:
+    seed = args.seed if seed is None else seed
+    steps = eval_steps(args)
+    every = steps[0] if len(steps) > 1 else args.train_steps
     cmd = [sys.executable, "train.py", "--data-dir", str(out / "latents"), "--output-dir", str(out / "runs"),
-           "--exp-name", arm, "--seed", str(args.seed),
+           "--exp-name", run_name(arm, seed, args), "--seed", str(seed),
            "--model", "SiT-S/2", "--depth", str(args.depth), "--hidden-size", str(args.hidden_size),
            "--num-heads", str(args.num_heads), "--vae-repa-depth", str(args.vae_repa_depth),
            "--vae-repa-coeff", str(args.vae_repa_coeff),
            "--max-train-steps", str(args.train_steps), "--batch-size", str(args.batch_size),
            "--learning-rate", str(args.learning_rate), "--ema-decay", f"{args.ema_decay:.6f}",
-           "--logging-steps", str(args.logging_steps), "--checkpointing-steps", str(args.train_steps),
-           "--sample-every", "0", "--mixed-precision", "no", "--num-workers", "0", "--in-memory", "--no-flip"]
+           "--logging-steps", str(args.logging_steps), "--checkpointing-steps", str(every),
+           "--keep-last", "1", "--keep-every", str(every), "--sample-every", "0", "--mixed-precision", "no",
+           "--num-workers", "0", "--in-memory", "--no-flip"]
     return cmd + (["--no-align"] if arm == "vanilla" else [])
 
 
-def generate_command(args: argparse.Namespace, out: Path, arm: str) -> list[str]:
-    return [sys.executable, "generate.py", "--ckpt", str(out / "runs" / arm),
-            "--sample-dir", str(out / "samples" / arm), "--mode", args.sampler,
+def sample_dir(args: argparse.Namespace, out: Path, name: str, step: int) -> Path:
+    return out / "samples" / name if args.curve_points == 1 else out / "samples" / name / f"step-{step:07d}"
+
+
+def generate_command(args: argparse.Namespace, out: Path, arm: str, seed: int | None = None,
+                     step: int | None = None) -> list[str]:
+    """generate.py on one checkpoint; the sampling seed is --seed for every run, so all runs share the noise."""
+    name = run_name(arm, args.seed if seed is None else seed, args)
+    step = args.train_steps if step is None else step
+    return [sys.executable, "generate.py", "--ckpt", str(out / "runs" / name / "checkpoints" / f"{step:07d}.pt"),
+            "--sample-dir", str(sample_dir(args, out, name, step)), "--mode", args.sampler,
             "--num-steps", str(args.sampling_steps), "--cfg-scale", str(args.cfg_scale),
             "--num-fid-samples", str(args.num_samples), "--label-sampling", "balanced",
             "--global-seed", str(args.seed), "--per-proc-batch-size", str(min(args.num_samples, 500)),
@@ -197,6 +238,25 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['name']:<24}{cell(r, 'accuracy', 15, '.3f')}{cell(r, 'fd', 16, '.2f')}"
                      f"{cell(r, 'loss', 14, '.4f')}{cell(r, 'vae_repa_loss', 12, '.4f')}")
     return "\n".join(lines)
+
+
+SHARED_NOISE_NOTE = (
+    "Both arms, and every SiT seed, are sampled with the same generate.py seed: sample i has the same class, initial "
+    "noise and SDE noise in every run, so the paired differences are not sampling noise. Scores from {samples} samples "
+    "per point; shaded (left): min-max over the {seeds} SiT seeds, faint lines: single seeds.")
+
+
+def table_caption(args: argparse.Namespace, num_real: int, num_seeds: int) -> str:
+    """What each column of the results table is and which direction is better."""
+    return (
+        f"Results: {model_description(args)}, {args.train_steps} steps, "
+        f"{num_seeds} SiT seed{'s' if num_seeds > 1 else ''} per arm ({'paired: ' if num_seeds > 1 else ''}VAE, "
+        f"latents, classifier and sampling noise shared). class accuracy: fraction of the {args.num_samples} samples "
+        f"per run that the digit classifier assigns to the requested class (higher is better; the 'real (held out)' "
+        f"row is the classifier's own accuracy, the ceiling; chance is 1 / classes). FD: Frechet distance between "
+        f"the classifier's features of the samples and of {num_real} held-out real images (lower is better). denoise "
+        f"loss / align loss: mean of the last 10% of logged training losses (velocity MSE; VAE-REPA's smooth-L1 "
+        f"term): lower fits the training data better, but they are not sample quality.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,26 +315,32 @@ def main(argv: list[str] | None = None) -> int:
                     "--num-workers", "0"],
                    out / "logs" / "encode.log", env, echo=lambda line: line if line.startswith("done") else None)
 
-    # 4. Train both arms.
-    for arm in ARMS:
-        clock.stage(f"train-{arm}", f"Train SiT ({arm}): {args.train_steps} steps, batch {args.batch_size}, "
-                                    f"depth {args.depth}, width {args.hidden_size}"
+    # 4. Train both arms (with each SiT seed).
+    seeds = [args.seed + k for k in range(args.seeds)]
+    runs = [(arm, seed, run_name(arm, seed, args)) for seed in seeds for arm in ARMS]
+    steps = eval_steps(args)
+    for arm, seed, name in runs:
+        clock.stage(f"train-{name}", f"Train ({name}): {model_description(args)}; {args.train_steps} steps, batch "
+                                     f"{args.batch_size}, seed {seed}"
                     + (f", alignment after block {args.vae_repa_depth}, lambda {args.vae_repa_coeff}"
                        if arm == "vae-repa" else ", no alignment"))
-        lib.run_logged(train_command(args, out, arm), out / "logs" / f"train-{arm}.log", env,
+        lib.run_logged(train_command(args, out, arm, seed), out / "logs" / f"train-{name}.log", env,
                        echo=train_progress_filter(args))
 
-    # 5. Sample both.
+    # 5. Sample every scored checkpoint; the same generate.py seed for every run (shared sampling noise).
     npz = {}
-    for arm in ARMS:
-        clock.stage(f"sample-{arm}", f"Sample ({arm}): {args.num_samples} images, {args.sampler.upper()} "
-                                     f"{args.sampling_steps} steps, CFG {args.cfg_scale}")
-        lib.run_logged(generate_command(args, out, arm), out / "logs" / f"generate-{arm}.log", env,
-                       echo=lambda line: line.split(";")[0] if line.startswith("Done") else None)
-        found = sorted((out / "samples" / arm).glob("*.npz"))
-        if len(found) != 1:
-            raise RuntimeError(f"expected one .npz in {out / 'samples' / arm}, found {len(found)}")
-        npz[arm] = found[0]
+    for arm, seed, name in runs:
+        clock.stage(f"sample-{name}", f"Sample ({name}): {args.num_samples} images at step"
+                                      f"{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}, "
+                                      f"{args.sampler.upper()} {args.sampling_steps} steps, CFG {args.cfg_scale}")
+        for step in steps:
+            lib.run_logged(generate_command(args, out, arm, seed, step),
+                           out / "logs" / f"generate-{name}-{step:07d}.log", env,
+                           echo=lambda line: line.split(";")[0] if line.startswith("Done") else None)
+            found = sorted(sample_dir(args, out, name, step).glob("*.npz"))
+            if len(found) != 1:
+                raise RuntimeError(f"expected one .npz in {sample_dir(args, out, name, step)}, found {len(found)}")
+            npz[name, step] = found[0]
 
     # 6. Score.
     clock.stage("score", f"Score: digit classifier ({args.classifier_epochs} epochs on the training split), "
@@ -289,44 +355,61 @@ def main(argv: list[str] | None = None) -> int:
         {"name": "VAE reconstructions", "accuracy": float(np.mean(pred == labels[test_idx])),
          "fd": lib.frechet_distance(recon_features, real_features)},
     ]
-    curves = {}
-    for arm in ARMS:
-        samples = np.load(npz[arm])["arr_0"]
-        wanted = np.arange(len(samples)) % num_classes  # generate.py --label-sampling balanced
-        pred, features = lib.classify(classifier, samples, device)
-        curves[arm] = lib.parse_train_log(out / "runs" / arm / "log.txt")
-        rows.append({"name": f"SiT {arm}", "accuracy": float(np.mean(pred == wanted)),
-                     "fd": lib.frechet_distance(features, real_features),
-                     "loss": final_mean(curves[arm]["loss"]),
-                     "vae_repa_loss": final_mean(curves[arm]["vae_repa_loss"]) if arm == "vae-repa" else None,
-                     "train_seconds": clock.times[f"train-{arm}"]})
-        lib.save_class_grid(samples, wanted, num_classes, args.per_class_grid, out / f"grid_{arm}.png",
-                            f"{arm}: row = requested class")
+    curves, points = {}, {arm: {} for arm in ARMS}
+    for arm, seed, name in runs:
+        for step in steps:
+            samples = np.load(npz[name, step])["arr_0"]
+            wanted = np.arange(len(samples)) % num_classes  # generate.py --label-sampling balanced
+            pred, features = lib.classify(classifier, samples, device)
+            points[arm].setdefault(seed, {})[step] = {"accuracy": float(np.mean(pred == wanted)),
+                                                       "fd": lib.frechet_distance(features, real_features)}
+        curves[name] = lib.parse_train_log(out / "runs" / name / "log.txt")
+        rows.append({"name": f"SiT {name}", **points[arm][seed][args.train_steps],
+                     "loss": final_mean(curves[name]["loss"]),
+                     "vae_repa_loss": final_mean(curves[name]["vae_repa_loss"]) if arm == "vae-repa" else None,
+                     "train_seconds": clock.times[f"train-{name}"]})
+        if seed == args.seed:
+            lib.save_class_grid(samples, wanted, num_classes, args.per_class_grid, out / f"grid_{arm}.png",
+                                f"{name}: row = requested class")
     lib.side_by_side([out / "grid_real.png", *[out / f"grid_{arm}.png" for arm in ARMS]], out / "grids.png")
     lib.plot_loss_curves(curves, out / "loss_curves.png")
+    final = {arm: [points[arm][s][args.train_steps] for s in seeds] for arm in ARMS}
+    paired = [lib.paired_summary([p[key] for p in final["vae-repa"]], [p[key] for p in final["vanilla"]], what,
+                                 higher)
+              for key, what, higher in (("accuracy", "class accuracy", True), ("fd", "Frechet distance", False))]
+    if len(steps) > 1:
+        lib.plot_metric_curves(points, out / "metric_curves.png", SHARED_NOISE_NOTE.format(
+            seeds=len(seeds), samples=args.num_samples))
     clock.done()
 
     table = format_table(rows)
+    caption = table_caption(args, len(test_idx), len(seeds))
     results = {"rows": rows, "held_out_accuracy": held_out_acc, "num_samples": args.num_samples,
                "num_real_held_out": len(test_idx), "vae_reconstruction_mse": recon_mse, "latent_scale": scale,
                "latent_shift": shift, "stage_seconds": clock.times, "total_seconds": clock.total,
-               "device": args.device, "args": vars(args)}
+               "device": args.device, "model": model_description(args), "seeds": seeds, "scored_steps": steps,
+               "points": {arm: {str(s): {str(t): v for t, v in pts.items()} for s, pts in by_seed.items()}
+                          for arm, by_seed in points.items()},
+               "paired": paired, "caption": caption, "args": vars(args)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.txt").write_text(table + "\n")
+    verdict = "\n".join(p["sentence"] for p in paired)
+    (out / "results.txt").write_text(f"{caption}\n\n{table}\n\n{verdict}\n")
 
-    print(f"\nResults ({args.num_samples} samples per run; FD against {len(test_idx)} held-out real images; "
-          f"losses: mean of the last 10% of logged steps)\n")
+    print(f"\n{caption}\n")
     print(table)
+    print(f"\n{verdict}")
     print(f"\nDigit classifier accuracy on the held-out real images: {held_out_acc:.3f} (chance {1 / num_classes:.3f})")
     print(f"\nOutputs (total {clock.total / 60:.1f} min):")
     where = [
         ("image folder", image_dir), ("real images grid", out / "grid_real.png"), ("tiny VAE", out / "vae"),
         ("VAE reconstructions", out / "vae_reconstructions.png"), ("latent dataset", out / "latents"),
-        *[(f"{arm} run (args, log, checkpoint)", out / "runs" / arm) for arm in ARMS],
-        *[(f"{arm} samples (PNGs, .npz)", npz[arm].with_suffix("")) for arm in ARMS],
+        *[(f"{name} run (args, log, checkpoints)", out / "runs" / name) for _, _, name in runs],
+        *[(f"{name} samples (PNGs, .npz)", npz[name, args.train_steps].with_suffix("")) for _, _, name in runs],
         *[(f"{arm} sample grid", out / f"grid_{arm}.png") for arm in ARMS],
         ("grids side by side (real | vae-repa | vanilla)", out / "grids.png"),
-        ("loss curves", out / "loss_curves.png"), ("results table", out / "results.txt"),
+        ("loss curves", out / "loss_curves.png"),
+        *([("metric curves (mean and spread over seeds)", out / "metric_curves.png")] if len(steps) > 1 else []),
+        ("results table", out / "results.txt"),
         ("results (machine-readable)", out / "results.json"), ("subprocess logs", out / "logs"),
     ]
     width = max(len(what) for what, _ in where)

@@ -282,13 +282,18 @@ def plot_loss_curves(curves: dict[str, dict[str, np.ndarray]], path: Path) -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, log in curves.items():
-        left.plot(log["step"], log["loss"], label=name, marker="." if len(log["step"]) < 30 else None)
+    for k, (name, log) in enumerate(curves.items()):  # one colour per run in both panels
+        left.plot(log["step"], log["loss"], label=name, color=f"C{k}", marker="." if len(log["step"]) < 30 else None)
         if np.any(log.get("vae_repa_loss", np.zeros(1)) > 0):
-            right.plot(log["step"], log["vae_repa_loss"], label=name)
-    left.set(xlabel="training step", ylabel="denoising (velocity) loss", title="denoising loss", yscale="log")
+            right.plot(log["step"], log["vae_repa_loss"], label=name, color=f"C{k}")
+    left.set(xlabel="training step", ylabel="denoising (velocity) loss (log scale)", title="denoising loss",
+             yscale="log")
+    # plain numbers on the log axis (matplotlib would label a range inside one decade "6 x 10^-1" or not at all)
+    left.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    left.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
     right.set(xlabel="training step", ylabel="smooth-L1 alignment loss", title="VAE-REPA alignment loss")
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -390,3 +395,71 @@ class Stopwatch:
     @property
     def total(self) -> float:
         return time.time() - self.start
+
+
+# ----------------------------------------------------------------------------------------------
+# Several seeds: paired differences and curves with their spread
+
+
+def paired_summary(treated: list[float], control: list[float], metric: str, higher_is_better: bool) -> dict:
+    """Mean and spread of the per-seed differences treated - control, and a sentence saying whether the mean
+    difference exceeds its spread (the standard deviation of the differences over seeds)."""
+    diff = np.asarray(treated, float) - np.asarray(control, float)
+    n = len(diff)
+    mean = float(diff.mean())
+    if n < 2:
+        return {"metric": metric, "n": n, "mean": mean, "std": None, "exceeds": None,
+                "sentence": f"{metric}: VAE-REPA minus vanilla = {mean:+.3g} from one seed; one seed has no spread "
+                            f"to compare it with (use --seeds 3 or more)."}
+    std = float(diff.std(ddof=1))
+    exceeds = abs(mean) > std
+    favour = "in VAE-REPA's favour" if (mean > 0) == higher_is_better else "against VAE-REPA"
+    verdict = (f"the mean difference exceeds its spread ({favour})" if exceeds else
+               "the mean difference does not exceed its spread: no effect of VAE-REPA can be told apart from the "
+               "seed-to-seed variation at this scale")
+    return {"metric": metric, "n": n, "mean": mean, "std": std, "exceeds": exceeds,
+            "per_seed": diff.tolist(),
+            "sentence": f"{metric} ({'higher' if higher_is_better else 'lower'} is better): VAE-REPA minus vanilla = "
+                        f"{mean:+.3g} ± {std:.3g} (mean ± standard deviation of the {n} paired per-seed differences: "
+                        f"{', '.join(f'{d:+.3g}' for d in diff)}); {verdict}."}
+
+
+def plot_metric_curves(points: dict[str, dict[int, dict[int, dict]]], path: Path, note: str) -> None:
+    """points[arm][seed][step] = {"accuracy", "fd"}: per metric, each arm's mean over seeds with its min-max band and
+    the seeds as faint lines (left), and the paired difference VAE-REPA - vanilla, mean ± std (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("accuracy", "class accuracy (higher is better)"),
+               ("fd", "Fréchet distance, CNN features (lower is better)"))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
+    arms = list(points)
+    seeds = sorted(set.intersection(*(set(points[a]) for a in arms)))
+    for i, (key, label) in enumerate(metrics):
+        left, right = axes[i]
+        for k, arm in enumerate(arms):
+            steps = sorted(set.intersection(*(set(points[arm][s]) for s in seeds)))
+            values = np.array([[points[arm][s][t][key] for t in steps] for s in seeds])
+            colour = f"C{k}"
+            for row in values:
+                left.plot(steps, row, color=colour, alpha=0.25, lw=0.8)
+            left.plot(steps, values.mean(0), color=colour, marker="o", label=f"{arm} (mean of {len(seeds)} seeds)")
+            left.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.15)
+        steps = sorted(set.intersection(*(set(points[a][s]) for a in arms for s in seeds)))
+        diff = np.array([[points[arms[0]][s][t][key] - points[arms[1]][s][t][key] for t in steps] for s in seeds])
+        spread = diff.std(0, ddof=1) if len(seeds) > 1 else np.zeros(len(steps))
+        right.axhline(0, color="grey", lw=0.8)
+        right.plot(steps, diff.mean(0), color="k", marker="o", label="mean paired difference")
+        right.fill_between(steps, diff.mean(0) - spread, diff.mean(0) + spread, color="k", alpha=0.15,
+                           label="± std over seeds")
+        left.set(xlabel="training step", ylabel=label)
+        right.set(xlabel="training step", ylabel=f"{arms[0]} − {arms[1]}", title=f"paired difference, {key}")
+        for ax in (left, right):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.text(0.5, 0.01, note, ha="center", fontsize=8, wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

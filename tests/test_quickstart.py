@@ -139,3 +139,45 @@ def test_a_second_run_reuses_or_restarts_its_own_folder(tmp_path, capsys):
 def test_eta_text():
     assert lib.eta_text(60.0, 10, 30) == "elapsed 01:00, about 02:00 left"
     assert lib.eta_text(5.0, 0, 4).startswith("elapsed 00:05")
+
+
+def test_paired_summary_says_whether_the_difference_exceeds_its_spread():
+    # differences +0.01, +0.02, +0.03: mean 0.02, std 0.01 -> exceeds, in VAE-REPA's favour for accuracy
+    s = lib.paired_summary([0.51, 0.62, 0.73], [0.50, 0.60, 0.70], "class accuracy", higher_is_better=True)
+    assert s["mean"] == pytest.approx(0.02) and s["std"] == pytest.approx(0.01) and s["exceeds"] is True
+    assert "exceeds its spread (in VAE-REPA's favour)" in s["sentence"] and "+0.02 ± 0.01" in s["sentence"]
+    # the same differences for a lower-is-better metric count against VAE-REPA
+    s = lib.paired_summary([10.01, 10.02, 10.03], [10, 10, 10], "FD", higher_is_better=False)
+    assert s["exceeds"] is True and "against VAE-REPA" in s["sentence"]
+    # +0.007, -0.016, -0.013 (the one-seed differences): mean -0.0073, std 0.0125 -> no
+    s = lib.paired_summary([0.007, -0.016, -0.013], [0, 0, 0], "class accuracy", higher_is_better=True)
+    assert s["exceeds"] is False and "does not exceed its spread" in s["sentence"]
+    assert s["std"] == pytest.approx(float(np.std([0.007, -0.016, -0.013], ddof=1)))
+    s = lib.paired_summary([0.7], [0.6], "class accuracy", higher_is_better=True)
+    assert s["exceeds"] is None and "one seed" in s["sentence"]
+
+
+def test_seeds_share_everything_but_the_sit_seed(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import quickstart
+
+    args = quickstart.parse_args(["--smoke", "--seeds", "3", "--train-steps", "30", "--output-dir", str(tmp_path)])
+    assert args.curve_points == 4 and quickstart.eval_steps(args) == [7, 14, 21, 30]
+    cmds = {seed: quickstart.train_command(args, tmp_path, "vae-repa", seed) for seed in (0, 2)}
+    differ = [(a, b) for a, b in zip(*cmds.values()) if a != b]
+    assert differ == [("vae-repa-seed0", "vae-repa-seed2"), ("0", "2")]  # the run's name and --seed only
+    gens = [quickstart.generate_command(args, tmp_path, arm, seed, 14) for arm in quickstart.ARMS for seed in (0, 1)]
+    seeds = {g[g.index("--global-seed") + 1] for g in gens}
+    assert seeds == {"0"}  # one sampling seed for every run: the arms share the sampling noise
+    assert gens[0][gens[0].index("--ckpt") + 1].endswith("vae-repa-seed0/checkpoints/0000014.pt")
+    one = quickstart.parse_args(["--smoke", "--output-dir", str(tmp_path)])
+    assert one.curve_points == 1 and quickstart.eval_steps(one) == [30]
+    assert "--exp-name" in (cmd := quickstart.train_command(one, tmp_path, "vanilla")) and "vanilla" in cmd
+
+
+def test_metric_curves_plot(tmp_path):
+    points = {arm: {seed: {step: {"accuracy": 0.1 * step + seed / 10 + k, "fd": 50 - step + seed}
+                           for step in (10, 20)} for seed in (0, 1, 2)} for k, arm in enumerate(ARMS)}
+    lib.plot_metric_curves(points, tmp_path / "m.png", "note")
+    with Image.open(tmp_path / "m.png") as im:
+        assert im.size[0] > 500

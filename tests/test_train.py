@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -309,7 +310,9 @@ def test_offline_wandb_run_resumed_keeps_its_id(tmp_path, monkeypatch):
     run(tmp_path, data, "--exp-name", "w", "--max-train-steps", "2", "--report-to", "wandb", "--resume", "latest")
     run_id = (tmp_path / "runs/w/wandb_id.txt").read_text().strip()
     offline_runs = sorted((tmp_path / "runs/w/wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 2 and all(p.name.endswith(run_id) for p in offline_runs)
+    # wandb names a run's folder offline-run-<time>-<id>, adding "-1" when two start within the same second
+    assert len(offline_runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", p.name)
+                                          for p in offline_runs), [p.name for p in offline_runs]
 
 
 def test_tensorboard_tracker_writes_events(tmp_path):

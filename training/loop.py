@@ -37,6 +37,7 @@ from common import (
 from integrity import atomic_write, worker_init, write_text
 from loss import LossConfig, training_loss
 from training import guard
+from training.evaluation import make_evaluator
 
 logger = logging.getLogger("train")
 
@@ -277,6 +278,8 @@ def save_checkpoint(accelerator, state: dict, run_dir: Path, args: argparse.Name
                 run_dir / "checkpoints" / f"{step:07d}.pt", checksum=True)
     existing = list_checkpoints(run_dir / "checkpoints")
     keep = checkpoint_steps_to_keep(list(existing), args.keep_last, args.keep_every) | {step}
+    if getattr(args, "eval_every", 0) > 0:  # each logged metric stays reproducible from its checkpoint
+        keep |= {s for s in existing if s % args.eval_every == 0}
     for s in set(existing) - keep:
         existing[s].unlink()
         guard.checksum_sidecar(existing[s]).unlink(missing_ok=True)
@@ -419,6 +422,10 @@ def train(args: argparse.Namespace):
     log_summary(args, raw_model, methods, device, world, local_batch)
     watch = guard.Watch(accelerator, dataset, guard.start_data_verification(dataset, args, is_main), run_dir)
     args.created_run_dir = None  # set-up done: from here on the run directory is kept whatever happens
+    evaluator = make_evaluator(args, run_args, run_dir, accelerator)  # the Inception network, loaded once
+    clock_start = time.time() - (checkpoint.get("wall_seconds", 0.0) if checkpoint is not None else 0.0)
+    if evaluator is not None and evaluator.pending(step):  # a kill interrupted this step's evaluation: redo it
+        evaluator.run(ema, step, time.time() - clock_start)
 
     from tqdm.auto import tqdm
 
@@ -446,7 +453,8 @@ def train(args: argparse.Namespace):
         progress.update(1)
 
         log_now = step % args.logging_steps == 0 or step == args.max_train_steps
-        ckpt_now = step % args.checkpointing_steps == 0 or step == args.max_train_steps
+        eval_now = evaluator is not None and evaluator.due(step)
+        ckpt_now = step % args.checkpointing_steps == 0 or step == args.max_train_steps or eval_now
         watch.check(step, sync=log_now or ckpt_now, before_checkpoint=ckpt_now)
         if log_now:
             n = step - last_log_step
@@ -464,7 +472,10 @@ def train(args: argparse.Namespace):
         if ckpt_now:
             save_checkpoint(accelerator, {"model": raw_model.state_dict(), "ema": ema.state_dict(),
                                           "opt": optimizer.state_dict(), "step": step, "args": run_args,
-                                          "data": {"epoch": epoch, "position": position}}, run_dir, args)
+                                          "data": {"epoch": epoch, "position": position},
+                                          "wall_seconds": time.time() - clock_start}, run_dir, args)
+        if eval_now:
+            evaluator.run(ema, step, time.time() - clock_start)
         if args.sample_every > 0 and (step % args.sample_every == 0 or step == args.max_train_steps):
             if is_main:
                 save_sample_grid(ema, vae, run_args, device, run_dir, step, accelerator)
