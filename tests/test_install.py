@@ -29,7 +29,7 @@ def names(requirements: list[str]) -> set[str]:
 
 def third_party_imports(paths: list[str]) -> set[str]:
     local = {p.stem for p in ROOT.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
-    local |= {p.stem for p in (ROOT / "tests").glob("*.py")} | {"quickstart_lib", "quickstart"}
+    local |= {p.stem for p in [*(ROOT / "tests").glob("*.py"), *(ROOT / "scripts").glob("*.py")]}  # tests import these
     found = set()
     for path in paths:
         files = [ROOT / path] if path.endswith(".py") else sorted((ROOT / path).rglob("*.py"))
@@ -67,3 +67,11 @@ def test_requirements_txt_is_the_package_with_every_extra():
     lines = [line.strip() for line in text if line.strip()[:1] not in ("#", "")]
     assert lines == ["-e .[all]"]
     assert set(re.search(r"\[(.*)\]", extras["all"][0]).group(1).split(",")) == set(extras) - {"all"}
+
+
+def test_every_module_of_the_root_is_installed():
+    """A non-editable install gets what [tool.setuptools] names: every module and package of the repository root."""
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    modules = {p.stem for p in ROOT.glob("*.py")}
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name != "tests"}
+    assert set(setup["py-modules"]) == modules and set(setup["packages"]) == packages
