@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: the checkpoint's args, else {DEFAULT_VAE})")
     g.add_argument("--latent-stats", default=None,
                    help="LightningDiT's released checkpoints only: its latents_stats.pt (channel-wise mean and std) "
-                        "(default: latents_stats.pt beside the --vae file)")
+                        "(default: latents_stats.pt or *latents-stats.pt beside the --vae weights)")
 
     g = p.add_argument_group("sampler")
     g.add_argument("--mode", choices=("sde", "ode"), default="sde",
@@ -223,13 +223,13 @@ def _latent_shape_of(state: dict, ckpt: Path) -> list[int]:
 def _lightningdit_tokenizer(args: argparse.Namespace) -> tuple[str, list[float], list[float]]:
     """VAE and channel-wise normalisation of a released LightningDiT: --vae (VA-VAE's file) and its statistics,
     x = (z - mean) / std, i.e. scale = 1 / std and shift = -mean (LightningDiT's latent_multiplier is 1)."""
-    from latent_codecs import read_latent_stats
+    from latent_codecs import read_latent_stats, stats_beside
 
     if args.vae is None:
         raise UsageError("LightningDiT's checkpoints sample VA-VAE latents: pass --vae PATH/vavae-imagenet256-f16d32-"
                          "dinov2.pt (from the Hugging Face repository hustvl/vavae-imagenet256-f16d32-dinov2, with "
                          "its latents_stats.pt beside it)")
-    stats = args.latent_stats or str(Path(args.vae).expanduser().parent / "latents_stats.pt")
+    stats = args.latent_stats or stats_beside(args.vae) or str(Path(args.vae).expanduser().parent / "latents_stats.pt")
     try:
         mean, std = read_latent_stats(stats)
     except (OSError, KeyError, ValueError, RuntimeError) as e:

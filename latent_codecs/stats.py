@@ -54,6 +54,18 @@ def save_latent_stats(path: str | Path, mean: torch.Tensor, std: torch.Tensor) -
     torch.save({"mean": mean.detach().cpu().float(), "std": std.detach().cpu().float()}, Path(path))
 
 
+def stats_beside(vae: str | Path) -> str | None:
+    """A released statistics file next to a VAE's weights (the file's folder, or the diffusers folder itself):
+    latents_stats.pt (LightningDiT's VA-VAE) or *latents-stats.pt (REPA-E's E2E-VAEs); None for a hub id or when
+    there is none."""
+    path = Path(vae).expanduser()
+    folder = path.parent if path.is_file() else path if path.is_dir() else None
+    if folder is None:
+        return None
+    found = sorted(folder.glob("latents_stats.pt")) + sorted(folder.glob("*latents-stats.pt"))
+    return str(found[0]) if found else None
+
+
 def read_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std), each (1, C, 1, 1), from a latents_stats.pt ({'mean', 'std'}), loaded with weights_only=True."""
     path = Path(path)

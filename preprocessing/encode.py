@@ -378,21 +378,13 @@ def encode_batch(vae, images: np.ndarray, flip: bool, dtype: torch.dtype) -> lis
     return [mean[:n], std[:n], mean[n:], std[n:]] if flip else [mean, std]
 
 
-def _stats_beside(vae: str) -> str | None:
-    """A released statistics file next to the VAE's weights: latents_stats.pt (LightningDiT's VA-VAE) or
-    *latents-stats.pt (REPA-E's E2E-VAEs); None for a hub id or when there is none."""
-    path = Path(vae).expanduser()
-    folder = path.parent if path.is_file() else path if path.is_dir() else None
-    if folder is None:
-        return None
-    found = sorted(folder.glob("latents_stats.pt")) + sorted(folder.glob("*latents-stats.pt"))
-    return str(found[0]) if found else None
-
-
 def resolve_normalisation(args: argparse.Namespace, channels: int) -> dict:
     """The manifest's "normalization" entry: {"type": "scale"} (SD-VAE's (z + shift) * scale), or
     {"type": "channelwise", "stats": "compute" or a file, "multiplier", and "mean" / "std" when read from a file}."""
-    mode, beside = args.latent_norm, _stats_beside(args.vae)
+    _repository_on_path()
+    from latent_codecs import read_latent_stats, stats_beside
+
+    mode, beside = args.latent_norm, stats_beside(args.vae)
     if mode == "auto":
         mode = "scale" if channels == 4 and beside is None else "channelwise"
     if mode == "scale":
@@ -404,9 +396,6 @@ def resolve_normalisation(args: argparse.Namespace, channels: int) -> dict:
         source = beside or "compute"
     out = {"type": "channelwise", "stats": source, "multiplier": args.latent_multiplier}
     if source != "compute":
-        _repository_on_path()
-        from latent_codecs import read_latent_stats
-
         try:
             mean, std = read_latent_stats(source)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
