@@ -17,3 +17,13 @@ def pytest_collection_modifyitems(config, items):
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (use with `pytestmark = pytest.mark.usefixtures("one_thread")`): the
+    CPU machines running the suite share 2 cores, and more threads than cores makes CPU matmuls many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

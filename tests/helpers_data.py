@@ -136,3 +136,9 @@ def write_repa_layout(root: Path, mean: np.ndarray, std: np.ndarray, labels: np.
         entries.append([rel, int(labels[i])])
     (vae_dir / "dataset.json").write_text(json.dumps({"labels": entries}))
     return root
+
+
+def load_shards(dest: Path, kind: str) -> np.ndarray:
+    """One array kind ("mean", "std", "flip-mean", "images", ...) of every shard of a dataset, in manifest order."""
+    manifest = json.loads((dest / "manifest.json").read_text())
+    return np.concatenate([np.load(dest / s["files"][kind]) for s in manifest["shards"]])

@@ -27,13 +27,7 @@ SETTINGS = ["--num-fid-samples", str(N), "--num-steps", "4", "--cfg-scale", "1.5
             "--label-sampling", "random"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two cores shared by several test runs: more threads than cores makes CPU matmuls many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_data import CLASSES, CORRUPT, IMAGES, make_image_folder, make_tiny_vae
+from helpers_data import CLASSES, CORRUPT, IMAGES, load_shards, make_image_folder, make_tiny_vae
 from PIL import Image
 
 from dataset import LatentDataset
@@ -55,11 +55,6 @@ def setup(tmp_path_factory):
     ref = root / "ref"
     assert encode.main(argv(ref)) == 0
     return {"root": root, "src": src, "vae": vae_dir, "argv": argv, "ref": ref}
-
-
-def load_shards(dest: Path, kind: str) -> np.ndarray:
-    manifest = json.loads((dest / "manifest.json").read_text())
-    return np.concatenate([np.load(dest / s["files"][kind]) for s in manifest["shards"]])
 
 
 def test_center_crop_matches_adm_formula():

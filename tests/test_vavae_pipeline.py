@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_data import make_image_folder
+from helpers_data import load_shards, make_image_folder
 from PIL import Image
 
 import generate
@@ -54,18 +54,13 @@ def assets(tmp_path_factory):
     return {"root": root, "src": src, "vae": vae, "data": data, "argv": argv}
 
 
-def stored(dest: Path, kind: str) -> np.ndarray:
-    m = json.loads((dest / "manifest.json").read_text())
-    return np.concatenate([np.load(dest / s["files"][kind]) for s in m["shards"]])
-
-
 def test_statistics_are_the_moments_of_the_posterior_samples(assets):
     m = json.loads((assets["data"] / "manifest.json").read_text())
     assert m["latent_shape"] == [C, RES // 4, RES // 4]
     norm = m["normalization"]
     assert norm["type"] == "channelwise" and norm["stats"] == "compute" and norm["multiplier"] == 1.0
     # z = mean + std * eps: E[z] = E[mean], Var[z] = Var[mean] + E[std^2] per channel (numpy, over all images)
-    mean, std = stored(assets["data"], "mean").astype(np.float64), stored(assets["data"], "std").astype(np.float64)
+    mean, std = (load_shards(assets["data"], kind).astype(np.float64) for kind in ("mean", "std"))
     expected_mean = mean.mean(axis=(0, 2, 3))
     per_channel = mean.transpose(1, 0, 2, 3).reshape(C, -1)
     expected_std = np.sqrt(per_channel.var(axis=1, ddof=1) + (std**2).mean(axis=(0, 2, 3)))
@@ -217,7 +212,7 @@ def test_full_size_vavae_encodes_and_decodes_through_the_clis(tmp_path):
     assert encode.main(["--source", str(src), "--dest", str(data), "--vae", str(weights), "--num-workers", "0"]) == 0
     m = json.loads((data / "manifest.json").read_text())
     assert m["latent_shape"] == [32, 16, 16] and m["normalization"]["type"] == "channelwise"
-    assert len(m["scale"]) == 32 and stored(data, "mean").shape == (2, 32, 16, 16)
+    assert len(m["scale"]) == 32 and load_shards(data, "mean").shape == (2, 32, 16, 16)
 
     args = dict(model="LightningDiT-B/1", depth=1, hidden_size=32, num_heads=2, qk_norm=False, num_classes=2,
                 latent_shape=m["latent_shape"], align=[], vae=m["vae"], latent_scale=m["scale"],
