@@ -175,6 +175,7 @@ from common import (
 from evaluations.data import NpzImageWriter
 from integrity import atomic_write, remove_stale_temps
 from models import model_family
+from models.heads import strip_wrapper_prefixes
 from models.sit import SiT
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +213,7 @@ def _repa_arch(args: argparse.Namespace, ckpt_args: dict) -> dict:
 def _latent_shape_of(state: dict, ckpt: Path) -> list[int]:
     """[C, H, W] of the latents a (LightningDiT) checkpoint was trained on, from its patch embedding and its
     position embedding: channels, and grid side x patch size."""
-    keys = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    keys = strip_wrapper_prefixes(state)
     if "x_embedder.proj.weight" not in keys or "pos_embed" not in keys:
         raise UsageError(f"checkpoint {ckpt}: no x_embedder.proj.weight / pos_embed, so not a LightningDiT")
     _, channels, patch, _ = keys["x_embedder.proj.weight"].shape
@@ -250,7 +251,7 @@ def _check_arch_flags(args: argparse.Namespace, arch: dict, ckpt: Path) -> None:
 def _projector_notes(args: argparse.Namespace, state: dict, ckpt_args: dict, ours: bool, ckpt: Path) -> list[str]:
     """REPA's --encoder-depth / --projector-embed-dims against what the checkpoint holds: notes, not errors (REPA's
     sampling scripts pass them, and the projectors they describe play no part in sampling)."""
-    keys = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    keys = strip_wrapper_prefixes(state)
     dims = [int(keys[f"projectors.{i}.4.weight"].shape[0]) for i in range(len(keys))
             if f"projectors.{i}.4.weight" in keys]
     align = ckpt_args.get("align")  # our older checkpoints: a bool, and encoder_depth was VAE-REPA's block

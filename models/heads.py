@@ -35,6 +35,11 @@ class HeadList(nn.ModuleList):
         return [head(h) for head in self]
 
 
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with DDP's `module.` and torch.compile's `_orig_mod.` prefixes removed from its keys."""
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+
+
 class AlignmentHeads:
     """Mixin for a backbone with `blocks`, `num_classes`, `_embed(x, t, y) -> (tokens, conditioning)` and
     `_block(block, h, c)`: attaches heads to blocks, runs the blocks with them, stops early for a teacher, and loads
@@ -94,11 +99,7 @@ class AlignmentHeads:
         Accepts training checkpoints' `ema`/`model` dicts (DDP `module.` or compile `_orig_mod.` prefixes are
         stripped). Returns the keys that were ignored (heads this model does not have).
         """
-        clean = {}
-        for key, value in state_dict.items():
-            for prefix in ("module.", "_orig_mod."):
-                key = key.removeprefix(prefix)
-            clean[key] = value
+        clean = strip_wrapper_prefixes(state_dict)
         own = self.state_dict()
         ignored = [k for k in clean if k not in own and k.startswith(HEAD_PREFIXES)]
         for k in ignored:
