@@ -27,7 +27,13 @@ class LatentStats:
         if n == 0:
             return
         mean = x.mean(dim=1)
-        m2 = ((x - mean[:, None]) ** 2).sum(dim=1)
+        self.merge(n, mean, ((x - mean[:, None]) ** 2).sum(dim=1))
+
+    def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Add a block of `n` values per channel given by its per-channel mean and sum of squared deviations."""
+        if n == 0:
+            return
+        mean, m2 = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(m2, dtype=torch.float64)
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return

@@ -629,25 +629,17 @@ def channel_moments(mean: np.ndarray, std: np.ndarray) -> dict:
 
 def merge_moments(parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) per channel of the posterior samples over all parts: mean = E[mean], var = Var(mean) (with
-    count - 1, as torch.std) + E[std^2]. Pairwise merging of means and m2 (Chan et al.)."""
-    count, mean, m2, noise = 0, None, None, None
+    count - 1, as torch.std) + E[std^2]. The means and m2 are merged by latent_codecs.LatentStats (Chan et al.)."""
+    _repository_on_path()
+    from latent_codecs import LatentStats
+
+    stats, noise = LatentStats(), 0.0
     for part in parts:
-        n = part["count"]
-        if n == 0:
-            continue
-        mu, q, e = (np.asarray(part[k], dtype=np.float64) for k in ("mean", "m2", "noise"))
-        if mean is None:
-            count, mean, m2, noise = n, mu, q, e
-            continue
-        total = count + n
-        delta = mu - mean
-        mean = mean + delta * (n / total)
-        m2 = m2 + q + delta**2 * (count * n / total)
-        noise = noise + e
-        count = total
-    if mean is None or count < 2:
+        stats.merge(part["count"], part["mean"], part["m2"])
+        noise = noise + np.asarray(part["noise"], dtype=np.float64)
+    if stats.mean is None or stats.count < 2:
         raise UsageError("channel-wise latent statistics need at least two latent values per channel")
-    return mean, np.sqrt(m2 / (count - 1) + noise / count)
+    return stats.mean.numpy(), np.sqrt(stats.m2.numpy() / (stats.count - 1) + noise / stats.count)
 
 
 def finalize(dest: Path, base: dict, num_shards: int, world_size: int) -> dict:
