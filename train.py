@@ -150,15 +150,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.resume is not None:
             p.error("--resume-step and --resume both name the checkpoint to resume from: pass one")
         args.resume = os.path.join(args.output_dir, args.exp_name, "checkpoints", f"{args.resume_step:07d}.pt")
-    for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
-                 "logging_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("epochs", "resolution", "num_classes"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if not args.cos_loss_coeff >= 0:
-        p.error(f"--cos-loss-coeff must be >= 0, got {args.cos_loss_coeff}")
     check_ranges(args, p.error)
     eval_flags.check_arguments(args, p.error)
     return args
@@ -175,7 +166,10 @@ def check_ranges(args: argparse.Namespace, error) -> None:
              "adam_epsilon": non_negative, "adam_weight_decay": non_negative, "max_grad_norm": non_negative,
              "ema_decay": unit, "cfg_prob": unit, "seed": non_negative, "num_workers": non_negative,
              "keep_last": non_negative, "keep_every": non_negative, "sample_every": non_negative,
-             "sample_grid_size": positive, "sample_grid_steps": positive}
+             "sample_grid_size": positive, "sample_grid_steps": positive, "cos_loss_coeff": non_negative,
+             "batch_size": positive, "gradient_accumulation_steps": positive, "max_train_steps": positive,
+             "checkpointing_steps": positive, "logging_steps": positive,
+             "epochs": positive, "resolution": positive, "num_classes": positive}  # None (unset) passes
     for name, (ok, what) in rules.items():
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and ok(value)):
