@@ -389,10 +389,19 @@ def test_evaluator_folder_of_mixed_sizes_names_the_file(tmp_path):
 
 
 def _children(pid: int) -> list[int]:
+    """Child processes of `pid`, over all its threads; a thread that ends while they are read is skipped (not the
+    whole answer: torch starts and ends threads all the time)."""
     try:
-        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except (FileNotFoundError, ProcessLookupError):
         return []
+    found = []
+    for task in tasks:
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -411,9 +420,10 @@ def test_a_killed_preprocessing_run_leaves_no_decoding_worker(tmp_path):
                              "--num-workers", "1", "--batch-size", "1", "--shard-size", "48"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not _children(proc.pid) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
     workers = _children(proc.pid)
+    while not workers and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+        workers = _children(proc.pid)
     assert workers, "the encoder started no worker process"
     time.sleep(0.5)  # decoded 256 px images (196 KB each) fill the worker's pipe
     proc.send_signal(signal.SIGKILL)
