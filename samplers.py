@@ -82,6 +82,31 @@ class _GuidedVelocity:
         return out
 
 
+def cast_matmul_weights(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Store the weights and biases of every Linear and Conv layer in `dtype`, in place; returns the model.
+
+    Under `torch.autocast` to the same dtype this changes no output bit: autocast rounds those tensors to `dtype`
+    before every matmul and convolution, and this does it once instead of at every call (the casts cost ~13 % of an
+    SiT-XL/2 forward on an H100). Norms, embedding tables and buffers keep their dtype, so the ops autocast runs in
+    float32 still get float32 parameters. Outside autocast the model would compute in `dtype`: use it only there.
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
+            module.to(dtype)
+    return model
+
+
+def sampling_model(model: torch.nn.Module, precision: str, compile: bool = False) -> Callable:
+    """The model as the samplers should call it for `precision` ("fp32", or "bf16..." for bf16 autocast): with bf16,
+    its matmul weights are stored in bf16 in place (`cast_matmul_weights`: the same outputs under autocast, less
+    work); with `compile`, wrapped by `torch.compile` with static shapes (one graph per batch size: the guided batch,
+    the unguided one, a last partial batch). The result still answers `num_classes` and `null_class_of`."""
+    model.eval()
+    if precision.startswith("bf16"):
+        cast_matmul_weights(model, torch.bfloat16)
+    return torch.compile(model, dynamic=False) if compile else model
+
+
 def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
     """Timestep shift of a time grid: t' = shift t / (1 + (shift - 1) t), which keeps 0 and 1 and, for shift > 1,
     spends more steps near the noise (t = 1). LightningDiT's `timestep_shift` a (its time s = 1 - t runs towards
