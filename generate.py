@@ -107,8 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("hardware")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="SiT forward precision (bf16 autocast or fp32; integration is float64 and VAE decoding "
-                        "fp32 either way); auto: bf16 on CUDA, fp32 on CPU")
+                   help="SiT forward precision (bf16 autocast, with the matmul weights stored in bf16 once, which "
+                        "gives the same outputs; or fp32). Integration is float64 and VAE decoding fp32 either way; "
+                        "auto: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model, one graph per batch size (about a minute each on the first batches). "
+                        "Samples change only within the precision's rounding, as with another batch size, so it is "
+                        "not part of the folder name (default: on with CUDA, off on the CPU)")
     g.add_argument("--device", default=None,
                    help="cuda or cpu (default: cuda when available); under torchrun each process takes cuda:LOCAL_RANK")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
@@ -609,11 +614,12 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     sources = {"ckpt": str(ckpt.resolve()), "vae": info["vae"]}
     pending = _on_rank0(lambda: prepare_folder(folder, npz_path, args.num_fid_samples, config, sources), rank, world)
     mine = pending[rank::world]  # every world-th missing index: the images do not depend on the split
-    model.to(device)
+    compile_model = args.compile if args.compile is not None else device.type == "cuda"
+    net = samplers.sampling_model(model.to(device), precision, compile_model)  # after the weights' digest
     vae.to(device)
     log(f"Sampling {len(pending)} of {args.num_fid_samples} images ({args.num_fid_samples - len(pending)} already "
         f"there) from {ckpt} ({info['arch']['model']}, {'online' if args.no_ema else 'EMA'} weights) on {world} "
-        f"process(es), {precision}, into {folder}")
+        f"process(es), {precision}{', compiled' if compile_model else ''}, into {folder}")
 
     start = time.time()
     bar = tqdm(total=len(pending), unit="img", desc="sampling", disable=rank != 0, dynamic_ncols=True)
@@ -621,7 +627,7 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     with ThreadPoolExecutor(4) as pool:  # PNG encoding overlaps the next batch
         for b in range(0, len(mine), args.per_proc_batch_size):
             indices = mine[b:b + args.per_proc_batch_size]
-            images = sample_batch(model, vae, indices, args, info, device, precision)
+            images = sample_batch(net, vae, indices, args, info, device, precision)
             for future in saves:
                 future.result()
             saves = [pool.submit(save_png, image, folder / f"{i:06d}.png") for i, image in zip(indices, images)]

@@ -209,6 +209,31 @@ def test_bf16_autocast_stays_close_to_fp32(assets, tmp_path):
     assert 0 < diff.mean() < 1 and diff.max() <= 8  # bf16 was used, and it changes little
 
 
+def test_bf16_images_are_those_of_fp32_weights_under_autocast(assets, tmp_path):
+    """generate.py stores the matmul weights in bf16 once (samplers.sampling_model); the images must be the bytes
+    that fp32 weights under bf16 autocast give (the path before that change), computed here by sample_batch on a
+    model that is left in fp32."""
+    quick = [*SETTINGS[2:], "--num-fid-samples", "4", "--per-proc-batch-size", "4"]
+    rc, _, npz = sample(assets["ckpt"], tmp_path, *quick, "--precision", "bf16")
+    assert rc == 0
+    args = generate.parse_args(["--ckpt", str(assets["ckpt"]), *quick, "--device", "cpu"])
+    model, info = generate.load_model(args, assets["ckpt"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    vae = generate.load_vae(info["vae"])
+    old_path = generate.sample_batch(model.eval(), vae, [0, 1, 2, 3], args, info, torch.device("cpu"), "bf16")
+    np.testing.assert_array_equal(arr_0(npz), old_path)
+
+
+def test_compiled_sampling_gives_the_images_of_eager_sampling(assets, reference, tmp_path, capsys):
+    """--compile (on CUDA by default) is not part of the folder name: its images must be eager's, up to float
+    rounding (compiled kernels may sum in another order): here fp32 on the CPU, a byte apart at most."""
+    rc, folder, npz = sample(assets["run"], tmp_path, *SETTINGS, "--per-proc-batch-size", "3", "--compile")
+    assert rc == 0 and "compiled" in capsys.readouterr().out
+    assert folder.name == reference["folder"].name
+    diff = np.abs(arr_0(npz).astype(int) - reference["images"])
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
 def test_repa_checkpoints_load_with_architecture_flags(assets, tmp_path, capsys):
     # A full-size SiT-S/2 on 8x8 latents: REPA's formats can only name registry models.
     args = {"model": "SiT-S/2", "num_classes": 4, "latent_shape": [4, 8, 8], "vae": str(assets["vae"]),
@@ -282,7 +307,7 @@ def test_help_documents_every_flag_without_a_gpu():
              "--num-fid-samples", "--label-sampling", "--global-seed", "--per-proc-batch-size", "--sample-dir",
              "--precision", "--device", "--trust-checkpoint", "--pixel-rounding",
              "--encoder-depth", "--projector-embed-dims", "--tf32", "--fused-attn", "--legacy", "--latent-stats",
-             "--time-shift"]
+             "--time-shift", "--compile"]
     for flag in flags:
         assert f"  {flag}" in proc.stdout, flag
     assert "i % num_classes" in proc.stdout.replace("\n", " ")

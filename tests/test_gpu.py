@@ -226,6 +226,27 @@ def test_generate_on_cuda_does_not_depend_on_the_batch_size(tiny_run, tmp_path, 
     assert 0 < vs_fp32.mean() < 1 and vs_fp32.max() <= 8  # bf16 was used, and it changes little
 
 
+def test_generate_fast_bf16_path_on_cuda(tiny_run, tmp_path, record_property):
+    """bf16 matmul weights (stored once) give the bytes of fp32 weights under autocast, the path generate.py took
+    before (sample_batch on a model left in fp32); --compile, generate.py's default on CUDA, stays within bf16's
+    rounding of eager."""
+    import generate
+
+    flags = ["--precision", "bf16", "--per-proc-batch-size", "8"]
+    eager = sample_cuda(tiny_run, tmp_path / "eager", *flags, "--no-compile")
+    args = generate.parse_args(["--ckpt", str(tiny_run), "--num-fid-samples", "8", "--num-steps", "4",
+                                "--cfg-scale", "1.5", "--guidance-high", "0.7", *flags])
+    model, info = generate.load_model(args, generate.resolve_checkpoint(args.ckpt))
+    device = torch.device("cuda")
+    old = generate.sample_batch(model.to(device).eval(), generate.load_vae(info["vae"]).to(device), list(range(8)),
+                                args, info, device, "bf16")
+    np.testing.assert_array_equal(eager, old)
+    compiled = sample_cuda(tiny_run, tmp_path / "compiled", *flags)  # the default on CUDA
+    diff = np.abs(compiled.astype(int) - eager)
+    report(record_property, "bf16_compiled_vs_eager_pixel_diff_mean_max", (float(diff.mean()), int(diff.max())))
+    assert diff.mean() < 1 and diff.max() <= 8
+
+
 def test_generate_cuda_and_cpu_agree_to_fp32_rounding(tiny_run, tmp_path):
     import generate
 

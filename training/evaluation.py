@@ -4,6 +4,7 @@ at once, and ADM's metrics against --eval-ref are logged and appended to <run di
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import logging
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import samplers
 from common import UsageError
 from training.eval_flags import add_arguments, check_arguments  # noqa: F401  (train.py's flags, torch-free)
 
@@ -105,6 +107,8 @@ class Evaluator:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         indices = list(range(rank, self.args.eval_samples, world))  # generate.py's split of the indices
         gen_args = generate_namespace(self.args)
+        if self.precision.startswith("bf16"):  # a bf16 copy: the same samples, less work (samplers.sampling_model)
+            ema = samplers.sampling_model(copy.deepcopy(ema), self.precision)
         images = [sample_batch(ema, self.vae, indices[b:b + self.args.eval_batch_size], gen_args, self.info,
                                self.device, self.precision)
                   for b in range(0, len(indices), self.args.eval_batch_size)]
