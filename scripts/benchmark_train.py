@@ -9,7 +9,21 @@ backward, clipping, fused AdamW, foreach EMA); the data loader is left out. Per 
 after warm-up, peak memory, the parameters run outside the trained model (REPA's encoder, SRA's teacher part) and
 in its heads, GFLOPs per image counted with torch's FlopCounterMode (forward multiply-accumulates, as the paper
 counts them, and forward + backward FLOPs), and the latency of one forward pass. REPA's encoder has random weights
-here unless --enc-weights names a file: the cost is the same, and nothing is downloaded.
+here unless --enc-weights names a file: the cost is the same, and nothing is downloaded. The model is compiled as
+train.py compiles it (by default on CUDA, not on the CPU; --compile / --no-compile), and each row records how long
+its first step took (compilation included).
+
+Each method row also has `flop_overhead` (its forward + backward FLOPs over the same model's vanilla ones, minus 1)
+beside `time_overhead` (its step time over vanilla's, minus 1). The FLOP overhead is what the step time grows by when
+the added work runs as efficiently as the backbone; no kernel work takes the time overhead below u x the FLOP overhead,
+u being the backbone's share of the machine's practical peak. VAE-REPA's head (the paper's: 5 Linear layers,
+d -> 2d -> 2d -> 2d -> 2d -> p^2 C on every token) adds 6 x its forward multiply-adds per image to training (3 matrix
+products per layer, 2 FLOPs each): +9.2% on SiT-B/2 (138.0 -> 150.7 GFLOPs), +4.0% on SiT-XL/2 (711.7 -> 740.3),
+counted here with attention's backward as its 4 products. (The H100 baseline's 139 / 152 and 716 / 744.5 are higher by
+one Q K^T product per block in both rows: the fused kernels' backward recomputes the scores.) On an H100, compiled
+B/2 at 2430 img/s runs at u = 0.42 of 804 TFLOP/s, so VAE-REPA costs B/2 at least +3.9% however fast its head runs:
+"<= 3% everywhere" cannot hold for B/2 with the paper's head (which we do not shrink). XL/2 (u = 0.48 at 534 img/s,
+batch 128) has a floor of +1.9%.
 """
 
 from __future__ import annotations
@@ -35,7 +49,7 @@ from common import model_from_args  # noqa: E402
 from loss import LossConfig, training_loss  # noqa: E402
 from models import MODEL_NAMES, model_config, model_family  # noqa: E402
 from models.encoders import FrozenEncoder  # noqa: E402
-from training.loop import update_ema  # noqa: E402
+from training.loop import resolve_compile, update_ema  # noqa: E402
 
 # The paper's Table 4 (SiT-XL/2, H100, batch 256): EFP in M (external + head), iterations/s, GFLOPs, latency ms.
 PAPER_TABLE4 = {"none": (0, 0, 8.1, 114.46, 18.05), "repa": (303, 8, 5.4, 194.50, 29.03),
@@ -64,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SD-VAE latent side (32 for 256 px); models at patch 1 get VA-VAE latents of the same images "
                         "(32 channels, half the side)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast precision")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model, as train.py (default: on with CUDA, off on the CPU)")
     p.add_argument("--depth", type=int, default=None, help="override depth (tiny CPU smoke runs)")
     p.add_argument("--hidden-size", type=int, default=None, help="override hidden size (tiny CPU smoke runs)")
     p.add_argument("--num-heads", type=int, default=None, help="override heads (tiny CPU smoke runs)")
@@ -95,8 +110,8 @@ def loss_config(name: str) -> LossConfig:
     return LossConfig()
 
 
-def build(name: str, align: str, args, device: torch.device):
-    """Model, EMA and the methods, set up as train.py does (REPA's encoder random unless --enc-weights)."""
+def config_args(name: str, align: str, args) -> dict:
+    """The run arguments (as train.py records them) of one configuration."""
     names = [] if align == "none" else align.split(",")
     run_args = dict(model=name, depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
                     num_classes=1000, latent_shape=latent_shape(name, args), align=names,
@@ -104,6 +119,12 @@ def build(name: str, align: str, args, device: torch.device):
     if args.depth is not None:  # a shrunk model: keep every method's block inside it
         run_args.update(encoder_depth=min(8, args.depth), vae_repa_depth=min(2, args.depth),
                         sra_student_depth=min(4, args.depth), sra_teacher_depth=args.depth)
+    return run_args
+
+
+def build(name: str, align: str, args, device: torch.device):
+    """Model, EMA and the methods, set up as train.py does (REPA's encoder random unless --enc-weights)."""
+    run_args = config_args(name, align, args)
     torch.manual_seed(0)
     model = model_from_args(run_args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -128,6 +149,38 @@ def count_flops(fn) -> int:
     with sdpa_kernel(SDPBackend.MATH), counter:
         fn()
     return counter.get_total_flops()
+
+
+def fake_train_flops(name: str, align: str, args, batch: int = 2) -> float:
+    """Forward + backward FLOPs per image of a configuration without REPA's encoder, counted on fake tensors (shapes
+    only: no memory, no arithmetic), so full-size models count in seconds anywhere."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    run_args = config_args(name, align, args)
+    methods = build_methods(run_args)
+    if any("images" in m.needs for m in methods):
+        raise ValueError("fake_train_flops: REPA's encoder is not built on fake tensors")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model_from_args(run_args)
+        inputs = {"epoch": 0}
+        if any("teacher" in m.needs for m in methods):
+            inputs["teacher"] = copy.deepcopy(model).requires_grad_(False).eval()
+        x = torch.randn(batch, *latent_shape(name, args))
+        y = torch.randint(0, 1000, (batch,))
+        return count_flops(lambda: training_loss(model, x, y, loss_config(name), model.null_class, methods,
+                                                 **inputs)["total"].backward()) / batch
+
+
+def add_overheads(results: list[dict], args) -> None:
+    """Each row's `flop_overhead` (train FLOPs / the same model's vanilla ones - 1: the floor) and `time_overhead`
+    (vanilla images/s / the row's - 1: what the step costs more), against the run's vanilla row of that model; the
+    vanilla FLOPs are counted on fake tensors when the run has no such row (time_overhead is None then)."""
+    base = {r["model"]: r for r in results if r["align"] == "none"}
+    for r in results:
+        ref = base.get(r["model"])
+        vanilla_flops = ref["train_gflops_per_image"] if ref else fake_train_flops(r["model"], "none", args) / 1e9
+        r["flop_overhead"] = r["train_gflops_per_image"] / vanilla_flops - 1
+        r["time_overhead"] = ref["images_per_s"] / r["images_per_s"] - 1 if ref else None
 
 
 def time_config(name: str, align: str, args, device: torch.device) -> dict:
@@ -162,9 +215,12 @@ def time_config(name: str, align: str, args, device: torch.device) -> dict:
     train_flops = count_flops(lambda: forward(model)["total"].backward()) / b
     model.zero_grad(set_to_none=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    first_step_s = None
     for _ in range(args.warmup):
+        t0 = time.perf_counter()
         step()
-    sync()
+        sync()
+        first_step_s = first_step_s or time.perf_counter() - t0  # compilation happens here
     with torch.no_grad():
         t0 = time.perf_counter()
         forward()
@@ -185,37 +241,44 @@ def time_config(name: str, align: str, args, device: torch.device) -> dict:
               "external_params_m": sum(m.external_parameters() for m in methods) / 1e6,
               "head_params_m": sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes)) / 1e6,
               "forward_gmacs_per_image": forward_flops / 2e9, "train_gflops_per_image": train_flops / 1e9,
-              "forward_latency_ms": 1000 * latency,
+              "forward_latency_ms": 1000 * latency, "first_step_s": first_step_s or times[0],
               "derived_iters_per_s_batch256_8gpus": 8 * b * args.steps / total / 256}
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
 
 
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}%"
+
+
 def table(results: list[dict], with_paper: bool) -> str:
     base = {r["model"]: r for r in results if r["align"] == "none"}
     lines = [f"{'model':17s} {'methods':14s} {'EFP (M)':>13s} {'img/s/GPU':>10s} {'it/s 8x256*':>11s} "
-             f"{'GMAC/img':>9s} {'fwd+bwd GFLOP':>13s} {'latency ms':>10s}" + ("   paper: EFP, it/s, GFLOPs, ms"
-                                                                               if with_paper else "")]
+             f"{'GMAC/img':>9s} {'fwd+bwd GFLOP':>13s} {'+FLOPs':>7s} {'+time':>7s} {'latency ms':>10s}"
+             + ("   paper: EFP, it/s, GFLOPs, ms" if with_paper else "")]
     for r in results:
         ref = base.get(r["model"])
         rel = (f" ({100 * (r['images_per_s'] / ref['images_per_s'] - 1):+.0f}%)" if ref and r is not ref else "")
         line = (f"{r['model']:17s} {r['align']:14s} {r['external_params_m']:6.0f} + {r['head_params_m']:4.1f} "
                 f"{r['images_per_s']:10.1f} {r['derived_iters_per_s_batch256_8gpus']:11.2f}{rel:7s} "
                 f"{r['forward_gmacs_per_image']:9.2f} {r['train_gflops_per_image']:13.1f} "
+                f"{percent(r.get('flop_overhead')):>7s} {percent(r.get('time_overhead')):>7s} "
                 f"{r['forward_latency_ms']:10.1f}")
         if with_paper and r["align"] in PAPER_TABLE4:
             ext, head, its, gflops, ms = PAPER_TABLE4[r["align"]]
             line += f"   {ext} + {head}, {its}, {gflops}, {ms}"
         lines.append(line)
     lines.append("* derived: 8 x images/s per GPU / 256, if 8 GPUs scale linearly; GMAC = the paper's 'GFLOPs' "
-                 "(forward multiply-accumulates per image)")
+                 "(forward multiply-accumulates per image); +FLOPs: train FLOPs over vanilla's (the floor), +time: "
+                 "step time over vanilla's")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.compile = resolve_compile(args.compile, device)  # the JSON records the value used
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
@@ -227,6 +290,7 @@ def main(argv=None) -> int:
         for align in args.align:
             results.append(time_config(name, align, args, device))
             print(f"{name} {align}: {results[-1]['images_per_s']:.1f} images/s", flush=True)
+    add_overheads(results, args)
     print(table(results, with_paper=args.table4))
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "commit": commit, "precision": args.precision, "compile": args.compile,

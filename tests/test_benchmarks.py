@@ -77,3 +77,45 @@ def test_vavae_rows_time_lightningdit_on_vavae_latents_with_its_objective(tmp_pa
     block = 6 * d * d + t * (3 * d * d + d * d + 2 * h * d + h * d) + 2 * t * t * d
     expected = t * c * d + 256 * d + d * d + depth * block + 2 * d * d + t * d * c
     assert row["forward_gmacs_per_image"] * 1e9 == pytest.approx(expected, rel=1e-9)
+
+
+def test_vae_repa_flop_overhead_is_its_head_and_the_full_size_floors(tmp_path):
+    """What FlopCounterMode counts in a training step (2 FLOPs per multiply-add; every matrix product's backward is two
+    products of its size, one for the weight and one for the input, except where the input needs no gradient: the
+    latents into the patch embedding and the sinusoidal features into the timestep MLP): vanilla train FLOPs =
+    6 x forward MACs - 2 x those two layers' MACs, and VAE-REPA adds 6 x its head's forward MACs (its input, the
+    block's tokens, needs a gradient). The row's flop_overhead is their ratio; at full size (counted on fake tensors)
+    it is +9.2% for SiT-B/2 and +4.0% for SiT-XL/2 (with attention's backward as its 4 products; the H100 baseline's
+    counts, 139 -> 152 and 716 -> 744.5, add flash attention's recompute of the scores to both rows)."""
+    bench = load_script("benchmark_train")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--models", "SiT-S/2", "--align", "none", "vae-repa", "--depth", "3", "--hidden-size", "32",
+                       "--num-heads", "2", "--latent-size", "8", "--batch-size", "2", "--steps", "1", "--warmup",
+                       "1", "--precision", "fp32", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["compile"] is False  # the default on the CPU, as train.py's
+    rows = {r["align"]: r for r in report["results"]}
+    t, d, depth, p, c = 16, 32, 3, 2, 4
+    macs = sit_forward_macs(t, d, depth, p, c)
+    vanilla = 6 * macs - 2 * t * c * p * p * d - 2 * 256 * d  # patch embedding and timestep MLP: no input gradient
+    head = 6 * t * (d * 2 * d + 3 * (2 * d) ** 2 + 2 * d * p * p * c)
+    assert rows["none"]["train_gflops_per_image"] * 1e9 == pytest.approx(vanilla, rel=1e-9)
+    assert rows["vae-repa"]["train_gflops_per_image"] * 1e9 == pytest.approx(vanilla + head, rel=1e-9)
+    assert rows["vae-repa"]["flop_overhead"] == pytest.approx(head / vanilla, rel=1e-9)
+    assert rows["none"]["flop_overhead"] == 0 and rows["none"]["time_overhead"] == 0
+    ratio = rows["none"]["images_per_s"] / rows["vae-repa"]["images_per_s"]
+    assert rows["vae-repa"]["time_overhead"] == pytest.approx(ratio - 1)
+    assert all(r["first_step_s"] > 0 for r in rows.values())
+    # the same counts without a vanilla row in the run (its FLOPs on fake tensors)
+    args = bench.parse_args(["--depth", "3", "--hidden-size", "32", "--num-heads", "2", "--latent-size", "8"])
+    assert bench.fake_train_flops("SiT-S/2", "none", args) == pytest.approx(vanilla, rel=1e-9)
+    assert bench.fake_train_flops("SiT-S/2", "vae-repa", args) == pytest.approx(vanilla + head, rel=1e-9)
+
+    full = bench.parse_args([])
+    for name, (d, depth, floor) in {"SiT-B/2": (768, 12, 0.0922), "SiT-XL/2": (1152, 28, 0.0402)}.items():
+        t = 256
+        vanilla = 6 * sit_forward_macs(t, d, depth, p, c) - 2 * t * c * p * p * d - 2 * 256 * d
+        head = 6 * t * (d * 2 * d + 3 * (2 * d) ** 2 + 2 * d * p * p * c)
+        counted = bench.fake_train_flops(name, "none", full), bench.fake_train_flops(name, "vae-repa", full)
+        assert counted == (pytest.approx(vanilla, rel=1e-9), pytest.approx(vanilla + head, rel=1e-9))
+        assert counted[1] / counted[0] - 1 == pytest.approx(floor, abs=5e-4)

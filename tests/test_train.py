@@ -139,6 +139,54 @@ def test_checkpoint_contents_and_retention(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000007.pt", "0000007.pt.sha256"]
 
 
+def test_compile_is_on_by_default_with_cuda_only_and_may_change_on_resume(tmp_path, monkeypatch):
+    """--compile / --no-compile; without either, on with CUDA and off on the CPU and under --deterministic. The value
+    used is logged and recorded in args.json and the checkpoints (a bool, as older runs recorded it), and a resume may
+    change it: the compiled continuation (dynamo's eager backend here: no code generation on the CPU) equals the
+    straight run."""
+    assert train.parse_args(["--data-dir", "d"]).compile is None
+    assert train.parse_args(["--data-dir", "d", "--compile"]).compile is True
+    assert train.parse_args(["--data-dir", "d", "--no-compile"]).compile is False
+    assert loop.resolve_compile(None, torch.device("cuda")) is True
+    assert loop.resolve_compile(None, torch.device("cuda"), deterministic=True) is False
+    assert loop.resolve_compile(True, torch.device("cuda"), deterministic=True) is True
+    assert loop.resolve_compile(None, torch.device("cpu")) is False
+    assert loop.resolve_compile(False, torch.device("cuda")) is False
+    assert loop.resolve_compile(True, torch.device("cpu")) is True
+    help_text = " ".join(train.build_parser().format_help().split())
+    assert "(default: on with CUDA, off on the CPU and with --deterministic)" in help_text and "1.53x" in help_text
+
+    data = make_dataset(tmp_path / "data")
+    straight, _ = run(tmp_path, data, "--device", "cpu", "--exp-name", "straight", "--max-train-steps", "4")
+    run(tmp_path, data, "--device", "cpu", "--exp-name", "split", "--max-train-steps", "2")
+    split = tmp_path / "runs/split"
+    assert json.loads((split / "args.json").read_text())["compile"] is False
+    assert "torch.compile: off (the default on cpu)" in (split / "log.txt").read_text()
+    assert torch.load(split / "checkpoints/0000002.pt", weights_only=True)["args"]["compile"] is False
+
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    resumed, _ = run(tmp_path, data, "--device", "cpu", "--exp-name", "split", "--max-train-steps", "4",
+                     "--resume", "latest", "--compile")
+    assert compiled == [resumed]
+    saved = json.loads((split / "args.json").read_text())
+    assert saved["compile"] is True and saved["history"][-1]["changed"]["compile"] == [False, True]
+    log = (split / "log.txt").read_text()
+    assert "torch.compile: on (--compile)" in log and "resume: compile changed from False to True" in log
+    assert re.search(r"first step: [0-9.]+ s \(torch.compile included\)", log)
+    ckpt = torch.load(split / "checkpoints/0000004.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert logged_losses(tmp_path / "runs/straight").keys() == logged_losses(split).keys()
+
+
 def test_checkpoint_retention_rule():
     assert loop.checkpoint_steps_to_keep([10, 20, 30, 40, 50], keep_last=2, keep_every=20) == {20, 40, 50}
     assert loop.checkpoint_steps_to_keep([10, 20, 30], keep_last=0, keep_every=0) == set()

@@ -162,6 +162,12 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
 # Set-up
 
 
+def resolve_compile(requested: bool | None, device: torch.device, deterministic: bool = False) -> bool:
+    """--compile's value: as given, or by default (None) on with CUDA, where it is measured faster, and off on the
+    CPU and under --deterministic (whose exact resume on CUDA is checked with eager kernels)."""
+    return device.type == "cuda" and not deterministic if requested is None else bool(requested)
+
+
 def make_accelerator(args: argparse.Namespace):
     """The Accelerator (device, processes, precision, trackers), after the processes-vs-GPUs check."""
     from accelerate import Accelerator
@@ -335,6 +341,9 @@ def train(args: argparse.Namespace):
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
     local_batch = args.batch_size // world
+    compile_by_default = args.compile is None
+    # the value used, as run_args (args.json, checkpoints) record it
+    args.compile = resolve_compile(args.compile, device, args.deterministic)
 
     run_dir, resume_from = locate_run(args)
     methods = alignment.build_methods(vars(args))
@@ -367,6 +376,9 @@ def train(args: argparse.Namespace):
                        "an uninterrupted run", world, checkpoint["args"].get("world_size"))
     if checkpoint is not None:
         logger.info("checkpoint %s: %s", resume_from, guard.checkpoint_status(resume_from))
+    why = (f"the default on {device.type}{' with --deterministic' if args.deterministic else ''}"
+           if compile_by_default else f"--{'' if args.compile else 'no-'}compile")
+    logger.info("torch.compile: %s (%s)", "on" if args.compile else "off", why)
 
     raw_model, ema, optimizer = build_model_and_optimizer(args, run_args, checkpoint, device)
     step, epoch, position = 0, 0, 0
@@ -435,6 +447,7 @@ def train(args: argparse.Namespace):
     sums = torch.zeros(len(log_names) + 1, device=device)  # the losses and the grad norm since the last log
     last_log_time, last_log_step = time.time(), step
     model.train()
+    first_step = step + 1
     while step < args.max_train_steps:
         parts, epoch, position = accumulate_gradients(model, raw_model.null_class, data, accelerator, args,
                                                       loss_config, methods, needs, ema, watch)
@@ -451,6 +464,9 @@ def train(args: argparse.Namespace):
         update_ema(ema, raw_model, args.ema_decay)
         step += 1
         progress.update(1)
+        if step == first_step:  # with torch.compile, the step that compiled the forward and backward graphs
+            logger.info("first step: %.1f s%s", time.time() - last_log_time,
+                        " (torch.compile included)" if args.compile else "")
 
         log_now = step % args.logging_steps == 0 or step == args.max_train_steps
         eval_now = evaluator is not None and evaluator.due(step)
