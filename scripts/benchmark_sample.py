@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -294,7 +295,7 @@ def table(report: dict) -> str:
              f"{'h/50K':>7s} {'speedup':>7s} {'max err fwd':>11s} {'max err lat':>11s} {'peak GB':>7s}"]
     for r in report["results"]:
         if r["status"] != "ok":
-            lines.append(f"{r['variant']:19s} skipped: {r['note']}")
+            lines.append(f"{r['variant']:19s} {r['status']}: {r['note']}")
             continue
         nan = float("nan")
         comp = f"{sum(r['compile_s'].values()):.1f}" if r["compile_s"] else ""
@@ -315,7 +316,7 @@ def table(report: dict) -> str:
     d = report.get("decode")
     if d:
         lines.append(f"decode: {d['median_s']:.3f} s per batch of {d['batch']} (fp32)" if d["status"] == "ok"
-                     else f"decode: skipped: {d['note']}")
+                     else f"decode: {d['status']}: {d['note']}")
     return "\n".join(lines)
 
 
@@ -344,13 +345,24 @@ def main(argv: list[str] | None = None) -> int:
         if variant == "compile-cudagraphs" and device.type != "cuda":
             rows.append({"variant": variant, "status": "skipped", "note": "CUDA graphs need a CUDA device"})
             continue
-        row, outputs[variant], latents[variant] = time_variant(base, variant, inputs, args, device, protocol)
+        try:
+            row, outputs[variant], latents[variant] = time_variant(base, variant, inputs, args, device, protocol)
+        except Exception as e:  # one failing variant (e.g. out of memory) must not lose the others' figures
+            traceback.print_exc()
+            rows.append({"variant": variant, "status": "failed", "note": f"{type(e).__name__}: {e}"[:500]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         rows.append(row)
         print(f"{variant}: forward {row['forward']['guided']['median_ms']:.2f} ms at {2 * b}, "
               f"{row['sampler']['images_per_s']:.3f} images/s", flush=True)
     decode = None
     if args.decode:
-        decode = time_decode(next(iter(latents.values())) if latents else x.cpu(), args, device)
+        try:
+            decode = time_decode(next(iter(latents.values())) if latents else x.cpu(), args, device)
+        except Exception as e:
+            traceback.print_exc()
+            decode = {"status": "failed", "note": f"{type(e).__name__}: {e}"[:500]}
     add_comparisons(rows, outputs, latents, decode)
     report = {"benchmark": "sample", "command": command,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -369,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.out}")
-    return 0
+    return 1 if any(r["status"] == "failed" for r in rows) or (decode or {}).get("status") == "failed" else 0
 
 
 if __name__ == "__main__":

@@ -148,3 +148,22 @@ def test_fast_paths_on_cuda_stay_within_bf16_noise(tmp_path, record_property):
             assert acc[what]["max_rel_std"] <= max(3 * noise[what]["max_rel_std"], 5e-2)
     assert rows["compile"]["graphs_compiled"] == 2
     print(f"[gpu measurement] sample_b2_speedup_compile = {rows['compile']['speedup_vs_autocast']}")
+
+
+def test_a_failing_variant_is_recorded_and_the_others_kept(tmp_path, one_thread, monkeypatch):
+    bench = load_script()
+    real = bench.variant_model
+
+    def variant_model(base, variant, device):
+        if variant == "bf16-weights":
+            raise RuntimeError("out of memory (simulated)")
+        return real(base, variant, device)
+
+    monkeypatch.setattr(bench, "variant_model", variant_model)
+    out = tmp_path / "failed.json"
+    assert bench.main([*TINY, "--sampler-steps", "2", "--repeats", "1", "--warmup", "0", "--variants", "autocast",
+                       "bf16-weights", "--out", str(out)]) == 1
+    rows = rows_of(json.loads(out.read_text()))
+    assert rows["autocast"]["status"] == "ok"
+    assert rows["bf16-weights"] == {"variant": "bf16-weights", "status": "failed",
+                                    "note": "RuntimeError: out of memory (simulated)"}
