@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
               "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
               "torch": torch.__version__, "commit": commit, "python": platform.python_version(),
-              "args": vars(args), "weights": "random, every Linear from N(0, 0.02^2)",
+              "args": vars(args), "variants": list(variants), "weights": "random, every Linear from N(0, 0.02^2)",
               "protocol": {"mode": "sde", "num_steps": args.num_steps, "cfg_scale": args.cfg_scale,
                            "guidance_low": args.guidance_low, "guidance_high": args.guidance_high,
                            "forwards": protocol},

@@ -49,6 +49,7 @@ def test_json_schema(cpu_report):
     assert cpu_report["benchmark"] == "sample" and cpu_report["device"].startswith("cpu")
     assert cpu_report["command"].startswith("python scripts/benchmark_sample.py --model SiT-S/2")
     assert cpu_report["args"]["batch_size"] == 2 and cpu_report["extrapolated"] is True
+    assert cpu_report["variants"] == ["fp32", "autocast", "bf16-weights", "compile", "compile-cudagraphs"]
     for row in cpu_report["results"]:
         if row["status"] != "ok":
             continue
