@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     add_comparisons(rows, outputs, latents, decode)
     report = {"benchmark": "sample", "command": command,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+              else f"cpu ({platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()})",
               "torch": torch.__version__, "commit": commit, "python": platform.python_version(),
               "args": vars(args), "variants": list(variants), "weights": "random, every Linear from N(0, 0.02^2)",
               "protocol": {"mode": "sde", "num_steps": args.num_steps, "cfg_scale": args.cfg_scale,
