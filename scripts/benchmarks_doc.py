@@ -10,7 +10,6 @@ encoding, evaluation, the quickstart and the pixel-rounding measurement. A file 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -18,6 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cli  # noqa: E402  (torch-free)
+
 NOT_RECORDED = "not recorded"
 
 
@@ -176,9 +179,11 @@ def render(results_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"), help="folder of the JSON files")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="the Markdown file")
+    p = cli.parser(__doc__)
+    p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"),
+                   help="folder of the JSON files (default: benchmarks/results)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
+                   help="the Markdown file (default: docs/benchmarks.md)")
     p.add_argument("--check", action="store_true", help="only compare: exit 1 if the file differs")
     args = p.parse_args(argv)
     text = render(Path(args.results_dir))
