@@ -203,7 +203,9 @@ def run_sampler(net, autocast: bool, args, device) -> tuple[float, torch.Tensor,
     return time.perf_counter() - t0, x.float().cpu(), net.forwards(args.batch_size)
 
 
-def time_variant(base, variant: str, inputs: dict, args, device, protocol: dict) -> dict:
+def time_variant(base, variant: str, inputs: dict, args, device, protocol: dict) -> tuple[dict, torch.Tensor,
+                                                                                          torch.Tensor]:
+    """The variant's row, its guided forward output and its sampler's final latents (both on the CPU)."""
     net, autocast = variant_model(base, variant, device)
     counter = CountingModel(net, args.num_classes, mark_step=variant == "compile-cudagraphs")
     if device.type == "cuda":
@@ -349,11 +351,12 @@ def main(argv: list[str] | None = None) -> int:
             row, outputs[variant], latents[variant] = time_variant(base, variant, inputs, args, device, protocol)
         except Exception as e:  # one failing variant (e.g. out of memory) must not lose the others' figures
             traceback.print_exc()
-            rows.append({"variant": variant, "status": "failed", "note": f"{type(e).__name__}: {e}"[:500]})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
+            row = {"variant": variant, "status": "failed", "note": f"{type(e).__name__}: {e}"[:500]}
         rows.append(row)
+        if row["status"] == "failed":
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # after the except block, which freed the failed frames' tensors
+            continue
         print(f"{variant}: forward {row['forward']['guided']['median_ms']:.2f} ms at {2 * b}, "
               f"{row['sampler']['images_per_s']:.3f} images/s", flush=True)
     decode = None
