@@ -294,6 +294,7 @@ def main(argv=None) -> int:
     print(table(results, with_paper=args.table4))
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "commit": commit, "precision": args.precision, "compile": args.compile,
+              "command": " ".join(["python", "scripts/benchmark_train.py", *(sys.argv[1:] if argv is None else argv)]),
               "enc_type": args.enc_type, "encoder_weights": args.enc_weights or "random", "results": results}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,17 @@
 #   scripts/gpu_check.sh --fetch-wheels   on a machine with pip access: the packages a bare GPU image may lack
 #                                         (diffusers, torch-fidelity, ...) as wheels in .whl/, at the versions of
 #                                         constraints/py3.12.txt (CPython 3.12)
-#   bash scripts/gpu_check.sh             on the GPU machine (with .whl/ beside it, if fetched); ~5 min on one H100
+#   bash scripts/gpu_check.sh             on the GPU machine (with .whl/ beside it, if fetched); ~5 min of tests on
+#                                         one H100, then the benchmarks below (each part prints its time)
 #   FULL=1 bash scripts/gpu_check.sh      also the CPU tests there, quickstart excepted (~5 more minutes)
+#   BENCH=0 bash scripts/gpu_check.sh     without the benchmarks that follow the tests by default (estimated ~5 min
+#                                         on one H100, not yet measured): scripts/benchmark_sample.py at the real
+#                                         setting (SiT-XL/2, batch 256, SDE 25 timed steps extrapolated to 250, with
+#                                         decoding) and a short scripts/benchmark_train.py --table4, written to
+#                                         benchmarks/results/{sample,table4}_<gpu>.json and copied to
+#                                         $OUT/benchmarks/results/, with docs/benchmarks.md rewritten from them
+#   GPU_TESTS=skip bash scripts/gpu_check.sh   the benchmarks only; GPU_TESTS=tests/x.py: only those GPU tests
+#   SAMPLE_STEPS=, TRAIN_STEPS=           timed sampler steps (default 25) and training steps (default 30)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -71,11 +80,37 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
   exit 3
 fi
 
-echo "=== pytest -m gpu"
-start=$(date +%s)
-"$PYTHON" -m pytest -m gpu -v -s -rA -p no:cacheprovider --junitxml "$out/gpu_tests.xml" tests
-status=$?
-echo "=== pytest -m gpu: exit $status after $(( $(date +%s) - start )) s"
+status=0
+if [ "${GPU_TESTS:-tests}" != "skip" ]; then
+  echo "=== pytest -m gpu ${GPU_TESTS:-tests}"
+  start=$(date +%s)
+  # shellcheck disable=SC2086  # GPU_TESTS may name several paths
+  "$PYTHON" -m pytest -m gpu -v -s -rA -p no:cacheprovider --junitxml "$out/gpu_tests.xml" ${GPU_TESTS:-tests}
+  status=$?
+  echo "=== pytest -m gpu: exit $status after $(( $(date +%s) - start )) s"
+fi
+
+if [ "${BENCH:-1}" = "1" ]; then
+  gpu=$("$PYTHON" -c 'import re, torch
+print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower().replace("nvidia", "")).strip("-"))')
+  mkdir -p benchmarks/results "$out/benchmarks/results" "$out/docs"
+  echo "=== benchmark_sample.py: SiT-XL/2, batch 256, SDE ${SAMPLE_STEPS:-25} timed steps -> 250, decode"
+  start=$(date +%s)
+  "$PYTHON" scripts/benchmark_sample.py --model SiT-XL/2 --batch-size 256 --num-steps 250 \
+    --sampler-steps "${SAMPLE_STEPS:-25}" --repeats 5 --warmup 2 --decode --out "benchmarks/results/sample_${gpu}.json"
+  bench=$?
+  echo "=== benchmark_sample.py: exit $bench after $(( $(date +%s) - start )) s"
+  [ "$bench" -eq 0 ] || status=$bench
+  echo "=== benchmark_train.py --table4 --steps ${TRAIN_STEPS:-30}"
+  start=$(date +%s)
+  "$PYTHON" scripts/benchmark_train.py --table4 --steps "${TRAIN_STEPS:-30}" --warmup 5 \
+    --out "benchmarks/results/table4_${gpu}.json"
+  bench=$?
+  echo "=== benchmark_train.py: exit $bench after $(( $(date +%s) - start )) s"
+  [ "$bench" -eq 0 ] || status=$bench
+  "$PYTHON" scripts/benchmarks_doc.py && cp docs/benchmarks.md "$out/docs/"
+  cp benchmarks/results/*_"${gpu}".json "$out/benchmarks/results/" 2>/dev/null || true
+fi
 
 if [ "${FULL:-0}" = "1" ]; then
   echo "=== the rest of the suite on this machine (quickstart excepted)"

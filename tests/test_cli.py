@@ -28,6 +28,8 @@ ENTRY_POINTS = [
     (["scripts/benchmark_train.py"], False),
     (["scripts/benchmark_encode.py"], False),
     (["scripts/benchmark_eval.py"], False),
+    (["scripts/benchmark_sample.py"], False),
+    (["scripts/benchmarks_doc.py"], True),
 ]
 # Modules whose build_parser() gives the whole command line.
 PARSERS = ["train", "generate", "preprocessing.encode", "evaluations.evaluator"]

@@ -1,0 +1,66 @@
+"""scripts/benchmarks_doc.py: docs/benchmarks.md matches benchmarks/results/*.json, and every kind renders with the
+command that produced it (training and sampling JSONs made here by the benchmark scripts on tiny CPU models)."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docs_benchmarks_md_is_in_sync_with_the_results():
+    assert load_script("benchmarks_doc").main(["--check"]) == 0, "run: python scripts/benchmarks_doc.py"
+
+
+def test_check_fails_on_a_stale_doc(tmp_path):
+    doc = load_script("benchmarks_doc")
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "benchmarks" / "results", results)
+    out = tmp_path / "benchmarks.md"
+    assert doc.main(["--results-dir", str(results), "--out", str(out), "--check"]) == 1  # missing
+    assert doc.main(["--results-dir", str(results), "--out", str(out)]) == 0
+    assert doc.main(["--results-dir", str(results), "--out", str(out), "--check"]) == 0
+    (results / "extra.json").write_text(json.dumps({"what": "something new"}))
+    assert doc.main(["--results-dir", str(results), "--out", str(out), "--check"]) == 1
+
+
+def test_every_kind_renders_with_its_command(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    train_argv = ["--models", "SiT-S/2", "--align", "none", "--depth", "2", "--hidden-size", "32", "--num-heads",
+                  "2", "--latent-size", "8", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--precision",
+                  "fp32", "--out", str(results / "train_tiny.json")]
+    assert load_script("benchmark_train").main(train_argv) == 0
+    sample_argv = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--latent-size",
+                   "8", "--batch-size", "2", "--sampler-steps", "2", "--repeats", "1", "--warmup", "0", "--variants",
+                   "autocast", "bf16-weights", "--out", str(results / "sample_tiny.json")]
+    assert load_script("benchmark_sample").main(sample_argv) == 0
+    for name in ("h100_baseline_a101ca5.json", "eval_cpu.json"):
+        shutil.copy(ROOT / "benchmarks" / "results" / name, results / name)
+    (results / "odd.json").write_text("[1, 2]")
+    out = tmp_path / "doc.md"
+    assert load_script("benchmarks_doc").main(["--results-dir", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    train_command = json.loads((results / "train_tiny.json").read_text())["command"]
+    assert train_command == "python scripts/benchmark_train.py " + " ".join(train_argv)
+    for title in ("## H100 baseline (transcribed)", "## Training", "## Sampling", "## Evaluation", "## Other files"):
+        assert title in text
+    assert f"`{train_command}`" in text and "`python scripts/benchmark_sample.py --model SiT-S/2" in text
+    train_row = next(line for line in text.splitlines() if "train_tiny.json" in line)
+    commit = json.loads((results / "train_tiny.json").read_text())["commit"]
+    assert f"| {commit[:7]} |" in train_row or "| unknown |" in train_row
+    assert "| 804 TFLOP/s |" in text and "| a101ca5 |" in text  # the transcribed H100 table
+    eval_row = next(line for line in text.splitlines() if "eval_cpu.json" in line)
+    assert "not recorded" in eval_row  # older JSONs carry no command
+    assert "odd.json" in text
