@@ -18,6 +18,8 @@
 #                                         $OUT/benchmarks/results/, with docs/benchmarks.md rewritten from them
 #   GPU_TESTS=skip bash scripts/gpu_check.sh   the benchmarks only; GPU_TESTS=tests/x.py: only those GPU tests
 #   SAMPLE_STEPS=, TRAIN_STEPS=           timed sampler steps (default 25) and training steps (default 30)
+#   TRAIN_ARGS="--models SiT-XL/2 --align none vae-repa --batch-size 128"   benchmark_train.py's rows instead of
+#                                         --table4 (each row compiles on CUDA: about a minute per XL/2 row)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -101,10 +103,14 @@ print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower().replace("
   bench=$?
   echo "=== benchmark_sample.py: exit $bench after $(( $(date +%s) - start )) s"
   [ "$bench" -eq 0 ] || status=$bench
-  echo "=== benchmark_train.py --table4 --steps ${TRAIN_STEPS:-30}"
+  train_args=${TRAIN_ARGS:---table4}
+  train_name=$(echo "$train_args" | tr -c 'a-zA-Z0-9\n' '-' | sed 's/^-*//; s/-*$//; s/--*/-/g')
+  [ "$train_args" = "--table4" ] && train_name=table4
+  echo "=== benchmark_train.py $train_args --steps ${TRAIN_STEPS:-30}"
   start=$(date +%s)
-  "$PYTHON" scripts/benchmark_train.py --table4 --steps "${TRAIN_STEPS:-30}" --warmup 5 \
-    --out "benchmarks/results/table4_${gpu}.json"
+  # shellcheck disable=SC2086  # TRAIN_ARGS holds several arguments
+  "$PYTHON" scripts/benchmark_train.py $train_args --steps "${TRAIN_STEPS:-30}" --warmup 5 \
+    --out "benchmarks/results/train-${train_name}_${gpu}.json"
   bench=$?
   echo "=== benchmark_train.py: exit $bench after $(( $(date +%s) - start )) s"
   [ "$bench" -eq 0 ] || status=$bench
