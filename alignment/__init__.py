@@ -1,7 +1,9 @@
 """Alignment methods behind one interface (base.AlignmentMethod): VAE-REPA, REPA and SRA, alone or combined.
 
 `add_arguments` declares every method's flags, `resolve_args` turns a command line into the set of methods
-(REPA's flags keep REPA's meaning), and `build_methods` rebuilds the methods from a run's saved arguments.
+(REPA's flags keep REPA's meaning), and `build_methods` rebuilds the methods from a run's saved arguments. The flags'
+defaults are written once, in `DEFAULTS` and `method_defaults`: the parser, `resolve_args` and `build_methods` (for
+the keys an older run's arguments lack) all take them from there.
 Importing this package does not import torch (the command lines declare their flags first); the methods'
 modules are imported when they are used.
 """
@@ -27,8 +29,20 @@ DEPRECATED = {"--align-loss": "--vae-repa-loss", "--align-beta": "--vae-repa-bet
               "--align-t-range": "--vae-repa-t-range", "--align-target": "--vae-repa-target",
               "--head-layers": "--vae-repa-head-layers", "--head-width": "--vae-repa-head-width"}
 
-__all__ = ["AlignmentMethod", "StepInputs", "METHOD_NAMES", "add_arguments", "resolve_args", "build_methods",
-           "head_specs", "upgrade_run_args"]
+# Every method flag's default that does not depend on the model. REPA's flags stay None on the parser (so that
+# giving one can be told apart, see resolve_args); the others are the parser's defaults.
+DEFAULTS = {
+    "enc_type": "dinov2-vit-b", "encoder_depth": 8, "proj_coeff": 0.5, "enc_weights": None, "enc_source": "timm",
+    "vae_repa_coeff": 1.0, "vae_repa_loss": "smooth_l1", "vae_repa_beta": 0.05, "vae_repa_t_range": (0.0, 1.0),
+    "vae_repa_target": "latent", "vae_repa_head_layers": 5, "vae_repa_head_width": None,
+    "sra_t_max": 0.2, "sra_coeff": 0.2, "sra_decay_after": 149, "sra_decay_epochs": 1000, "sra_loss": "smooth_l1",
+    "sra_beta": 0.05,
+}
+# Keys that build_methods has always read with `or`: in a run's arguments 0 or "" also means the default.
+EMPTY_MEANS_DEFAULT = ("enc_type", "encoder_depth", "vae_repa_depth", "sra_student_depth", "sra_teacher_depth")
+
+__all__ = ["AlignmentMethod", "StepInputs", "METHOD_NAMES", "DEFAULTS", "add_arguments", "resolve_args",
+           "method_defaults", "build_methods", "head_specs", "upgrade_run_args"]
 
 
 def __getattr__(name: str):  # `alignment.AlignmentMethod` etc., imported on first use
@@ -37,7 +51,16 @@ def __getattr__(name: str):  # `alignment.AlignmentMethod` etc., imported on fir
     raise AttributeError(f"module 'alignment' has no attribute {name!r}")
 
 
+def method_defaults(model: str) -> dict:
+    """Every method flag's default for `model`: DEFAULTS and the blocks that depend on its size (VAE-REPA's, as the
+    paper: 2 for S and B, 8 for L and XL; SRA's student and teacher blocks, SRA_DEFAULT_BLOCKS)."""
+    student, teacher = SRA_DEFAULT_BLOCKS[model_size(model)]
+    return {**DEFAULTS, "vae_repa_depth": model_config(model)["encoder_depth"], "sra_student_depth": student,
+            "sra_teacher_depth": teacher}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
     g = p.add_argument_group("alignment methods")
     g.add_argument("--align", nargs="?", const="vae-repa", default=None, metavar="METHODS",
                    help="comma-separated set of vae-repa, repa, sra (e.g. repa,vae-repa), or none for vanilla SiT. "
@@ -49,36 +72,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("REPA (REPA's flags, REPA's meaning)")
     g.add_argument("--enc-type", default=None,
                    help="external encoder(s), comma-separated: dinov2-vit-{s,b,l,g} or dinov2reg-vit-{s,b,l,g} "
-                        "(default: dinov2-vit-b, as REPA)")
+                        f"(default: {d['enc_type']}, as REPA)")
     g.add_argument("--encoder-depth", type=int, default=None,
-                   help="REPA's projector reads the tokens after this block (default: 8, as REPA)")
-    g.add_argument("--proj-coeff", type=float, default=None, help="weight of REPA's projection loss (default: 0.5)")
+                   help=f"REPA's projector reads the tokens after this block (default: {d['encoder_depth']}, as REPA)")
+    g.add_argument("--proj-coeff", type=float, default=None,
+                   help=f"weight of REPA's projection loss (default: {d['proj_coeff']})")
     g.add_argument("--projector-embed-dims", default=None,
                    help="REPA's encoder widths, comma-separated (e.g. 768); checked against --enc-type "
                         "(default: taken from --enc-type)")
     g.add_argument("--enc-weights", default=None,
                    help="local weights file(s) of the encoder(s), comma-separated (timm's model.safetensors); "
                         "default: the Hugging Face hub cache, downloaded once")
-    g.add_argument("--enc-source", choices=("timm", "hub"), default="timm",
+    g.add_argument("--enc-source", choices=("timm", "hub"), default=d["enc_source"],
                    help="timm: timm's DINOv2 and its safetensors weights; hub: torch.hub's facebookresearch/dinov2 "
                         "(REPA's path), which downloads and runs that repository's code")
 
     g = p.add_argument_group("VAE-REPA")
     g.add_argument("--vae-repa-depth", type=int, default=None,
                    help="align the tokens after this block (default: 2 for S and B, 8 for L and XL, as the paper)")
-    g.add_argument("--vae-repa-coeff", type=float, default=1.0,
+    g.add_argument("--vae-repa-coeff", type=float, default=d["vae_repa_coeff"],
                    help="lambda, the alignment loss weight (Eq. 8); 0 turns VAE-REPA off")
     g.add_argument("--vae-repa-loss", "--align-loss", dest="vae_repa_loss", choices=ALIGN_OBJECTIVES,
-                   default="smooth_l1", help="alignment objective")
-    g.add_argument("--vae-repa-beta", "--align-beta", dest="vae_repa_beta", type=float, default=0.05,
-                   help="smooth-L1 threshold beta")
+                   default=d["vae_repa_loss"], help="alignment objective")
+    g.add_argument("--vae-repa-beta", "--align-beta", dest="vae_repa_beta", type=float,
+                   default=d["vae_repa_beta"], help="smooth-L1 threshold beta")
     g.add_argument("--vae-repa-t-range", "--align-t-range", dest="vae_repa_t_range", type=float, nargs=2,
-                   default=(0.0, 1.0), metavar=("LOW", "HIGH"), help="align only samples with t in [LOW, HIGH] "
-                                                                     "(t = 1 is noise)")
+                   default=d["vae_repa_t_range"], metavar=("LOW", "HIGH"),
+                   help="align only samples with t in [LOW, HIGH] (t = 1 is noise)")
     g.add_argument("--vae-repa-target", "--align-target", dest="vae_repa_target", choices=VAE_REPA_TARGETS,
-                   default="latent", help="'latent': the clean latent being noised; 'mean': the VAE posterior mean")
-    g.add_argument("--vae-repa-head-layers", "--head-layers", dest="vae_repa_head_layers", type=int, default=5,
-                   help="Linear layers in the VAE-REPA head")
+                   default=d["vae_repa_target"],
+                   help="'latent': the clean latent being noised; 'mean': the VAE posterior mean")
+    g.add_argument("--vae-repa-head-layers", "--head-layers", dest="vae_repa_head_layers", type=int,
+                   default=d["vae_repa_head_layers"], help="Linear layers in the VAE-REPA head")
     g.add_argument("--vae-repa-head-width", "--head-width", dest="vae_repa_head_width", type=int, default=None,
                    help="VAE-REPA head width (default: 2 x hidden size)")
 
@@ -87,17 +112,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="student block whose tokens go through SRA's head (default: 4 for S and B, 8 for L and XL)")
     g.add_argument("--sra-teacher-depth", "--block-out-t", dest="sra_teacher_depth", type=int, default=None,
                    help="EMA teacher block aligned to (default: 8 for S and B, 20 for L and XL)")
-    g.add_argument("--sra-t-max", "--t-max", dest="sra_t_max", type=float, default=0.2,
+    g.add_argument("--sra-t-max", "--t-max", dest="sra_t_max", type=float, default=d["sra_t_max"],
                    help="teacher time = student time - U[0, 1) x this (a cleaner input)")
-    g.add_argument("--sra-coeff", type=float, default=0.2,
+    g.add_argument("--sra-coeff", type=float, default=d["sra_coeff"],
                    help="weight of SRA's loss (SRA: 2 x 0.1 for its smooth-L1 loss); 0 turns SRA off")
-    g.add_argument("--sra-decay-after", type=int, default=149,
+    g.add_argument("--sra-decay-after", type=int, default=d["sra_decay_after"],
                    help="epoch after which SRA's weight decays (SRA at 256 px: 149; at 512 px: 99)")
-    g.add_argument("--sra-decay-epochs", type=int, default=1000,
+    g.add_argument("--sra-decay-epochs", type=int, default=d["sra_decay_epochs"],
                    help="the weight shrinks tenfold every this many epochs after that (SRA: 1000 at 256 px, 800 at "
                         "512 px; 0: constant)")
-    g.add_argument("--sra-loss", choices=ALIGN_OBJECTIVES, default="smooth_l1", help="SRA's objective")
-    g.add_argument("--sra-beta", type=float, default=0.05, help="smooth-L1 threshold beta of SRA's loss")
+    g.add_argument("--sra-loss", choices=ALIGN_OBJECTIVES, default=d["sra_loss"], help="SRA's objective")
+    g.add_argument("--sra-beta", type=float, default=d["sra_beta"], help="smooth-L1 threshold beta of SRA's loss")
 
 
 def _deprecation_notes(argv: list[str]) -> list[str]:
@@ -127,16 +152,9 @@ def resolve_args(args: argparse.Namespace, argv: list[str] | None, error) -> lis
 
     from alignment.repa import Repa
 
-    size = model_config(args.model)
-    size_name = model_size(args.model)
-    args.enc_type = args.enc_type or "dinov2-vit-b"
-    args.encoder_depth = args.encoder_depth if args.encoder_depth is not None else 8
-    args.proj_coeff = args.proj_coeff if args.proj_coeff is not None else 0.5
-    if args.vae_repa_depth is None:
-        args.vae_repa_depth = size["encoder_depth"]
-    student, teacher = SRA_DEFAULT_BLOCKS[size_name]
-    args.sra_student_depth = args.sra_student_depth if args.sra_student_depth is not None else student
-    args.sra_teacher_depth = args.sra_teacher_depth if args.sra_teacher_depth is not None else teacher
+    for key, value in method_defaults(args.model).items():  # None: not given (an empty --enc-type neither)
+        if getattr(args, key) is None or (key == "enc_type" and not args.enc_type):
+            setattr(args, key, value)
     if "repa" in names:
         try:
             z_dims = Repa(args.enc_type).z_dims
@@ -172,33 +190,35 @@ def upgrade_run_args(run_args: dict) -> dict:
     return new
 
 
+def with_defaults(run_args: dict) -> dict:
+    """A run's arguments (args.json, a checkpoint's `args`) in today's names, with every method key that an older
+    run lacks set to its default for the run's model (method_defaults)."""
+    a = dict(upgrade_run_args(run_args))
+    for key, value in method_defaults(a["model"]).items():
+        if key not in a or (key in EMPTY_MEANS_DEFAULT and not a[key]):
+            a[key] = value
+    return a
+
+
 def build_methods(run_args: dict) -> list[AlignmentMethod]:
     """The methods a run's arguments (args.json, a checkpoint's `args`) switch on, in METHOD_NAMES order."""
     from alignment.repa import Repa
     from alignment.sra import Sra
     from alignment.vae_repa import VaeRepa
 
-    a = upgrade_run_args(run_args)
-    size = model_config(a["model"])
-    size_name = model_size(a["model"])
+    a = with_defaults(run_args)
     methods: list[AlignmentMethod] = []
     for name in a["align"]:
         if name == "vae-repa":
-            depth = a.get("vae_repa_depth") or size["encoder_depth"]
-            methods.append(VaeRepa(depth, a.get("vae_repa_coeff", 1.0), a.get("vae_repa_loss", "smooth_l1"),
-                                   a.get("vae_repa_beta", 0.05), tuple(a.get("vae_repa_t_range", (0.0, 1.0))),
-                                   a.get("vae_repa_target", "latent"), a.get("vae_repa_head_layers", 5),
-                                   a.get("vae_repa_head_width")))
+            methods.append(VaeRepa(a["vae_repa_depth"], a["vae_repa_coeff"], a["vae_repa_loss"], a["vae_repa_beta"],
+                                   tuple(a["vae_repa_t_range"]), a["vae_repa_target"], a["vae_repa_head_layers"],
+                                   a["vae_repa_head_width"]))
         elif name == "repa":
-            methods.append(Repa(a.get("enc_type") or "dinov2-vit-b", a.get("encoder_depth") or 8,
-                                a.get("proj_coeff", 0.5), enc_weights=a.get("enc_weights"),
-                                enc_source=a.get("enc_source", "timm")))
+            methods.append(Repa(a["enc_type"], a["encoder_depth"], a["proj_coeff"], enc_weights=a["enc_weights"],
+                                enc_source=a["enc_source"]))
         elif name == "sra":
-            student, teacher = SRA_DEFAULT_BLOCKS[size_name]
-            methods.append(Sra(a.get("sra_student_depth") or student, a.get("sra_teacher_depth") or teacher,
-                               a.get("sra_t_max", 0.2), a.get("sra_coeff", 0.2), a.get("sra_decay_after", 149),
-                               a.get("sra_decay_epochs", 1000), a.get("sra_loss", "smooth_l1"),
-                               a.get("sra_beta", 0.05)))
+            methods.append(Sra(a["sra_student_depth"], a["sra_teacher_depth"], a["sra_t_max"], a["sra_coeff"],
+                               a["sra_decay_after"], a["sra_decay_epochs"], a["sra_loss"], a["sra_beta"]))
         else:
             raise ValueError(f"unknown alignment method {name!r} in the run's arguments")
     return methods

@@ -49,7 +49,8 @@ from common import model_from_args  # noqa: E402
 from loss import LossConfig, training_loss  # noqa: E402
 from models import MODEL_NAMES, model_config, model_family  # noqa: E402
 from models.encoders import FrozenEncoder  # noqa: E402
-from training.loop import resolve_compile, update_ema  # noqa: E402
+from training.loop import update_ema  # noqa: E402
+from training.setup import resolve_compile  # noqa: E402
 
 # The paper's Table 4 (SiT-XL/2, H100, batch 256): EFP in M (external + head), iterations/s, GFLOPs, latency ms.
 PAPER_TABLE4 = {"none": (0, 0, 8.1, 114.46, 18.05), "repa": (303, 8, 5.4, 194.50, 29.03),

@@ -1,5 +1,6 @@
 """Alignment methods: REPA's loss, projector and encoder, SRA's teacher, combinations, flags and train.py runs."""
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from helpers_data import write_latent_dataset, write_repa_layout
 
+import alignment
 import train
 from alignment import build_methods, head_specs
 from alignment.base import StepInputs
@@ -237,6 +239,34 @@ def test_bad_method_sets_and_contradicting_flags_are_refused(capsys):
         with pytest.raises(SystemExit) as e:
             parse(*argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def _another_value(action: argparse.Action):
+    if action.choices:
+        return next(c for c in action.choices if c != action.default)
+    if isinstance(action.default, tuple):
+        return (0.0, 0.5)
+    return action.default + 1 if isinstance(action.default, int) else action.default / 2
+
+
+@pytest.mark.parametrize("model", ["SiT-B/2", "SiT-XL/2"])
+def test_an_old_run_lacking_a_method_flag_gets_the_command_line_s_default(model):
+    # Every method flag: the parser's default (or what resolve_args fills in for its None) is what build_methods
+    # falls back to for a run whose args.json lacks the key, so dropping the key leaves the methods as they were.
+    declared = argparse.ArgumentParser()
+    alignment.add_arguments(declared)
+    keys = sorted({a.dest for a in declared._actions} - {"help", "align"})
+    actions = {a.dest: a for a in train.build_parser()._actions}
+    run_args = vars(parse("--model", model, "--align", "vae-repa,repa,sra"))
+    built = [vars(m) for m in build_methods(run_args)]
+    assert len(built) == 3 and set(keys) - {"projector_embed_dims"} == set(alignment.method_defaults(model))
+    for key in keys:
+        if actions[key].default is not None:
+            assert run_args[key] == actions[key].default, key
+            changed = {**run_args, key: _another_value(actions[key])}
+            assert [vars(m) for m in build_methods(changed)] != built, key  # build_methods reads the key
+        old = {k: v for k, v in run_args.items() if k != key}
+        assert [vars(m) for m in build_methods(old)] == built, key
 
 
 def test_old_vae_repa_spellings_still_work_with_a_deprecation_line():

@@ -16,6 +16,7 @@ from helpers_data import make_tiny_vae, write_latent_dataset
 import train
 from common import model_from_args
 from training import loop
+from training.setup import resolve_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--vae-repa-depth", "1",
@@ -147,12 +148,12 @@ def test_compile_is_on_by_default_with_cuda_only_and_may_change_on_resume(tmp_pa
     assert train.parse_args(["--data-dir", "d"]).compile is None
     assert train.parse_args(["--data-dir", "d", "--compile"]).compile is True
     assert train.parse_args(["--data-dir", "d", "--no-compile"]).compile is False
-    assert loop.resolve_compile(None, torch.device("cuda")) is True
-    assert loop.resolve_compile(None, torch.device("cuda"), deterministic=True) is False
-    assert loop.resolve_compile(True, torch.device("cuda"), deterministic=True) is True
-    assert loop.resolve_compile(None, torch.device("cpu")) is False
-    assert loop.resolve_compile(False, torch.device("cuda")) is False
-    assert loop.resolve_compile(True, torch.device("cpu")) is True
+    assert resolve_compile(None, torch.device("cuda")) is True
+    assert resolve_compile(None, torch.device("cuda"), deterministic=True) is False
+    assert resolve_compile(True, torch.device("cuda"), deterministic=True) is True
+    assert resolve_compile(None, torch.device("cpu")) is False
+    assert resolve_compile(False, torch.device("cuda")) is False
+    assert resolve_compile(True, torch.device("cpu")) is True
     help_text = " ".join(train.build_parser().format_help().split())
     assert "(default: on with CUDA, off on the CPU and with --deterministic)" in help_text and "1.53x" in help_text
 

@@ -1,1 +1,1 @@
-"""Training: the loop and its pieces (training/loop.py); train.py is the command line."""
+"""Training: the loop (training/loop.py) and its set-up (training/setup.py); train.py is the command line."""

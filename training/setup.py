@@ -1,0 +1,233 @@
+"""The set-up of a training run (the loop itself is training/loop.py): run directory and log, the checkpoint to resume
+from, accelerator, model, optimizer and EMA, trackers, data."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import alignment
+from checkpoints import DamagedCheckpointError, load_checkpoint
+from common import (
+    ARCH_KEYS,
+    CHECKPOINT_FORMAT,
+    UsageError,
+    enable_deterministic_mode,
+    gpu_launch_problem,
+    list_checkpoints,
+    model_from_args,
+)
+from integrity import write_text
+from training import guard
+
+logger = logging.getLogger("train")
+
+
+# ----------------------------------------------------------------------------------------------
+# The run directory, its log and the checkpoint to resume from
+
+
+def locate_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from (if any); refuses to reuse a run without --resume."""
+    run_dir = Path(args.output_dir) / args.exp_name
+    if args.resume == "latest":
+        ckpts = list_checkpoints(run_dir / "checkpoints")
+        return run_dir, ckpts[max(ckpts)] if ckpts else None
+    if args.resume is not None:
+        if not Path(args.resume).is_file():
+            raise UsageError(f"--resume {args.resume}: no such checkpoint file")
+        return run_dir, Path(args.resume)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"run directory {run_dir} already exists; pass --resume latest to continue it or "
+                         f"choose another --exp-name (nothing was changed)")
+    return run_dir, None
+
+
+def open_resume_checkpoint(path: Path, trust: bool, run_args: dict) -> dict:
+    """The checkpoint to resume from, checked against this run's architecture (UsageError if it does not fit)."""
+    try:
+        checkpoint = load_checkpoint(path, trust=trust)
+    except DamagedCheckpointError as e:
+        raise UsageError(f"--resume: {e}. {guard.intact_alternative(path)}") from e
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--resume: {e}") from e
+    needed = {"args", "model", "ema", "opt", "rng", "data"}
+    if checkpoint.get("format") != CHECKPOINT_FORMAT or not needed <= checkpoint.keys():
+        raise UsageError(f"checkpoint {path} is not a train.py checkpoint (model, EMA, optimizer, RNG and data "
+                         "position); exports and REPA's checkpoints are for sampling")
+    saved = alignment.upgrade_run_args(checkpoint["args"])
+    mismatched = [k for k in ARCH_KEYS if k in saved and saved[k] != run_args.get(k)]
+    if mismatched:
+        raise UsageError(f"checkpoint {path} does not match this run: " + ", ".join(
+            f"{k}: checkpoint {saved[k]!r} vs now {run_args.get(k)!r}" for k in mismatched))
+    return checkpoint
+
+
+def make_run_dir(run_dir: Path) -> None:
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--output-dir: cannot write the run directory {run_dir} ({e})") from e
+
+
+def setup_logging(run_dir: Path, is_main: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if is_main:
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers, force=True,
+                        format="[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+
+
+# ----------------------------------------------------------------------------------------------
+# Accelerator, model, optimizer, trackers
+
+
+def resolve_compile(requested: bool | None, device: torch.device, deterministic: bool = False) -> bool:
+    """--compile's value: as given, or by default (None) on with CUDA, where it is measured faster, and off on the
+    CPU and under --deterministic (whose exact resume on CUDA is checked with eager kernels)."""
+    return device.type == "cuda" and not deterministic if requested is None else bool(requested)
+
+
+def make_accelerator(args: argparse.Namespace):
+    """The Accelerator (device, processes, precision, trackers), after the processes-vs-GPUs check."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    problem = gpu_launch_problem(args.device)  # before the process group: every rank stops, none hangs
+    if problem is not None:
+        raise UsageError(problem)
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        raise UsageError(f"--report-to {args.report_to} needs the {args.report_to} package, an optional one: "
+                         f"pip install -e '.[trackers]' (or pip install {args.report_to})")
+    if args.deterministic:
+        enable_deterministic_mode()
+    # cpu=True without CUDA (or with --device cpu), so that torchrun's processes form a gloo group instead of running
+    # alone. A long timeout: rank 0 writing an XL checkpoint to a slow file system keeps the others waiting.
+    pg_kwargs = InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))
+    use_cpu = args.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=args.mixed_precision, kwargs_handlers=[pg_kwargs],
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_dir=str(Path(args.output_dir) / args.exp_name))
+    if accelerator.device.type == "cuda" and args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def build_model_and_optimizer(args: argparse.Namespace, run_args: dict, checkpoint: dict | None,
+                              device: torch.device):
+    """(model, EMA, AdamW) on the device: identical initial weights on every rank, or the checkpoint's."""
+    torch.manual_seed(args.seed)
+    model = model_from_args(run_args)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+    model.to(device)
+    ema.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_epsilon, weight_decay=args.adam_weight_decay,
+                                  fused=device.type == "cuda")
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["opt"])
+    return model, ema, optimizer
+
+
+def init_trackers(accelerator, args: argparse.Namespace, run_args: dict, run_dir: Path) -> None:
+    if args.report_to == "none":
+        return
+    init_kwargs = {}
+    if args.report_to == "wandb":
+        id_file = run_dir / "wandb_id.txt"
+        if accelerator.is_main_process and not id_file.exists():
+            write_text(id_file, uuid.uuid4().hex[:12])  # a resumed run continues the same wandb run
+        accelerator.wait_for_everyone()
+        init_kwargs["wandb"] = {"id": id_file.read_text().strip(), "resume": "allow", "name": args.exp_name,
+                                "dir": str(run_dir)}
+    accelerator.init_trackers("vae-repa", config={k: str(v) for k, v in run_args.items()}, init_kwargs=init_kwargs)
+
+
+def log_summary(args: argparse.Namespace, model: torch.nn.Module, methods: list, device: torch.device, world: int,
+                local_batch: int) -> None:
+    if args.deterministic:
+        logger.info("deterministic kernels on %s (CUBLAS_WORKSPACE_CONFIG=%s, math attention)", device,
+                    os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    n_params = sum(p.numel() for p in model.parameters())
+    prefixes = model.head_state_prefixes()
+    head_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
+    logger.info("model %s: %.2fM parameters (%.2fM in alignment heads)", args.model, n_params / 1e6,
+                head_params / 1e6)
+    logger.info("effective global batch %d images per optimizer step = %d processes x %d per process x %d "
+                "accumulation steps", world * local_batch * args.gradient_accumulation_steps, world, local_batch,
+                args.gradient_accumulation_steps)
+    logger.info("alignment: %s", "none (vanilla SiT)" if not methods else "; ".join(m.describe() for m in methods))
+    for method in methods:
+        if method.external_parameters():
+            logger.info("%s runs %.1fM parameters outside the trained model each step", method.name,
+                        method.external_parameters() / 1e6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def open_dataset(args: argparse.Namespace, with_images: bool = False):
+    from dataset import DatasetError, LatentDataset
+
+    if not Path(args.data_dir).exists():
+        raise UsageError(f"--data-dir {args.data_dir} does not exist (run preprocessing/ first)")
+    try:
+        return LatentDataset(args.data_dir, in_memory=args.in_memory, use_flip=args.flip, seed=args.seed,
+                             with_images=with_images)
+    except DatasetError as e:
+        raise UsageError(f"--data-dir {args.data_dir}: {e}") from e
+
+
+def check_dataset_flags(args: argparse.Namespace, dataset) -> None:
+    """REPA's --resolution and --num-classes: the dataset fixes both; a flag that disagrees stops the run."""
+    found = {"resolution": dataset.manifest.get("resolution"), "num_classes": dataset.num_classes}
+    for name, value in found.items():
+        given, flag = getattr(args, name, None), f"--{name.replace('_', '-')}"
+        if given is None:
+            continue
+        if value is None:
+            raise UsageError(f"{flag} {given}: --data-dir {args.data_dir} does not record its {name.replace('_', ' ')}"
+                             f" (its manifest.json has no '{name}'), so the flag cannot be checked: drop it")
+        if int(given) != int(value):
+            raise UsageError(f"{flag} {given}, but --data-dir {args.data_dir} holds {name.replace('_', ' ')} "
+                             f"{value}: drop the flag or pass the matching dataset")
+
+
+def epoch_step_limit(args: argparse.Namespace, samples_per_rank: int, local_batch: int) -> int:
+    """The optimizer step at which --epochs passes over the data end (REPA's --epochs; micro-batches carry on
+    across an epoch's end, so that is micro-batches per epoch x epochs / accumulation, rounded down)."""
+    micro_batches = (samples_per_rank // local_batch) * args.epochs
+    return max(1, micro_batches // args.gradient_accumulation_steps)
+
+
+def batches(dataset, sampler, loader_kwargs: dict, epoch: int, position: int):
+    """Yield (batch, epoch, position after the batch) forever; `position` counts this rank's samples."""
+    local_batch = loader_kwargs["batch_size"]
+    while True:
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        sampler.set_start(position)
+        # Its own generator: creating a loader must not draw from the global RNG (that would break exact resume).
+        loader = DataLoader(dataset, sampler=sampler, drop_last=True, generator=torch.Generator(), **loader_kwargs)
+        for batch in loader:
+            position += local_batch
+            yield batch, epoch, position
+        epoch, position = epoch + 1, 0
