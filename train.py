@@ -173,7 +173,10 @@ def check_ranges(args: argparse.Namespace, error) -> None:
              "sample_grid_size": positive, "sample_grid_steps": positive, "cos_loss_coeff": non_negative,
              "batch_size": positive, "gradient_accumulation_steps": positive, "max_train_steps": positive,
              "checkpointing_steps": positive, "logging_steps": positive,
-             "epochs": positive, "resolution": positive, "num_classes": positive}  # None (unset) passes
+             "epochs": positive, "resolution": positive, "num_classes": positive,
+             # blocks are counted from 1 (0 used to fall back to the default block silently)
+             "encoder_depth": positive, "vae_repa_depth": positive, "sra_student_depth": positive,
+             "sra_teacher_depth": positive}  # None (unset) passes
     for name, (ok, what) in rules.items():
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and ok(value)):

@@ -390,3 +390,12 @@ def test_a_resumed_repa_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_pat
         return " ".join(w for w in line.split("step 3:")[1].split() if not w.startswith("images_per_s"))
 
     assert step3("straight") == step3("split")
+
+
+@pytest.mark.parametrize("flag", ["--encoder-depth", "--vae-repa-depth", "--sra-student-depth", "--sra-teacher-depth"])
+def test_block_zero_is_refused_instead_of_meaning_the_default(flag, capsys):
+    """Blocks count from 1; a 0 was once recorded in args.json while training used the default block."""
+    align = {"--encoder-depth": "repa", "--vae-repa-depth": "vae-repa"}.get(flag, "sra")
+    with pytest.raises(SystemExit) as e:
+        parse(flag, "0", "--align", align)
+    assert e.value.code == 2 and f"{flag} must be positive, got 0" in capsys.readouterr().err
