@@ -369,3 +369,21 @@ def test_tensorboard_tracker_writes_events(tmp_path):
     data = make_dataset(tmp_path / "data")
     run(tmp_path, data, "--exp-name", "tb", "--max-train-steps", "2", "--report-to", "tensorboard")
     assert list((tmp_path / "runs/tb").rglob("events.out.tfevents.*"))
+
+
+def test_a_run_recorded_with_block_0_resumes_with_the_block_it_trained_with(tmp_path):
+    """Block 0 is refused now, but runs that recorded it trained with the default block (build_methods read it with
+    `or`): resuming one with that block, here SiT-S's default 2 for VAE-REPA, is not a change of settings."""
+    data = make_dataset(tmp_path / "data")
+    r = cli(tmp_path, "--data-dir", str(data), "--exp-name", "two", "--max-train-steps", "1", "--vae-repa-depth", "2")
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / "runs/two/checkpoints/0000001.pt", weights_only=True)
+    assert ckpt["args"]["vae_repa_depth"] == 2
+    ckpt["args"]["vae_repa_depth"] = 0
+    old = tmp_path / "runs/zero/checkpoints/0000001.pt"
+    old.parent.mkdir(parents=True)
+    torch.save(ckpt, old)
+    r = cli(tmp_path, "--data-dir", str(data), "--exp-name", "zero", "--max-train-steps", "2", "--vae-repa-depth", "2",
+            "--resume", "latest")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "runs/zero/checkpoints/0000002.pt").is_file()

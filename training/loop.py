@@ -176,7 +176,7 @@ def train(args: argparse.Namespace):
     # before anything is written: a checkpoint that is refused or does not fit leaves no run directory behind
     checkpoint = None if resume_from is None else open_resume_checkpoint(resume_from, args.trust_checkpoint, run_args)
     changed = {} if checkpoint is None else guard.compare_settings(
-        alignment.upgrade_run_args(checkpoint["args"]), run_args, resume_from)
+        alignment.with_defaults(checkpoint["args"]), run_args, resume_from)
     if len(dataset) // world < local_batch:
         raise UsageError(f"--data-dir {args.data_dir} holds {len(dataset)} latents: too few for --batch-size "
                          f"{args.batch_size} (a per-process batch of {local_batch} on {world} processes)")

@@ -65,7 +65,7 @@ def open_resume_checkpoint(path: Path, trust: bool, run_args: dict) -> dict:
     if checkpoint.get("format") != CHECKPOINT_FORMAT or not needed <= checkpoint.keys():
         raise UsageError(f"checkpoint {path} is not a train.py checkpoint (model, EMA, optimizer, RNG and data "
                          "position); exports and REPA's checkpoints are for sampling")
-    saved = alignment.upgrade_run_args(checkpoint["args"])
+    saved = alignment.with_defaults(checkpoint["args"])  # what the run trained with (old runs: 0 = default block)
     mismatched = [k for k in ARCH_KEYS if k in saved and saved[k] != run_args.get(k)]
     if mismatched:
         raise UsageError(f"checkpoint {path} does not match this run: " + ", ".join(
