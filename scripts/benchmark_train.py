@@ -8,7 +8,7 @@ Each step is what train.py does per optimizer step (bf16 autocast forward with t
 backward, clipping, fused AdamW, foreach EMA); the data loader is left out. Per configuration it reports images/s
 after warm-up, peak memory, the parameters run outside the trained model (REPA's encoder, SRA's teacher part) and
 in its heads, GFLOPs per image counted with torch's FlopCounterMode (forward multiply-accumulates, as the paper
-counts them, and forward + backward FLOPs), and the latency of one forward pass. REPA's encoder has random weights
+counts them, and forward + backward FLOPs), and the latency of one forward pass (median of 3). REPA's encoder has random weights
 here unless --enc-weights names a file: the cost is the same, and nothing is downloaded. The model is compiled as
 train.py compiles it (by default on CUDA, not on the CPU; --compile / --no-compile), and each row records how long
 its first step took (compilation included).
@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -223,10 +224,14 @@ def time_config(name: str, align: str, args, device: torch.device) -> dict:
         sync()
         first_step_s = first_step_s or time.perf_counter() - t0  # compilation happens here
     with torch.no_grad():
-        t0 = time.perf_counter()
-        forward()
-        sync()
-        latency = time.perf_counter() - t0
+        forward()  # compiled: no_grad is another graph, compiled here and not timed
+        latencies = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            forward()
+            sync()
+            latencies.append(time.perf_counter() - t0)
+        latency = statistics.median(latencies)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []

@@ -330,19 +330,28 @@ torch.save({"model": model.state_dict(), "ema": ema.state_dict()}, f"{sys.argv[1
 
 
 def test_two_gloo_processes_keep_identical_weights(tmp_path):
+    """Two ranks on gloo end with the same weights, eager and with --compile (the CUDA default; compiled around DDP's
+    wrapper, as on GPUs), and the compiled run trains as the eager one, up to float rounding."""
     data = make_dataset(tmp_path / "data", n=16)
     (tmp_path / "worker.py").write_text(WORKER)
     # CPU behaviour: the workers see no GPU (a machine with one GPU would otherwise give both ranks CUDA).
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", str(tmp_path / "worker.py"), str(tmp_path), "--data-dir", str(data), "--output-dir",
-                        str(tmp_path / "runs"), *TINY, "--max-train-steps", "3", "--exp-name", "ddp"],
-                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
-    for key in ("model", "ema"):
-        for name, p in a[key].items():
-            assert torch.equal(p, b[key][name]), (key, name)
+    runs = {}
+    for name, flag in (("compiled", "--compile"), ("ddp", "--no-compile")):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            "29517", str(tmp_path / "worker.py"), str(tmp_path), "--data-dir", str(data),
+                            "--output-dir", str(tmp_path / "runs"), *TINY, "--max-train-steps", "3", "--exp-name", name,
+                            flag], capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = [torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1)]
+    for a, b in runs.values():
+        for key in ("model", "ema"):
+            for name, p in a[key].items():
+                assert torch.equal(p, b[key][name]), (key, name)
+    a, compiled = runs["ddp"][0], runs["compiled"][0]
+    for name, p in a["model"].items():
+        torch.testing.assert_close(compiled["model"][name], p, rtol=1e-4, atol=1e-5)
+    assert "torch.compile: on (--compile)" in (tmp_path / "runs/compiled/log.txt").read_text()
     init = model_from_args(json.loads((tmp_path / "runs/ddp/args.json").read_text()))
     moved = any(not torch.equal(p, a["model"][n]) for n, p in init.state_dict().items())
     assert moved  # the ranks trained, and agree

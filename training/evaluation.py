@@ -66,7 +66,8 @@ def generate_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--mode", args.eval_mode, "--num-steps", str(args.eval_num_steps), "--cfg-scale", str(args.eval_cfg_scale),
              "--guidance-low", str(args.eval_guidance_low), "--guidance-high", str(args.eval_guidance_high),
              "--global-seed", str(args.eval_seed), "--label-sampling", args.eval_label_sampling,
-             "--pixel-rounding", args.eval_pixel_rounding, "--num-fid-samples", str(args.eval_samples)]
+             "--pixel-rounding", args.eval_pixel_rounding, "--num-fid-samples", str(args.eval_samples),
+             "--no-compile"]  # the evaluation samples eagerly: compiled kernels would round differently
     return flags + (["--heun"] if args.eval_heun else [])
 
 

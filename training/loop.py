@@ -211,8 +211,9 @@ def train(args: argparse.Namespace):
                              "earlier one")
     if is_main:
         guard.record_args(run_dir, run_args, changed, step)
-    model = torch.compile(raw_model) if args.compile else raw_model
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    if args.compile:  # last, around DDP's wrapper (accelerate's order): dynamo then splits the graph at DDP's gradient
+        model = torch.compile(model)  # buckets, so their all-reduce overlaps the backward
 
     # Before the per-rank seeding and the RNG restore: building an encoder draws random initial weights, which would
     # otherwise shift a resumed run's noise stream away from the uninterrupted run's.
