@@ -124,6 +124,13 @@ def load_vae(name: str) -> torch.nn.Module:
 # (PIXEL_ROUNDINGS, the names, live in cli.py so that generate.py's flags need no torch.)
 
 
+def resolve_compile(requested: bool | None, device: torch.device, deterministic: bool = False) -> bool:
+    """--compile's value in train.py and generate.py: as given, or by default (None) on with CUDA, where it is
+    measured faster, and off on the CPU and under train.py's --deterministic (whose exact resume on CUDA is checked
+    with eager kernels)."""
+    return device.type == "cuda" and not deterministic if requested is None else bool(requested)
+
+
 def to_uint8(images: torch.Tensor, rounding: str = "repa") -> torch.Tensor:
     """Decoder output in [-1, 1], (N, 3, H, W) -> uint8 (N, H, W, 3), truncated after clamping to [0, 255]."""
     x = images.float()

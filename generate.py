@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "gives the same outputs; or fp32). Integration is float64 and VAE decoding fp32 either way; "
                         "auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model, one graph per batch size (about a minute each on the first batches). "
+                   help="torch.compile the model, a graph per batch shape (the guided and the unguided batch, and "
+                        "those of a last partial batch), each compiled when first met. "
                         "Samples change only within the precision's rounding, as with another batch size, so it is "
                         "not part of the folder name (default: on with CUDA, off on the CPU)")
     g.add_argument("--device", default=None,
@@ -174,6 +175,7 @@ from common import (
     list_checkpoints,
     load_vae,
     model_from_args,
+    resolve_compile,
     sampling_weights,
     to_uint8,
 )
@@ -614,7 +616,7 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     sources = {"ckpt": str(ckpt.resolve()), "vae": info["vae"]}
     pending = _on_rank0(lambda: prepare_folder(folder, npz_path, args.num_fid_samples, config, sources), rank, world)
     mine = pending[rank::world]  # every world-th missing index: the images do not depend on the split
-    compile_model = args.compile if args.compile is not None else device.type == "cuda"
+    compile_model = resolve_compile(args.compile, device)
     net = samplers.sampling_model(model.to(device), precision, compile_model)  # after the weights' digest
     vae.to(device)
     log(f"Sampling {len(pending)} of {args.num_fid_samples} images ({args.num_fid_samples - len(pending)} already "

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "where available, the math kernel under --deterministic), so it changes nothing (a note)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off on the CPU and with --deterministic). "
-                        "On one H100, SiT-XL/2 + VAE-REPA trains 1.53x faster with it at a per-GPU batch of 128 "
+                        "On one H100, SiT-XL/2 + VAE-REPA trains 1.52x faster with it at a per-GPU batch of 128 "
                         "(342 -> 520 img/s) and 1.47x at 32; the first step takes longer while it compiles (logged "
                         "as 'first step')")
 

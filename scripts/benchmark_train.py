@@ -8,10 +8,10 @@ Each step is what train.py does per optimizer step (bf16 autocast forward with t
 backward, clipping, fused AdamW, foreach EMA); the data loader is left out. Per configuration it reports images/s
 after warm-up, peak memory, the parameters run outside the trained model (REPA's encoder, SRA's teacher part) and
 in its heads, GFLOPs per image counted with torch's FlopCounterMode (forward multiply-accumulates, as the paper
-counts them, and forward + backward FLOPs), and the latency of one forward pass (median of 3). REPA's encoder has random weights
-here unless --enc-weights names a file: the cost is the same, and nothing is downloaded. The model is compiled as
-train.py compiles it (by default on CUDA, not on the CPU; --compile / --no-compile), and each row records how long
-its first step took (compilation included).
+counts them, and forward + backward FLOPs), and the latency of one forward pass (median of 3). REPA's encoder has
+random weights here unless --enc-weights names a file: the cost is the same, and nothing is downloaded. The model
+is compiled as train.py compiles it (by default on CUDA, not on the CPU; --compile / --no-compile), and each row
+records how long its first step took (compilation included).
 
 Each method row also has `flop_overhead` (its forward + backward FLOPs over the same model's vanilla ones, minus 1)
 beside `time_overhead` (its step time over vanilla's, minus 1). The FLOP overhead is what the step time grows by when
@@ -46,12 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli  # noqa: E402
 from alignment import build_methods  # noqa: E402
-from common import model_from_args  # noqa: E402
+from common import model_from_args, resolve_compile  # noqa: E402
 from loss import LossConfig, training_loss  # noqa: E402
 from models import MODEL_NAMES, model_config, model_family  # noqa: E402
 from models.encoders import FrozenEncoder  # noqa: E402
 from training.loop import update_ema  # noqa: E402
-from training.setup import resolve_compile  # noqa: E402
 
 # The paper's Table 4 (SiT-XL/2, H100, batch 256): EFP in M (external + head), iterations/s, GFLOPs, latency ms.
 PAPER_TABLE4 = {"none": (0, 0, 8.1, 114.46, 18.05), "repa": (303, 8, 5.4, 194.50, 29.03),

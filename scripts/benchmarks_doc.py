@@ -62,7 +62,14 @@ def train_rows(d: dict, name: str) -> list[dict]:
              "methods": r["align"], "batch": r["batch_size"], "precision": d.get("precision", ""),
              "compile": "yes" if d.get("compile") else "no", "img/s": num(r["images_per_s"], 4),
              "peak GB": num(r.get("peak_memory_gb")), "fwd GMAC/img": num(r.get("forward_gmacs_per_image"), 4),
-             "command": code(d.get("command")), "file": name} for r in d["results"]]
+             "+FLOPs": percent(r.get("flop_overhead")), "+time": percent(r.get("time_overhead")),
+             "first step s": num(r.get("first_step_s")), "command": code(d.get("command")), "file": name}
+            for r in d["results"]]
+
+
+def percent(value) -> str:
+    """An overhead (0.092) as a percentage (+9.2%), '' for None."""
+    return "" if value is None else f"{100 * value:+.1f}%"
 
 
 def sample_rows(d: dict, name: str) -> list[dict]:

@@ -14,12 +14,12 @@
 #                                         on one H100, not yet measured): scripts/benchmark_sample.py at the real
 #                                         setting (SiT-XL/2, batch 256, SDE 25 timed steps extrapolated to 250, with
 #                                         decoding) and a short scripts/benchmark_train.py --table4, written to
-#                                         benchmarks/results/{sample,table4}_<gpu>.json and copied to
+#                                         benchmarks/results/sample_<gpu>.json and train-table4_<gpu>.json, copied to
 #                                         $OUT/benchmarks/results/, with docs/benchmarks.md rewritten from them
 #   GPU_TESTS=skip bash scripts/gpu_check.sh   the benchmarks only; GPU_TESTS=tests/x.py: only those GPU tests
 #   SAMPLE_STEPS=, TRAIN_STEPS=           timed sampler steps (default 25) and training steps (default 30)
 #   TRAIN_ARGS="--models SiT-XL/2 --align none vae-repa --batch-size 128"   benchmark_train.py's rows instead of
-#                                         --table4 (each row compiles on CUDA: about a minute per XL/2 row)
+#                                         --table4 (each row compiles on CUDA first: its time is recorded as first_step_s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -1,7 +1,6 @@
 """scripts/benchmark_sample.py: a tiny SiT on the CPU (JSON schema, counted forwards against the closed form of the
 SDE grid, bf16-weight bits against autocast, bf16 error against fp32, --variants) and SiT-B/2 on CUDA (-m gpu)."""
 
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -10,18 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--latent-size", "8",
         "--batch-size", "2", "--num-steps", "250", "--sampler-steps", "10", "--repeats", "3", "--warmup", "1"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_sample", ROOT / "scripts" / "benchmark_sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+def bench():
+    return load_script("benchmark_sample")
 
 def sde_forwards(num_steps: int, low: float, high: float) -> dict:
     """The SDE grid is linspace(1, 0.04, num_steps) then 0; the model runs once at the start of each step, so at
@@ -35,7 +31,7 @@ def sde_forwards(num_steps: int, low: float, high: float) -> dict:
 def cpu_report(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("bench") / "sample.json"
     variants = ["fp32", "autocast", "bf16-weights", "compile", "compile-cudagraphs"]
-    assert load_script().main([*TINY, "--variants", *variants, "--decode", "--out", str(out)]) == 0
+    assert bench().main([*TINY, "--variants", *variants, "--decode", "--out", str(out)]) == 0
     return json.loads(out.read_text())
 
 
@@ -111,7 +107,7 @@ def test_decode_is_timed_and_its_share_reported(cpu_report):
 
 def test_variants_list_is_honoured(tmp_path, one_thread):
     out = tmp_path / "two.json"
-    assert load_script().main([*TINY, "--sampler-steps", "3", "--repeats", "1", "--warmup", "0", "--variants",
+    assert bench().main([*TINY, "--sampler-steps", "3", "--repeats", "1", "--warmup", "0", "--variants",
                                "bf16-weights", "autocast", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["results"]] == ["bf16-weights", "autocast"]
@@ -131,7 +127,7 @@ def test_fast_paths_on_cuda_stay_within_bf16_noise(tmp_path, record_property):
     no more than bf16 noise (autocast's own distance to fp32, with a floor)."""
     out = tmp_path / "gpu.json"
     variants = ["fp32", "autocast", "bf16-weights", "compile", "compile-cudagraphs"]
-    assert load_script().main(["--model", "SiT-B/2", "--batch-size", "16", "--sampler-steps", "5", "--repeats", "3",
+    assert bench().main(["--model", "SiT-B/2", "--batch-size", "16", "--sampler-steps", "5", "--repeats", "3",
                                "--warmup", "3", "--variants", *variants, "--out", str(out)]) == 0
     rows = rows_of(json.loads(out.read_text()))
     assert all(rows[v]["status"] == "ok" and rows[v]["peak_memory_gb"] > 0 for v in variants)
@@ -152,17 +148,17 @@ def test_fast_paths_on_cuda_stay_within_bf16_noise(tmp_path, record_property):
 
 
 def test_a_failing_variant_is_recorded_and_the_others_kept(tmp_path, one_thread, monkeypatch):
-    bench = load_script()
-    real = bench.variant_model
+    module = bench()
+    real = module.variant_model
 
     def variant_model(base, variant, device):
         if variant == "bf16-weights":
             raise RuntimeError("out of memory (simulated)")
         return real(base, variant, device)
 
-    monkeypatch.setattr(bench, "variant_model", variant_model)
+    monkeypatch.setattr(module, "variant_model", variant_model)
     out = tmp_path / "failed.json"
-    assert bench.main([*TINY, "--sampler-steps", "2", "--repeats", "1", "--warmup", "0", "--variants", "autocast",
+    assert module.main([*TINY, "--sampler-steps", "2", "--repeats", "1", "--warmup", "0", "--variants", "autocast",
                        "bf16-weights", "--out", str(out)]) == 1
     rows = rows_of(json.loads(out.read_text()))
     assert rows["autocast"]["status"] == "ok"

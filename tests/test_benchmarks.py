@@ -1,19 +1,12 @@
 """scripts/benchmark_train.py on a tiny CPU configuration: the JSON it writes and FLOP counts against closed forms."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def sit_forward_macs(tokens: int, d: int, depth: int, patch: int, channels: int) -> int:

@@ -1,22 +1,15 @@
 """scripts/benchmarks_doc.py: docs/benchmarks.md matches benchmarks/results/*.json, and every kind renders with the
 command that produced it (training and sampling JSONs made here by the benchmark scripts on tiny CPU models)."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from helpers_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_docs_benchmarks_md_is_in_sync_with_the_results():
@@ -38,9 +31,9 @@ def test_check_fails_on_a_stale_doc(tmp_path):
 def test_every_kind_renders_with_its_command(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    train_argv = ["--models", "SiT-S/2", "--align", "none", "--depth", "2", "--hidden-size", "32", "--num-heads",
-                  "2", "--latent-size", "8", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--precision",
-                  "fp32", "--out", str(results / "train_tiny.json")]
+    train_argv = ["--models", "SiT-S/2", "--align", "none", "vae-repa", "--depth", "2", "--hidden-size", "32",
+                  "--num-heads", "2", "--latent-size", "8", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                  "--precision", "fp32", "--out", str(results / "train_tiny.json")]
     assert load_script("benchmark_train").main(train_argv) == 0
     sample_argv = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--latent-size",
                    "8", "--batch-size", "2", "--sampler-steps", "2", "--repeats", "1", "--warmup", "0", "--variants",
@@ -58,8 +51,12 @@ def test_every_kind_renders_with_its_command(tmp_path):
         assert title in text
     assert f"`{train_command}`" in text and "`python scripts/benchmark_sample.py --model SiT-S/2" in text
     train_row = next(line for line in text.splitlines() if "train_tiny.json" in line)
-    commit = json.loads((results / "train_tiny.json").read_text())["commit"]
-    assert f"| {commit[:7]} |" in train_row or "| unknown |" in train_row
+    train = json.loads((results / "train_tiny.json").read_text())
+    assert f"| {train['commit'][:7]} |" in train_row or "| unknown |" in train_row
+    # VAE-REPA's row shows its FLOP overhead over the vanilla row of the same run, as a percentage
+    vanilla, vae_repa = (r["train_gflops_per_image"] for r in train["results"])
+    vae_repa_row = [line for line in text.splitlines() if "train_tiny.json" in line][1]
+    assert "| vae-repa |" in vae_repa_row and f"| +{100 * (vae_repa / vanilla - 1):.1f}% |" in vae_repa_row
     assert "| 804 TFLOP/s |" in text and "| a101ca5 |" in text  # the transcribed H100 table
     eval_row = next(line for line in text.splitlines() if "eval_cpu.json" in line)
     assert "not recorded" in eval_row  # older JSONs carry no command

@@ -5,7 +5,6 @@ images as the checkpoint they came from."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -20,6 +19,7 @@ import pytest
 import torch
 from helpers_data import make_tiny_vae
 from helpers_generate import TINY_ARGS, make_checkpoint, make_repa_checkpoint, random_state
+from helpers_scripts import load_script
 from test_train import TINY, make_dataset
 from test_train import run as train_run
 
@@ -30,9 +30,7 @@ from evaluations import evaluator
 from evaluations.inception import write_random_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("export_script", ROOT / "scripts" / "export.py")
-export = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(export)
+export = load_script("export")
 
 SYSTEM = f"{os.system.__module__}.system"  # how the pickle names os.system: posix.system on Linux
 

@@ -214,11 +214,14 @@ def test_bf16_images_are_those_of_fp32_weights_under_autocast(assets, tmp_path):
     that fp32 weights under bf16 autocast give (the path before that change), computed here by sample_batch on a
     model that is left in fp32."""
     quick = [*SETTINGS[2:], "--num-fid-samples", "4", "--per-proc-batch-size", "4"]
-    rc, _, npz = sample(assets["ckpt"], tmp_path, *quick, "--precision", "bf16")
+    rc, folder, npz = sample(assets["ckpt"], tmp_path, *quick, "--precision", "bf16")
     assert rc == 0
     args = generate.parse_args(["--ckpt", str(assets["ckpt"]), *quick, "--device", "cpu"])
     model, info = generate.load_model(args, assets["ckpt"])
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    # the folder's identity is the fp32 weights' digest (taken before the cast), so folders begun earlier still match
+    config = json.loads((folder / "config.json").read_text())["config"]
+    assert config["model_sha256"] == generate.weights_digest(model)
     vae = generate.load_vae(info["vae"])
     old_path = generate.sample_batch(model.eval(), vae, [0, 1, 2, 3], args, info, torch.device("cpu"), "bf16")
     np.testing.assert_array_equal(arr_0(npz), old_path)

@@ -179,10 +179,12 @@ class Bf16GaussianVelocity(GaussianVelocity):
 
 @pytest.mark.parametrize("sampler", ["sde", "ode"])
 def test_bf16_model_rounding_does_not_accumulate_over_the_steps(sampler):
-    """The bound on bf16 sampling error: with float32 latents (generate.py's) and a model that rounds to bf16, each
-    sample ends within one bf16 unit of roundoff (2^-9) of the largest sample of the float64 run with the same noise,
-    after 250 SDE / 100 ODE steps, and the samples still have the data's distribution. The times reach the model in
-    float32: in bf16 neighbouring grid times would merge."""
+    """The sampler's share of bf16 error: with float32 latents (generate.py's) and a model whose input and output are
+    rounded to bf16 (the rounding inside a bf16 network is the model's own, bounded against fp32 by the forward tests
+    of test_generate.py, test_gpu.py and benchmark_sample.py), each sample ends within one bf16 unit of roundoff
+    (2^-9) of the largest sample of the float64 run with the same noise, after 250 SDE / 100 ODE steps: the
+    integration does not accumulate the rounding, and the samples keep the data's distribution. The times reach the
+    model in float32: in bf16 neighbouring grid times would merge."""
     y = torch.zeros(N // 4, dtype=torch.long)
     z = noise().float()
     runs = []

@@ -14,9 +14,8 @@ import torch
 from helpers_data import make_tiny_vae, write_latent_dataset
 
 import train
-from common import model_from_args
+from common import model_from_args, resolve_compile
 from training import loop
-from training.setup import resolve_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--vae-repa-depth", "1",
@@ -155,7 +154,7 @@ def test_compile_is_on_by_default_with_cuda_only_and_may_change_on_resume(tmp_pa
     assert resolve_compile(False, torch.device("cuda")) is False
     assert resolve_compile(True, torch.device("cpu")) is True
     help_text = " ".join(train.build_parser().format_help().split())
-    assert "(default: on with CUDA, off on the CPU and with --deterministic)" in help_text and "1.53x" in help_text
+    assert "(default: on with CUDA, off on the CPU and with --deterministic)" in help_text and "1.52x" in help_text
 
     data = make_dataset(tmp_path / "data")
     straight, _ = run(tmp_path, data, "--device", "cpu", "--exp-name", "straight", "--max-train-steps", "4")

@@ -16,7 +16,15 @@ import torch
 
 import alignment
 from checkpoints import rng_state, set_rng_state
-from common import CHECKPOINT_FORMAT, UsageError, atomic_save, decode_latents, list_checkpoints, load_vae
+from common import (
+    CHECKPOINT_FORMAT,
+    UsageError,
+    atomic_save,
+    decode_latents,
+    list_checkpoints,
+    load_vae,
+    resolve_compile,
+)
 from integrity import atomic_write, worker_init
 from loss import LossConfig, training_loss
 from training import guard
@@ -33,7 +41,6 @@ from training.setup import (
     make_run_dir,
     open_dataset,
     open_resume_checkpoint,
-    resolve_compile,
     setup_logging,
 )
 

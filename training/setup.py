@@ -95,12 +95,6 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
 # Accelerator, model, optimizer, trackers
 
 
-def resolve_compile(requested: bool | None, device: torch.device, deterministic: bool = False) -> bool:
-    """--compile's value: as given, or by default (None) on with CUDA, where it is measured faster, and off on the
-    CPU and under --deterministic (whose exact resume on CUDA is checked with eager kernels)."""
-    return device.type == "cuda" and not deterministic if requested is None else bool(requested)
-
-
 def make_accelerator(args: argparse.Namespace):
     """The Accelerator (device, processes, precision, trackers), after the processes-vs-GPUs check."""
     from accelerate import Accelerator
