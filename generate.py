@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "gives the same outputs; or fp32). Integration is float64 and VAE decoding fp32 either way; "
                         "auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model, a graph per batch shape (the guided and the unguided batch, and "
-                        "those of a last partial batch), each compiled when first met. "
+                   help="torch.compile the model: two graphs, the guided and the unguided batch, compiled when "
+                        "first met (a last partial batch is filled up to the full size). "
                         "Samples change only within the precision's rounding, as with another batch size, so it is "
                         "not part of the folder name (default: on with CUDA, off on the CPU)")
     g.add_argument("--device", default=None,
@@ -629,7 +629,10 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     with ThreadPoolExecutor(4) as pool:  # PNG encoding overlaps the next batch
         for b in range(0, len(mine), args.per_proc_batch_size):
             indices = mine[b:b + args.per_proc_batch_size]
-            images = sample_batch(net, vae, indices, args, info, device, precision)
+            # compiled: a last partial batch is filled up with copies of its last sample, so that it runs the graphs
+            # of the full batches instead of compiling two more (each sample depends only on its own index)
+            fill = args.per_proc_batch_size - len(indices) if compile_model else 0
+            images = sample_batch(net, vae, indices + indices[-1:] * fill, args, info, device, precision)[:len(indices)]
             for future in saves:
                 future.result()
             saves = [pool.submit(save_png, image, folder / f"{i:06d}.png") for i, image in zip(indices, images)]

@@ -229,9 +229,14 @@ def test_bf16_images_are_those_of_fp32_weights_under_autocast(assets, tmp_path):
 
 def test_compiled_sampling_gives_the_images_of_eager_sampling(assets, reference, tmp_path, capsys):
     """--compile (on CUDA by default) is not part of the folder name: its images must be eager's, up to float
-    rounding (compiled kernels may sum in another order): here fp32 on the CPU, a byte apart at most."""
+    rounding (compiled kernels may sum in another order): here fp32 on the CPU, a byte apart at most. A last partial
+    batch reuses the full batches' graphs."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     rc, folder, npz = sample(assets["run"], tmp_path, *SETTINGS, "--per-proc-batch-size", "3", "--compile")
     assert rc == 0 and "compiled" in capsys.readouterr().out
+    # 8 samples in batches of 3: the guided (6) and unguided (3) graphs only; the last batch (2) is filled up to 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert folder.name == reference["folder"].name
     diff = np.abs(arr_0(npz).astype(int) - reference["images"])
     assert diff.max() <= 1 and diff.mean() < 0.01
