@@ -629,9 +629,9 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     with ThreadPoolExecutor(4) as pool:  # PNG encoding overlaps the next batch
         for b in range(0, len(mine), args.per_proc_batch_size):
             indices = mine[b:b + args.per_proc_batch_size]
-            # compiled: a last partial batch is filled up with copies of its last sample, so that it runs the graphs
-            # of the full batches instead of compiling two more (each sample depends only on its own index)
-            fill = args.per_proc_batch_size - len(indices) if compile_model else 0
+            # compiled: a last partial batch after full ones is filled up with copies of its last sample, so that it
+            # runs their graphs instead of compiling two more (each sample depends only on its own index)
+            fill = args.per_proc_batch_size - len(indices) if compile_model and b > 0 else 0
             images = sample_batch(net, vae, indices + indices[-1:] * fill, args, info, device, precision)[:len(indices)]
             for future in saves:
                 future.result()
