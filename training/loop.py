@@ -7,15 +7,17 @@ import argparse
 import contextlib
 import logging
 import math
-import random
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 import alignment
-from checkpoints import rng_state, set_rng_state
+from checkpoints import rng_state
 from common import (
     CHECKPOINT_FORMAT,
     UsageError,
@@ -36,12 +38,16 @@ from training.setup import (
     epoch_step_limit,
     init_trackers,
     locate_run,
+    log_run_start,
     log_summary,
     make_accelerator,
-    make_run_dir,
     open_dataset,
     open_resume_checkpoint,
-    setup_logging,
+    open_run_dir,
+    resume_position,
+    seed_and_restore_rng,
+    set_up_methods,
+    split_batch,
 )
 
 logger = logging.getLogger("train")
@@ -159,15 +165,63 @@ def accumulate_gradients(model, null_class: int, data, accelerator, args: argpar
     return parts, epoch, position
 
 
+@dataclass
+class Run:
+    """A training run once set up: what the step loop reads, and the position it advances."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    run_dir: Path
+    run_args: dict  # the settings as args.json and the checkpoints record them
+    methods: list
+    needs: set  # what the methods need from each batch (step_inputs)
+    loss_config: LossConfig
+    raw_model: torch.nn.Module
+    model: torch.nn.Module  # raw_model as accelerate prepared it (and torch.compile wrapped it)
+    ema: torch.nn.Module
+    optimizer: Any
+    data: Iterator  # (batch, epoch, position) from the resumable loader
+    step: int
+    epoch: int
+    position: int
+    vae: Any  # for the sample grids (rank 0, --sample-every > 0), else None
+    watch: guard.Watch
+    evaluator: Any
+    clock_start: float  # time.time() less the seconds trained before a resume
+
+
+@dataclass
+class LogWindow:
+    """The losses and the grad norm summed since the last log line, and when and at which step that was."""
+
+    names: list[str]
+    sums: torch.Tensor
+    since: float
+    since_step: int
+
+
 def train(args: argparse.Namespace):
     """Run training; returns the (unwrapped) model and its EMA on this process."""
+    run = set_up_run(args)
+    # a kill interrupted this step's evaluation: redo it
+    if run.evaluator is not None and run.evaluator.pending(run.step):
+        run.evaluator.run(run.ema, run.step, time.time() - run.clock_start)
+    run_steps(run)
+    run.accelerator.end_training()
+    logger.info("done: %d steps, run directory %s", run.step, run.run_dir)
+    return run.raw_model, run.ema
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+
+
+def set_up_run(args: argparse.Namespace) -> Run:
+    """Everything before the first step, in this order: settings and checkpoint checked, run directory and log,
+    model and optimizer, methods, seeds and RNG restore, data loader, trackers, guard watch, evaluator."""
     accelerator = make_accelerator(args)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
-    # REPA's meaning: --batch-size is split over the processes, and accumulation multiplies it.
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
-    local_batch = args.batch_size // world
+    device, world, is_main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
+    local_batch = split_batch(args, world)
     compile_by_default = args.compile is None
     # the value used, as run_args (args.json, checkpoints) record it
     args.compile = resolve_compile(args.compile, device, args.deterministic)
@@ -187,66 +241,44 @@ def train(args: argparse.Namespace):
     if len(dataset) // world < local_batch:
         raise UsageError(f"--data-dir {args.data_dir} holds {len(dataset)} latents: too few for --batch-size "
                          f"{args.batch_size} (a per-process batch of {local_batch} on {world} processes)")
-    accelerator.wait_for_everyone()
-    if is_main:
-        if not run_dir.exists():
-            args.created_run_dir = run_dir  # removed again if the run is refused before its first step
-        make_run_dir(run_dir)
-    accelerator.wait_for_everyone()
-    setup_logging(run_dir, is_main)
-    if is_main:
-        guard.clean_run_dir(run_dir)
-    for note in args.notes:  # first: which methods a REPA-style command line trains, deprecated spellings
-        logger.info("note: %s", note)
-    if checkpoint is not None and checkpoint["args"].get("world_size") != world:
-        logger.warning("resuming with %d processes instead of %d: the data order and noise will differ from "
-                       "an uninterrupted run", world, checkpoint["args"].get("world_size"))
-    if checkpoint is not None:
-        logger.info("checkpoint %s: %s", resume_from, guard.checkpoint_status(resume_from))
-    why = (f"the default on {device.type}{' with --deterministic' if args.deterministic else ''}"
-           if compile_by_default else f"--{'' if args.compile else 'no-'}compile")
-    logger.info("torch.compile: %s (%s)", "on" if args.compile else "off", why)
+    open_run_dir(args, accelerator, run_dir)
+    log_run_start(args, accelerator, checkpoint, resume_from, compile_by_default)
 
     raw_model, ema, optimizer = build_model_and_optimizer(args, run_args, checkpoint, device)
-    step, epoch, position = 0, 0, 0
-    if checkpoint is not None:
-        step, epoch, position = checkpoint["step"], checkpoint["data"]["epoch"], checkpoint["data"]["position"]
-        newer = [s for s in list_checkpoints(run_dir / "checkpoints") if s > step]
-        if newer:
-            raise UsageError(f"{run_dir / 'checkpoints'} holds checkpoints after step {step} (e.g. "
-                             f"{max(newer):07d}.pt) from another attempt; move them away before resuming from an "
-                             "earlier one")
+    step, epoch, position = resume_position(checkpoint, run_dir)
     if is_main:
         guard.record_args(run_dir, run_args, changed, step)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
     if args.compile:  # last, around DDP's wrapper (accelerate's order): dynamo then splits the graph at DDP's gradient
         model = torch.compile(model)  # buckets, so their all-reduce overlaps the backward
 
-    # Before the per-rank seeding and the RNG restore: building an encoder draws random initial weights, which would
-    # otherwise shift a resumed run's noise stream away from the uninterrupted run's.
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-    try:
-        for method in methods:
-            method.setup(device, raw_model, image_size=dataset.image_size, autocast_dtype=autocast_dtype)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-
-    random.seed(args.seed + rank)
-    np.random.seed((args.seed + rank) % 2**32)
-    torch.manual_seed(args.seed * 1000003 + rank)  # per-rank noise and time draws
+    set_up_methods(args, methods, device, raw_model, dataset.image_size)
+    seed_and_restore_rng(args, accelerator, checkpoint)
     if checkpoint is not None:
-        if accelerator.scaler is not None and checkpoint.get("scaler") is not None:
-            accelerator.scaler.load_state_dict(checkpoint["scaler"])  # fp16 loss scale
-        states = checkpoint["rng"]
-        if len(states) == world:
-            set_rng_state(states[rank], device)
         logger.info("resumed from %s at step %d (epoch %d, position %d)", resume_from, step, epoch, position)
 
     loss_config = LossConfig(path_type=args.path_type, weighting=args.weighting, cfg_prob=args.cfg_prob,
                              cos_coeff=args.cos_loss_coeff)
+    data = open_loader(args, dataset, accelerator, local_batch, epoch, position)
+    vae = load_vae(run_args["vae"]).to(device) if args.sample_every > 0 and is_main else None
+    init_trackers(accelerator, args, run_args, run_dir)
+    log_summary(args, raw_model, methods, device, world, local_batch)
+    watch = guard.Watch(accelerator, dataset, guard.start_data_verification(dataset, args, is_main), run_dir)
+    args.created_run_dir = None  # set-up done: from here on the run directory is kept whatever happens
+    evaluator = make_evaluator(args, run_args, run_dir, accelerator)  # the Inception network, loaded once
+    clock_start = time.time() - (checkpoint.get("wall_seconds", 0.0) if checkpoint is not None else 0.0)
+    return Run(args=args, accelerator=accelerator, run_dir=run_dir, run_args=run_args, methods=methods, needs=needs,
+               loss_config=loss_config, raw_model=raw_model, model=model, ema=ema, optimizer=optimizer, data=data,
+               step=step, epoch=epoch, position=position, vae=vae, watch=watch, evaluator=evaluator,
+               clock_start=clock_start)
 
+
+def open_loader(args: argparse.Namespace, dataset, accelerator, local_batch: int, epoch: int,
+                position: int) -> Iterator:
+    """The resumable data stream from (epoch, position); --epochs lowers args.max_train_steps to its last step."""
     from dataset import ResumableDistributedSampler
 
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     sampler = ResumableDistributedSampler(len(dataset), num_replicas=world, rank=rank, seed=args.seed,
                                           shuffle=True, drop_last=True)
     loader_kwargs = dict(batch_size=local_batch, num_workers=args.num_workers, pin_memory=device.type == "cuda",
@@ -257,74 +289,87 @@ def train(args: argparse.Namespace):
         logger.info("--epochs %d: the data passes end at step %d; training stops at step %d", args.epochs, limit,
                     min(limit, args.max_train_steps))
         args.max_train_steps = min(limit, args.max_train_steps)
-    vae = load_vae(run_args["vae"]).to(device) if args.sample_every > 0 and is_main else None
-    init_trackers(accelerator, args, run_args, run_dir)
-    log_summary(args, raw_model, methods, device, world, local_batch)
-    watch = guard.Watch(accelerator, dataset, guard.start_data_verification(dataset, args, is_main), run_dir)
-    args.created_run_dir = None  # set-up done: from here on the run directory is kept whatever happens
-    evaluator = make_evaluator(args, run_args, run_dir, accelerator)  # the Inception network, loaded once
-    clock_start = time.time() - (checkpoint.get("wall_seconds", 0.0) if checkpoint is not None else 0.0)
-    if evaluator is not None and evaluator.pending(step):  # a kill interrupted this step's evaluation: redo it
-        evaluator.run(ema, step, time.time() - clock_start)
+    return data
 
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+
+
+def run_steps(run: Run) -> None:
+    """The step loop up to args.max_train_steps: gradients, optimizer and EMA, then logging, checkpoint,
+    evaluation and sample grid as due."""
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    args, accelerator = run.args, run.accelerator
+    progress = tqdm(total=args.max_train_steps, initial=run.step, disable=not accelerator.is_main_process,
+                    desc="train", dynamic_ncols=True)
     # loss: the denoising loss, as REPA logs it
-    log_names = [{"total": "total_loss", "denoise": "loss"}.get(k, k) for k in loss_config.terms(methods)]
-    sums = torch.zeros(len(log_names) + 1, device=device)  # the losses and the grad norm since the last log
-    last_log_time, last_log_step = time.time(), step
-    model.train()
-    first_step = step + 1
-    while step < args.max_train_steps:
-        parts, epoch, position = accumulate_gradients(model, raw_model.null_class, data, accelerator, args,
-                                                      loss_config, methods, needs, ema, watch)
-        sums[:-1] += parts
-        watch.note_loss(parts)
-        if args.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        else:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        sums[-1] += grad_norm.detach().float()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, raw_model, args.ema_decay)
-        step += 1
+    log_names = [{"total": "total_loss", "denoise": "loss"}.get(k, k) for k in run.loss_config.terms(run.methods)]
+    sums = torch.zeros(len(log_names) + 1, device=accelerator.device)  # the losses and the grad norm since the last log
+    window = LogWindow(log_names, sums, since=time.time(), since_step=run.step)
+    run.model.train()
+    first_step = run.step + 1
+    while run.step < args.max_train_steps:
+        parts, run.epoch, run.position = accumulate_gradients(run.model, run.raw_model.null_class, run.data,
+                                                              accelerator, args, run.loss_config, run.methods,
+                                                              run.needs, run.ema, run.watch)
+        window.sums[:-1] += parts
+        run.watch.note_loss(parts)
+        window.sums[-1] += gradient_norm(run.model, accelerator, args.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        update_ema(run.ema, run.raw_model, args.ema_decay)
+        run.step += 1
         progress.update(1)
-        if step == first_step:  # with torch.compile, the step that compiled the forward and backward graphs
-            logger.info("first step: %.1f s%s", time.time() - last_log_time,
+        if run.step == first_step:  # with torch.compile, the step that compiled the forward and backward graphs
+            logger.info("first step: %.1f s%s", time.time() - window.since,
                         " (torch.compile included)" if args.compile else "")
 
+        step = run.step
         log_now = step % args.logging_steps == 0 or step == args.max_train_steps
-        eval_now = evaluator is not None and evaluator.due(step)
+        eval_now = run.evaluator is not None and run.evaluator.due(step)
         ckpt_now = step % args.checkpointing_steps == 0 or step == args.max_train_steps or eval_now
-        watch.check(step, sync=log_now or ckpt_now, before_checkpoint=ckpt_now)
+        run.watch.check(step, sync=log_now or ckpt_now, before_checkpoint=ckpt_now)
         if log_now:
-            n = step - last_log_step
-            values = (accelerator.reduce(sums, reduction="mean") / n).tolist()
-            logs = dict(zip(log_names, values[:-1]))
-            images = n * args.batch_size * args.gradient_accumulation_steps
-            logs.update(grad_norm=values[-1], images_per_s=images / (time.time() - last_log_time))
-            if device.type == "cuda":
-                logs["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            progress.set_postfix({k: f"{logs[k]:.4f}" for k in log_names[1:]})
-            logger.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-            accelerator.log(logs, step=step)
-            sums.zero_()
-            last_log_time, last_log_step = time.time(), step
+            log_losses(run, window, progress)
         if ckpt_now:
-            save_checkpoint(accelerator, {"model": raw_model.state_dict(), "ema": ema.state_dict(),
-                                          "opt": optimizer.state_dict(), "step": step, "args": run_args,
-                                          "data": {"epoch": epoch, "position": position},
-                                          "wall_seconds": time.time() - clock_start}, run_dir, args)
+            save_checkpoint(accelerator, {"model": run.raw_model.state_dict(), "ema": run.ema.state_dict(),
+                                          "opt": run.optimizer.state_dict(), "step": step, "args": run.run_args,
+                                          "data": {"epoch": run.epoch, "position": run.position},
+                                          "wall_seconds": time.time() - run.clock_start}, run.run_dir, args)
         if eval_now:
-            evaluator.run(ema, step, time.time() - clock_start)
+            run.evaluator.run(run.ema, step, time.time() - run.clock_start)
         if args.sample_every > 0 and (step % args.sample_every == 0 or step == args.max_train_steps):
-            if is_main:
-                save_sample_grid(ema, vae, run_args, device, run_dir, step, accelerator)
+            if accelerator.is_main_process:
+                save_sample_grid(run.ema, run.vae, run.run_args, accelerator.device, run.run_dir, step, accelerator)
             accelerator.wait_for_everyone()
     progress.close()
-    accelerator.end_training()
-    logger.info("done: %d steps, run directory %s", step, run_dir)
-    return raw_model, ema
+
+
+def gradient_norm(model, accelerator, max_grad_norm: float) -> torch.Tensor:
+    """The gradients' global norm (float, detached), after clipping them to `max_grad_norm` where that is > 0."""
+    if max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    else:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return grad_norm.detach().float()
+
+
+def log_losses(run: Run, window: LogWindow, progress) -> None:
+    """One log line: the window's mean losses and grad norm over all ranks, throughput, peak memory; then a new
+    window."""
+    accelerator, args, device, step = run.accelerator, run.args, run.accelerator.device, run.step
+    n = step - window.since_step
+    values = (accelerator.reduce(window.sums, reduction="mean") / n).tolist()
+    logs = dict(zip(window.names, values[:-1]))
+    images = n * args.batch_size * args.gradient_accumulation_steps
+    logs.update(grad_norm=values[-1], images_per_s=images / (time.time() - window.since))
+    if device.type == "cuda":
+        logs["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    progress.set_postfix({k: f"{logs[k]:.4f}" for k in window.names[1:]})
+    logger.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+    accelerator.log(logs, step=step)
+    window.sums.zero_()
+    window.since, window.since_step = time.time(), step

@@ -1,5 +1,5 @@
 """The set-up of a training run (the loop itself is training/loop.py): run directory and log, the checkpoint to resume
-from, accelerator, model, optimizer and EMA, trackers, data."""
+from, accelerator, model, optimizer and EMA, methods, seeds and RNG restore, trackers, data."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import datetime
 import importlib.util
 import logging
 import os
+import random
 import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 import alignment
-from checkpoints import DamagedCheckpointError, load_checkpoint
+from checkpoints import DamagedCheckpointError, load_checkpoint, set_rng_state
 from common import (
     ARCH_KEYS,
     CHECKPOINT_FORMAT,
@@ -225,3 +227,84 @@ def batches(dataset, sampler, loader_kwargs: dict, epoch: int, position: int):
             position += local_batch
             yield batch, epoch, position
         epoch, position = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The parts of set_up_run (training/loop.py), in the order it calls them
+
+
+def split_batch(args: argparse.Namespace, world: int) -> int:
+    """The per-process batch."""
+    # REPA's meaning: --batch-size is split over the processes, and accumulation multiplies it.
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
+    return args.batch_size // world
+
+
+def open_run_dir(args: argparse.Namespace, accelerator, run_dir: Path) -> None:
+    """The run directory made (by rank 0) and the log opened in it."""
+    is_main = accelerator.is_main_process
+    accelerator.wait_for_everyone()
+    if is_main:
+        if not run_dir.exists():
+            args.created_run_dir = run_dir  # removed again if the run is refused before its first step
+        make_run_dir(run_dir)
+    accelerator.wait_for_everyone()
+    setup_logging(run_dir, is_main)
+    if is_main:
+        guard.clean_run_dir(run_dir)
+
+
+def log_run_start(args: argparse.Namespace, accelerator, checkpoint: dict | None, resume_from: Path | None,
+                  compile_by_default: bool) -> None:
+    """The log's first lines: notes, the checkpoint resumed from, torch.compile's setting and why."""
+    device, world = accelerator.device, accelerator.num_processes
+    for note in args.notes:  # first: which methods a REPA-style command line trains, deprecated spellings
+        logger.info("note: %s", note)
+    if checkpoint is not None and checkpoint["args"].get("world_size") != world:
+        logger.warning("resuming with %d processes instead of %d: the data order and noise will differ from "
+                       "an uninterrupted run", world, checkpoint["args"].get("world_size"))
+    if checkpoint is not None:
+        logger.info("checkpoint %s: %s", resume_from, guard.checkpoint_status(resume_from))
+    why = (f"the default on {device.type}{' with --deterministic' if args.deterministic else ''}"
+           if compile_by_default else f"--{'' if args.compile else 'no-'}compile")
+    logger.info("torch.compile: %s (%s)", "on" if args.compile else "off", why)
+
+
+def resume_position(checkpoint: dict | None, run_dir: Path) -> tuple[int, int, int]:
+    """Step, data epoch and position to start from; refused if the run holds checkpoints after the one resumed."""
+    step, epoch, position = 0, 0, 0
+    if checkpoint is not None:
+        step, epoch, position = checkpoint["step"], checkpoint["data"]["epoch"], checkpoint["data"]["position"]
+        newer = [s for s in list_checkpoints(run_dir / "checkpoints") if s > step]
+        if newer:
+            raise UsageError(f"{run_dir / 'checkpoints'} holds checkpoints after step {step} (e.g. "
+                             f"{max(newer):07d}.pt) from another attempt; move them away before resuming from an "
+                             "earlier one")
+    return step, epoch, position
+
+
+def set_up_methods(args: argparse.Namespace, methods: list, device: torch.device, raw_model, image_size) -> None:
+    """Each alignment method's set-up (frozen encoders to the device, heads on the model)."""
+    # Before the per-rank seeding and the RNG restore: building an encoder draws random initial weights, which would
+    # otherwise shift a resumed run's noise stream away from the uninterrupted run's.
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    try:
+        for method in methods:
+            method.setup(device, raw_model, image_size=image_size, autocast_dtype=autocast_dtype)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def seed_and_restore_rng(args: argparse.Namespace, accelerator, checkpoint: dict | None) -> None:
+    """Per-rank seeds; on a resume, the fp16 loss scale and this rank's RNG state from the checkpoint."""
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    random.seed(args.seed + rank)
+    np.random.seed((args.seed + rank) % 2**32)
+    torch.manual_seed(args.seed * 1000003 + rank)  # per-rank noise and time draws
+    if checkpoint is not None:
+        if accelerator.scaler is not None and checkpoint.get("scaler") is not None:
+            accelerator.scaler.load_state_dict(checkpoint["scaler"])  # fp16 loss scale
+        states = checkpoint["rng"]
+        if len(states) == world:
+            set_rng_state(states[rank], device)
