@@ -15,14 +15,19 @@ TINY_ARGS = dict(model="SiT-S/2", depth=2, hidden_size=32, num_heads=4, qk_norm=
                  data_dir="unused", latent_scale=0.5, latent_shift=0.1, path_type="linear")
 
 
-def random_state(args: dict, seed: int, with_heads: bool = True, std: float = 0.1) -> dict:
-    """State dict of the SiT `args` describes, every parameter drawn from N(0, std^2): a non-trivial velocity."""
-    model = model_from_args(args, with_heads=with_heads)
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:
+    """Every parameter of `model` drawn from N(0, std^2), in place (adaLN-Zero's zero initialisation would make the
+    blocks identities and the velocity zero); returns the model."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.state_dict()
+    return model
+
+
+def random_state(args: dict, seed: int, with_heads: bool = True, std: float = 0.1) -> dict:
+    """State dict of the SiT `args` describes, every parameter drawn from N(0, std^2): a non-trivial velocity."""
+    return randomize(model_from_args(args, with_heads=with_heads), seed, std).state_dict()
 
 
 def make_checkpoint(path: Path, vae: Path, seed: int = 0, step: int = 2, **overrides) -> Path:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers_generate import randomize
 
 from loss import interpolant
 from samplers import euler_maruyama_sampler, euler_sampler, sampling_model, score_from_velocity
@@ -202,15 +203,6 @@ def test_bf16_model_rounding_does_not_accumulate_over_the_steps(sampler):
     assert len(set(model.times)) == len(model.times)
 
 
-def nontrivial(model, seed=0):
-    """Every parameter drawn from N(0, 0.05^2): adaLN-Zero's zero initialisation would make the blocks identities."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
-
-
 @pytest.mark.parametrize("name, kwargs", [
     ("SiT-S/2", dict(depth=2, hidden_size=32, num_heads=4, input_size=8, qk_norm=True, vae_head_layers=0)),
     ("LightningDiT-B/1", dict(depth=2, hidden_size=32, num_heads=4, input_size=4, in_channels=8, qk_norm=True)),
@@ -221,7 +213,7 @@ def test_bf16_matmul_weights_give_the_outputs_of_fp32_weights_under_autocast(nam
     from models import build_model
 
     torch.manual_seed(0)
-    fp32 = nontrivial(build_model(name, num_classes=10, **kwargs))
+    fp32 = randomize(build_model(name, num_classes=10, **kwargs), seed=0, std=0.05).eval()
     fast = sampling_model(copy.deepcopy(fp32), "bf16")
     cast = {n for n, p in fast.named_parameters() if p.dtype == torch.bfloat16}
     assert cast and all(n.endswith(("weight", "bias")) for n in cast)
