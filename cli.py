@@ -7,6 +7,7 @@ usage errors answer at once.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from models.registry import MODEL_NAMES  # noqa: F401  (the registry of every backbone family is torch-free too)
 
@@ -65,3 +66,10 @@ def _bool_flags(action: argparse.Action) -> tuple[str, str]:
 def parser(description: str | None, **kwargs) -> argparse.ArgumentParser:
     """An ArgumentParser in the shared help style."""
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
+
+
+def print_error(line: str) -> None:
+    """`line` to stderr in one write with its newline, flushed: the processes of one launch share a stderr, and
+    print's separate write of the newline let their lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

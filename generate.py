@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         return _generate(args, rank, world, device)
     except (UsageError, OSError) as e:
         prefix = f"[rank {rank}] " if world > 1 else ""
-        print(f"{prefix}generate.py: error: {e}", file=sys.stderr, flush=True)
+        cli.print_error(f"{prefix}generate.py: error: {e}")
         return 2
     finally:
         if dist.is_initialized():

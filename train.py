@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args)
     except (UsageError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        cli.print_error(f"error: {e}")
         guard.log_fatal(str(e), Path(args.output_dir) / args.exp_name)  # into log.txt too
         guard.discard_refused_run(getattr(args, "created_run_dir", None))  # refused before its first step
         return 2 if isinstance(e, UsageError) else 3

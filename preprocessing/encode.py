@@ -691,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     problem = _launch_problem(args.device)  # before the process group: every rank stops, none hangs
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
+        cli.print_error(f"error: {problem}")
         return 2
     if world_size > 1:
         # gloo only synchronises the ranks (two barriers); each rank writes its own shards.
@@ -699,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         encode_dataset(args, rank, world_size, local_rank, dist.barrier if world_size > 1 else lambda: None)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        cli.print_error(f"error: {e}")
         return 2
     finally:
         if world_size > 1:
