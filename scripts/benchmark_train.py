@@ -29,9 +29,11 @@ batch 128) has a floor of +1.9%.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -50,9 +52,12 @@ from common import model_from_args, resolve_compile  # noqa: E402
 from loss import LossConfig, training_loss  # noqa: E402
 from models import MODEL_NAMES, model_config, model_family  # noqa: E402
 from models.encoders import FrozenEncoder  # noqa: E402
+from profiling import PhaseTimer, profile_steps  # noqa: E402
 from training.loop import update_ema  # noqa: E402
 
 # The paper's Table 4 (SiT-XL/2, H100, batch 256): EFP in M (external + head), iterations/s, GFLOPs, latency ms.
+SDPA_BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 PAPER_TABLE4 = {"none": (0, 0, 8.1, 114.46, 18.05), "repa": (303, 8, 5.4, 194.50, 29.03),
                 "sra": (481, 2, 5.1, 197.57, 30.90), "vae-repa": (0, 18, 7.2, 118.55, 19.20)}
 TABLE4_SETS = ["none", "repa", "sra", "vae-repa", "repa,vae-repa"]
@@ -72,7 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "objective), each vanilla and with VAE-REPA, batch 32 per GPU")
     p.add_argument("--enc-type", default="dinov2-vit-b", help="REPA's encoder (Table 4: dinov2-vit-l)")
     p.add_argument("--enc-weights", default=None, help="REPA's encoder weights file (default: random weights)")
-    p.add_argument("--batch-size", type=int, default=256, help="per-GPU batch size")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[256], metavar="B",
+                   help="per-GPU batch size; several (e.g. 32 128 256) time every row at each, and fit the peak "
+                        "memory to estimate the largest batch that fits the GPU")
     p.add_argument("--steps", type=int, default=100, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)")
     p.add_argument("--latent-size", type=int, default=32,
@@ -81,6 +88,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast precision")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model, as train.py (default: on with CUDA, off on the CPU)")
+    p.add_argument("--sdpa-backend", choices=sorted(SDPA_BACKENDS), default="default",
+                   help="attention kernel for the timed steps (default: torch's choice, flash attention on an H100; "
+                        "'cudnn' is cuDNN's attention on Hopper)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after the timed steps, profile this many more with torch.profiler and record where the time "
+                        "goes (kernel time by kind, the top kernels, the GPU's busy fraction) in each row's 'profile'")
+    p.add_argument("--trace-dir", default=None,
+                   help="with --profile-steps: also write each row's Chrome trace here (<model>_<methods>_b<batch>"
+                        ".json.gz; open in chrome://tracing or Perfetto)")
     p.add_argument("--depth", type=int, default=None, help="override depth (tiny CPU smoke runs)")
     p.add_argument("--hidden-size", type=int, default=None, help="override hidden size (tiny CPU smoke runs)")
     p.add_argument("--num-heads", type=int, default=None, help="override heads (tiny CPU smoke runs)")
@@ -89,11 +105,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.table4:
         args.models, args.align, args.enc_type = ["SiT-XL/2"], TABLE4_SETS, "dinov2-vit-l"
         if "--batch-size" not in (argv if argv is not None else sys.argv[1:]):
-            args.batch_size = 32  # the paper's 8 x 32 share of batch 256: SiT-XL/2 at 256 does not fit one GPU
+            args.batch_size = [32]  # the paper's 8 x 32 share of batch 256: SiT-XL/2 at 256 does not fit one GPU
     if args.vavae_rows:
         args.models, args.align = VAVAE_MODELS, ["none", "vae-repa"]
         if "--batch-size" not in (argv if argv is not None else sys.argv[1:]):
-            args.batch_size = 32
+            args.batch_size = [32]
+    if args.profile_steps < 0 or min(args.batch_size) < 1:
+        p.error("--profile-steps must be >= 0 and every --batch-size >= 1")
+    if args.trace_dir and not args.profile_steps:
+        p.error("--trace-dir needs --profile-steps N (N > 0)")
     return args
 
 
@@ -174,22 +194,45 @@ def fake_train_flops(name: str, align: str, args, batch: int = 2) -> float:
 
 def add_overheads(results: list[dict], args) -> None:
     """Each row's `flop_overhead` (train FLOPs / the same model's vanilla ones - 1: the floor) and `time_overhead`
-    (vanilla images/s / the row's - 1: what the step costs more), against the run's vanilla row of that model; the
-    vanilla FLOPs are counted on fake tensors when the run has no such row (time_overhead is None then)."""
-    base = {r["model"]: r for r in results if r["align"] == "none"}
+    (vanilla images/s / the row's - 1: what the step costs more), against the run's vanilla row of that model and
+    batch size; the vanilla FLOPs are counted on fake tensors when the run has no such row (time_overhead is None
+    then)."""
+    base = {(r["model"], r["batch_size"]): r for r in results if r["align"] == "none"}
     for r in results:
-        ref = base.get(r["model"])
+        ref = base.get((r["model"], r["batch_size"]))
         vanilla_flops = ref["train_gflops_per_image"] if ref else fake_train_flops(r["model"], "none", args) / 1e9
         r["flop_overhead"] = r["train_gflops_per_image"] / vanilla_flops - 1
         r["time_overhead"] = ref["images_per_s"] / r["images_per_s"] - 1 if ref else None
 
 
-def time_config(name: str, align: str, args, device: torch.device) -> dict:
+def largest_batches(results: list[dict], memory_gb: float) -> list[dict]:
+    """Per model and methods measured at two or more batch sizes: the least-squares line of peak memory over batch
+    size (fixed GB: weights, gradients, optimizer state; GB per image: activations), and the largest batch whose
+    predicted peak fits in `memory_gb` (the allocator's fragmentation is not in the line: leave a margin)."""
+    groups: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in results:
+        if r.get("peak_memory_gb") is not None:
+            groups.setdefault((r["model"], r["align"]), []).append((r["batch_size"], r["peak_memory_gb"]))
+    fits = []
+    for (model, align), points in groups.items():
+        if len({b for b, _ in points}) < 2:
+            continue
+        mean_b = statistics.fmean(b for b, _ in points)
+        mean_m = statistics.fmean(m for _, m in points)
+        slope = (sum((b - mean_b) * (m - mean_m) for b, m in points) / sum((b - mean_b) ** 2 for b, _ in points))
+        fixed = mean_m - slope * mean_b
+        fits.append({"model": model, "align": align, "fixed_gb": fixed, "gb_per_image": slope,
+                     "device_memory_gb": memory_gb, "batch_sizes": sorted(b for b, _ in points),
+                     "largest_batch": int((memory_gb - fixed) // slope) if slope > 0 else None})
+    return fits
+
+
+def time_config(name: str, align: str, b: int, args, device: torch.device) -> dict:
+    """One row: `name` with the method set `align` at per-GPU batch `b`."""
     model, ema, methods = build(name, align, args, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
     net = torch.compile(model) if args.compile else model
     config = loss_config(name)
-    b = args.batch_size
     x = torch.randn(b, *latent_shape(name, args), device=device)
     y = torch.randint(0, 1000, (b,), device=device)
     needs = set().union(*(m.needs for m in methods))
@@ -201,16 +244,28 @@ def time_config(name: str, align: str, args, device: torch.device) -> dict:
         inputs["teacher"] = ema
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
+    backend = SDPA_BACKENDS[args.sdpa_backend]
+
     def forward(module=net):
-        with torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16"):
+        with torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16"), \
+                sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
             return training_loss(module, x, y, config, model.null_class, methods, **inputs)
 
-    def step():
-        forward()["total"].backward()
+    def step(timer: PhaseTimer | None = None):
+        mark = timer.mark if timer is not None else (lambda name: None)
+        if timer is not None:
+            timer.start()
+        out = forward()
+        mark("forward")  # the model and the methods' loss terms
+        out["total"].backward()  # the attention backward follows the kernel the forward chose
+        mark("backward")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        mark("clip")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("optimizer")
         update_ema(ema, model, 0.9999)
+        mark("ema")
 
     forward_flops = count_flops(lambda: forward(model)) / b
     train_flops = count_flops(lambda: forward(model)["total"].backward()) / b
@@ -233,10 +288,10 @@ def time_config(name: str, align: str, args, device: torch.device) -> dict:
         latency = statistics.median(latencies)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, timer = [], PhaseTimer(device)
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        step()
+        step(timer)
         sync()
         times.append(time.perf_counter() - t0)
     total = sum(times)
@@ -247,9 +302,19 @@ def time_config(name: str, align: str, args, device: torch.device) -> dict:
               "head_params_m": sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes)) / 1e6,
               "forward_gmacs_per_image": forward_flops / 2e9, "train_gflops_per_image": train_flops / 1e9,
               "forward_latency_ms": 1000 * latency, "first_step_s": first_step_s or times[0],
+              "phase_ms": timer.medians_ms(),
               "derived_iters_per_s_batch256_8gpus": 8 * b * args.steps / total / 256}
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if args.profile_steps:
+        trace = None
+        if args.trace_dir:
+            Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+            slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{name}_{align}").strip("-")
+            trace = str(Path(args.trace_dir) / f"{slug}_b{b}.json.gz")
+        result["profile"] = profile_steps(step, args.profile_steps, device, trace)
+        if trace:
+            result["profile"]["trace"] = trace
     return result
 
 
@@ -258,14 +323,15 @@ def percent(value: float | None) -> str:
 
 
 def table(results: list[dict], with_paper: bool) -> str:
-    base = {r["model"]: r for r in results if r["align"] == "none"}
-    lines = [f"{'model':17s} {'methods':14s} {'EFP (M)':>13s} {'img/s/GPU':>10s} {'it/s 8x256*':>11s} "
+    base = {(r["model"], r["batch_size"]): r for r in results if r["align"] == "none"}
+    lines = [f"{'model':17s} {'methods':14s} {'batch':>5s} {'EFP (M)':>13s} {'img/s/GPU':>10s} {'it/s 8x256*':>11s} "
              f"{'GMAC/img':>9s} {'fwd+bwd GFLOP':>13s} {'+FLOPs':>7s} {'+time':>7s} {'latency ms':>10s}"
              + ("   paper: EFP, it/s, GFLOPs, ms" if with_paper else "")]
     for r in results:
-        ref = base.get(r["model"])
+        ref = base.get((r["model"], r["batch_size"]))
         rel = (f" ({100 * (r['images_per_s'] / ref['images_per_s'] - 1):+.0f}%)" if ref and r is not ref else "")
-        line = (f"{r['model']:17s} {r['align']:14s} {r['external_params_m']:6.0f} + {r['head_params_m']:4.1f} "
+        line = (f"{r['model']:17s} {r['align']:14s} {r['batch_size']:5d} {r['external_params_m']:6.0f} + "
+                f"{r['head_params_m']:4.1f} "
                 f"{r['images_per_s']:10.1f} {r['derived_iters_per_s_batch256_8gpus']:11.2f}{rel:7s} "
                 f"{r['forward_gmacs_per_image']:9.2f} {r['train_gflops_per_image']:13.1f} "
                 f"{percent(r.get('flop_overhead')):>7s} {percent(r.get('time_overhead')):>7s} "
@@ -292,15 +358,32 @@ def main(argv=None) -> int:
         commit = "unknown"
     results = []
     for name in args.models:
-        for align in args.align:
-            results.append(time_config(name, align, args, device))
-            print(f"{name} {align}: {results[-1]['images_per_s']:.1f} images/s", flush=True)
+        for b in args.batch_size:
+            for align in args.align:
+                results.append(time_config(name, align, b, args, device))
+                print(f"{name} {align} batch {b}: {results[-1]['images_per_s']:.1f} images/s", flush=True)
     add_overheads(results, args)
     print(table(results, with_paper=args.table4))
+    for r in results:
+        print(f"{r['model']} {r['align']} batch {r['batch_size']}, median ms per phase: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in r["phase_ms"].items()))
+        if "profile" in r:
+            prof = r["profile"]
+            busy = "" if prof["busy_fraction"] is None else f" ({100 * prof['busy_fraction']:.0f}% of the step)"
+            print(f"  profiled {'kernel' if device.type == 'cuda' else 'operator'} time {prof['busy_ms_per_step']:.1f} "
+                  f"ms per step{busy}: " + ", ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms"].items()))
+    fits = []
+    if device.type == "cuda":
+        fits = largest_batches(results, torch.cuda.get_device_properties(device).total_memory / 2**30)
+    for f in fits:
+        print(f"{f['model']} {f['align']}: peak memory {f['fixed_gb']:.1f} GB + {f['gb_per_image']:.3f} GB per image "
+              f"(fit over batches {f['batch_sizes']}): the largest batch for {f['device_memory_gb']:.0f} GB is about "
+              f"{f['largest_batch']}")
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "commit": commit, "precision": args.precision, "compile": args.compile,
               "command": " ".join(["python", "scripts/benchmark_train.py", *(sys.argv[1:] if argv is None else argv)]),
-              "enc_type": args.enc_type, "encoder_weights": args.enc_weights or "random", "results": results}
+              "sdpa_backend": args.sdpa_backend, "enc_type": args.enc_type,
+              "encoder_weights": args.enc_weights or "random", "results": results, "memory_fits": fits}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))

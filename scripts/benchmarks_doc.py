@@ -4,7 +4,8 @@ torch version, commit and the command that produced it.
     python scripts/benchmarks_doc.py           # rewrite docs/benchmarks.md
     python scripts/benchmarks_doc.py --check   # exit 1 if docs/benchmarks.md is not what this would write
 
-Kinds: the transcribed H100 baseline, training (scripts/benchmark_train.py), sampling (scripts/benchmark_sample.py),
+Kinds: the transcribed H100 baseline, training (scripts/benchmark_train.py: speed, where the step time goes, memory
+fits), sampling (scripts/benchmark_sample.py),
 encoding, evaluation, the quickstart and the pixel-rounding measurement. A file of no known kind is listed by name.
 """
 
@@ -65,6 +66,36 @@ def train_rows(d: dict, name: str) -> list[dict]:
              "+FLOPs": percent(r.get("flop_overhead")), "+time": percent(r.get("time_overhead")),
              "first step s": num(r.get("first_step_s")), "command": code(d.get("command")), "file": name}
             for r in d["results"]]
+
+
+def step_rows(d: dict, name: str) -> list[dict]:
+    """Where each training row's step time goes: its phases (median ms) and, when profiled, kernel time by kind."""
+    rows = []
+    for r in d["results"]:
+        if "phase_ms" not in r:
+            continue
+        prof = r.get("profile", {})
+        kinds = prof.get("by_kind_ms", {})
+        busy = prof.get("busy_ms_per_step")
+        rows.append({"device": d["device"], "torch": d["torch"], "commit": short(d.get("commit")), "model": r["model"],
+                     "methods": r["align"], "batch": r["batch_size"], "compile": "yes" if d.get("compile") else "no",
+                     "attention": d.get("sdpa_backend", "default"),
+                     "step ms": num(1000 * r["batch_size"] / r["images_per_s"]),
+                     "phases ms": ", ".join(f"{k} {num(v)}" for k, v in r["phase_ms"].items()),
+                     "busy": "" if prof.get("busy_fraction") is None else f"{100 * prof['busy_fraction']:.0f}%",
+                     "kernel time by kind": ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in kinds.items()
+                                                      if busy and v >= 0.01 * busy),
+                     "command": code(d.get("command")), "file": name})
+    return rows
+
+
+def memory_rows(d: dict, name: str) -> list[dict]:
+    return [{"device": d["device"], "torch": d["torch"], "commit": short(d.get("commit")), "model": f["model"],
+             "methods": f["align"], "compile": "yes" if d.get("compile") else "no",
+             "batches measured": " ".join(map(str, f["batch_sizes"])), "fixed GB": num(f["fixed_gb"]),
+             "GB per image": num(f["gb_per_image"]), "device GB": num(f["device_memory_gb"]),
+             "largest batch (fit)": f["largest_batch"], "command": code(d.get("command")), "file": name}
+            for f in d.get("memory_fits", [])]
 
 
 def percent(value) -> str:
@@ -138,6 +169,15 @@ KINDS: list[tuple[str, str, Callable[[dict], bool], Callable[[dict, str], list[d
      lambda d: d.get("kind") == "transcribed-baseline", baseline_rows),
     ("Training", "`scripts/benchmark_train.py`: optimizer steps on synthetic latents, after warm-up.",
      lambda d: "align" in first_row(d, "results") and "images_per_s" in first_row(d, "results"), train_rows),
+    ("Training: where the step time goes",
+     "`scripts/benchmark_train.py`: each phase's median time over the timed steps (on CUDA, between events in the "
+     "stream: idle gaps count in the phase they fall in; forward includes the methods' loss terms); with "
+     "`--profile-steps`, the share of the GPU's kernel time by kind of work and the step's busy fraction.",
+     lambda d: "phase_ms" in first_row(d, "results"), step_rows),
+    ("Training: memory",
+     "`scripts/benchmark_train.py` at two or more batch sizes: peak memory fitted as fixed + per image x batch, and "
+     "the largest batch whose predicted peak fits the device (the allocator's fragmentation is not in the fit).",
+     lambda d: bool(d.get("memory_fits")), memory_rows),
     ("Sampling",
      "`scripts/benchmark_sample.py`: SDE sampler with CFG on the doubled batch inside the guidance interval; img/s "
      "and hours for 50K images on that device, sampler only (decode share: fraction of time with fp32 SD-VAE "
@@ -167,11 +207,11 @@ def render(results_dir: Path) -> str:
     unknown = []
     for path in sorted(results_dir.glob("*.json")):
         data = json.loads(path.read_text())
-        kind = next((k for k in KINDS if isinstance(data, dict) and k[2](data)), None)
-        if kind is None:
+        kinds = [k for k in KINDS if isinstance(data, dict) and k[2](data)]
+        if not kinds:
             unknown.append(path.name)
-        else:
-            tables[kind[0]] += kind[3](data, path.name)
+        for title, _, _, rows in kinds:
+            tables[title] += rows(data, path.name)
     lines = ["# Benchmarks", "",
              "Written by `scripts/benchmarks_doc.py` from `benchmarks/results/*.json`: do not edit by hand; rerun "
              "`python scripts/benchmarks_doc.py` after adding a result (the tests run it with `--check`). Figures "

@@ -18,6 +18,9 @@
 #                                         $OUT/benchmarks/results/, with docs/benchmarks.md rewritten from them
 #   GPU_TESTS=skip bash scripts/gpu_check.sh   the benchmarks only; GPU_TESTS=tests/x.py: only those GPU tests
 #   SAMPLE_STEPS=, TRAIN_STEPS=           timed sampler steps (default 25) and training steps (default 30)
+#   PROFILE_STEPS=3                       training steps profiled per row after the timed ones (kernel time by kind,
+#                                         top kernels, busy fraction: the rows' "profile"); 0 for none
+#   TRACES=1                              also the Chrome traces of those steps, in $OUT/traces/
 #   TRAIN_ARGS="--models SiT-XL/2 --align none vae-repa --batch-size 128"   benchmark_train.py's rows instead of
 #                                         --table4 (each row compiles on CUDA first: its time is recorded as first_step_s)
 set -uo pipefail
@@ -106,10 +109,12 @@ print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower().replace("
   train_args=${TRAIN_ARGS:---table4}
   train_name=$(echo "$train_args" | tr -c 'a-zA-Z0-9\n' '-' | sed 's/^-*//; s/-*$//; s/--*/-/g')
   [ "$train_args" = "--table4" ] && train_name=table4
-  echo "=== benchmark_train.py $train_args --steps ${TRAIN_STEPS:-30}"
+  profile=(--profile-steps "${PROFILE_STEPS:-3}")
+  [ "${TRACES:-0}" = "1" ] && profile+=(--trace-dir "$out/traces")
+  echo "=== benchmark_train.py $train_args --steps ${TRAIN_STEPS:-30} ${profile[*]}"
   start=$(date +%s)
   # shellcheck disable=SC2086  # TRAIN_ARGS holds several arguments
-  "$PYTHON" scripts/benchmark_train.py $train_args --steps "${TRAIN_STEPS:-30}" --warmup 5 \
+  "$PYTHON" scripts/benchmark_train.py $train_args --steps "${TRAIN_STEPS:-30}" --warmup 5 "${profile[@]}" \
     --out "benchmarks/results/train-${train_name}_${gpu}.json"
   bench=$?
   echo "=== benchmark_train.py: exit $bench after $(( $(date +%s) - start )) s"

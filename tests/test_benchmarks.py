@@ -49,7 +49,7 @@ def test_table4_preset_is_the_paper_s_setting():
     bench = load_script("benchmark_train")
     args = bench.parse_args(["--table4"])
     assert (args.models, args.align, args.enc_type, args.batch_size) == (
-        ["SiT-XL/2"], ["none", "repa", "sra", "vae-repa", "repa,vae-repa"], "dinov2-vit-l", 32)
+        ["SiT-XL/2"], ["none", "repa", "sra", "vae-repa", "repa,vae-repa"], "dinov2-vit-l", [32])
 
 
 def test_vavae_rows_time_lightningdit_on_vavae_latents_with_its_objective(tmp_path):
@@ -57,7 +57,7 @@ def test_vavae_rows_time_lightningdit_on_vavae_latents_with_its_objective(tmp_pa
     forward multiply-accumulates against the closed form of its layers (SwiGLU width int(2/3 * 4d))."""
     bench = load_script("benchmark_train")
     args = bench.parse_args(["--vavae-rows"])
-    assert (args.models, args.align, args.batch_size) == (["SiT-XL/2", "LightningDiT-XL/1"], ["none", "vae-repa"], 32)
+    assert (args.models, args.align, args.batch_size) == (["SiT-XL/2", "LightningDiT-XL/1"], ["none", "vae-repa"], [32])
     assert bench.latent_shape("LightningDiT-XL/1", args) == [32, 16, 16]
     assert bench.latent_shape("SiT-XL/2", args) == [4, 32, 32]
     assert bench.loss_config("LightningDiT-XL/1").cos_coeff == 1.0
@@ -112,3 +112,45 @@ def test_vae_repa_flop_overhead_is_its_head_and_the_full_size_floors(tmp_path):
         counted = bench.fake_train_flops(name, "none", full), bench.fake_train_flops(name, "vae-repa", full)
         assert counted == (pytest.approx(vanilla, rel=1e-9), pytest.approx(vanilla + head, rel=1e-9))
         assert counted[1] / counted[0] - 1 == pytest.approx(floor, abs=5e-4)
+
+
+def test_batch_sizes_phases_and_profile(tmp_path, capsys):
+    """Several --batch-size values: every row at each, each method row's overhead against the vanilla row of its own
+    batch; each row has its phase times; --profile-steps records a profile whose operator time fits inside the
+    profiled steps' wall time, and --trace-dir writes the Chrome trace."""
+    bench = load_script("benchmark_train")
+    out, traces = tmp_path / "bench.json", tmp_path / "traces"
+    assert bench.main(["--models", "SiT-S/2", "--align", "none", "vae-repa", "--depth", "2", "--hidden-size", "32",
+                       "--num-heads", "2", "--latent-size", "8", "--batch-size", "2", "4", "--steps", "2", "--warmup",
+                       "1", "--precision", "fp32", "--sdpa-backend", "math", "--profile-steps", "2", "--trace-dir",
+                       str(traces), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["sdpa_backend"] == "math" and report["memory_fits"] == []  # no peak memory on the CPU
+    rows = {(r["align"], r["batch_size"]): r for r in report["results"]}
+    assert set(rows) == {(a, b) for a in ("none", "vae-repa") for b in (2, 4)}
+    for b in (2, 4):
+        ratio = rows["none", b]["images_per_s"] / rows["vae-repa", b]["images_per_s"]
+        assert rows["vae-repa", b]["time_overhead"] == pytest.approx(ratio - 1)
+    for (align, b), r in rows.items():
+        assert list(r["phase_ms"]) == ["forward", "backward", "clip", "optimizer", "ema"]
+        assert all(ms > 0 for ms in r["phase_ms"].values())
+        prof = r["profile"]
+        assert prof["steps"] == 2 and 0 < prof["busy_ms_per_step"] <= prof["wall_ms_per_step"]
+        assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["busy_ms_per_step"])
+        assert prof["by_kind_ms"]["matmul"] > 0 and prof["top"]
+        slug = "SiT-S-2-" + align
+        assert prof["trace"] == str(traces / f"{slug}_b{b}.json.gz") and Path(prof["trace"]).stat().st_size > 0
+    assert "median ms per phase" in capsys.readouterr().out
+
+
+def test_largest_batch_is_the_linear_fit_of_peak_memory():
+    """Peak memory = fixed + per-image x batch: the least-squares line through the measured points and the largest
+    batch under the device's memory, against the closed form."""
+    bench = load_script("benchmark_train")
+    rows = [{"model": "SiT-XL/2", "align": "vae-repa", "batch_size": b, "peak_memory_gb": 10 + 0.2 * b}
+            for b in (32, 64, 128)]
+    rows += [{"model": "SiT-XL/2", "align": "none", "batch_size": 32, "peak_memory_gb": 9.0}]  # one point: no fit
+    (fit,) = bench.largest_batches(rows, memory_gb=80.1)
+    assert (fit["model"], fit["align"], fit["batch_sizes"]) == ("SiT-XL/2", "vae-repa", [32, 64, 128])
+    assert fit["fixed_gb"] == pytest.approx(10) and fit["gb_per_image"] == pytest.approx(0.2)
+    assert fit["largest_batch"] == 350  # (80.1 - 10) / 0.2 = 350.5

@@ -33,7 +33,7 @@ def test_every_kind_renders_with_its_command(tmp_path):
     results.mkdir()
     train_argv = ["--models", "SiT-S/2", "--align", "none", "vae-repa", "--depth", "2", "--hidden-size", "32",
                   "--num-heads", "2", "--latent-size", "8", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-                  "--precision", "fp32", "--out", str(results / "train_tiny.json")]
+                  "--precision", "fp32", "--profile-steps", "1", "--out", str(results / "train_tiny.json")]
     assert load_script("benchmark_train").main(train_argv) == 0
     sample_argv = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--latent-size",
                    "8", "--batch-size", "2", "--sampler-steps", "2", "--repeats", "1", "--warmup", "0", "--variants",
@@ -58,6 +58,21 @@ def test_every_kind_renders_with_its_command(tmp_path):
     vae_repa_row = [line for line in text.splitlines() if "train_tiny.json" in line][1]
     assert "| vae-repa |" in vae_repa_row and f"| +{100 * (vae_repa / vanilla - 1):.1f}% |" in vae_repa_row
     assert "| 804 TFLOP/s |" in text and "| a101ca5 |" in text  # the transcribed H100 table
+    # where the step time goes: the phases and the profile's shares, from the same file
+    section = text.split("## Training: where the step time goes")[1].split("## ")[0]
+    step_rows = [line for line in section.splitlines() if "train_tiny.json" in line]
+    assert len(step_rows) == 2 and all("forward " in line and "backward " in line for line in step_rows)
+    kinds = train["results"][0]["profile"]["by_kind_ms"]
+    top = max(kinds, key=kinds.get)
+    share = 100 * kinds[top] / train["results"][0]["profile"]["busy_ms_per_step"]
+    assert f"{top} {share:.0f}%" in step_rows[0]
+    assert "## Training: memory" not in text  # no peak memory on the CPU
+    train["memory_fits"] = [{"model": "SiT-S/2", "align": "none", "batch_sizes": [2, 4], "fixed_gb": 1.5,
+                             "gb_per_image": 0.25, "device_memory_gb": 80.0, "largest_batch": 314}]
+    (results / "train_tiny.json").write_text(json.dumps(train))
+    assert load_script("benchmarks_doc").main(["--results-dir", str(results), "--out", str(out)]) == 0
+    memory = out.read_text().split("## Training: memory")[1].split("## ")[0]
+    assert "| 2 4 | 1.5 | 0.25 | 80 | 314 |" in memory
     eval_row = next(line for line in text.splitlines() if "eval_cpu.json" in line)
     assert "not recorded" in eval_row  # older JSONs carry no command
     assert "odd.json" in text
