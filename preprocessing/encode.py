@@ -546,6 +546,14 @@ def encode_dataset(
     return manifest
 
 
+def default_num_workers(local_world_size: int | None = None) -> int:
+    """Decoding processes per rank when --num-workers is not given: this machine's CPU cores / its ranks - 1, at
+    least 1, at most 16. `local_world_size` defaults to LOCAL_WORLD_SIZE (set by torchrun and accelerate), else 1."""
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(16, max(1, (os.cpu_count() or 2) // local_world_size - 1))
+
+
 def encode_shards(vae, dtype: torch.dtype, source: Path, dest: Path, shards: list[int], paths: list[str],
                   labels: list[int], args: argparse.Namespace, config: dict, latent_shape: list[int],
                   progress: bool) -> int:
@@ -559,9 +567,7 @@ def encode_shards(vae, dtype: torch.dtype, source: Path, dest: Path, shards: lis
             owner.append(k)
     if not batches:
         return 0
-    workers = args.num_workers
-    if workers is None:
-        workers = min(16, max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    workers = default_num_workers() if args.num_workers is None else args.num_workers
     loader = DataLoader(ImageFiles(source, paths, args.resolution), batch_sampler=batches, num_workers=workers,
                         collate_fn=_as_list, worker_init_fn=worker_init() if workers > 0 else None)
     bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not progress, desc="encode", dynamic_ncols=True)

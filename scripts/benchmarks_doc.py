@@ -130,7 +130,19 @@ def encode_rows(d: dict, name: str) -> list[dict]:
              "batch": r["batch_size"], "flip": "yes" if r["flip"] else "no",
              "encode img/s": num(r["vae_encode_images_per_s"]),
              "CLI img/s": num(r.get("cli_images_per_s_including_vae_load")),
-             "command": code(d.get("command")), "file": name} for r in d["runs"]]
+             "command": code(r.get("command") or d.get("command")), "file": name}
+            for r in d["runs"] if "vae_encode_images_per_s" in r]
+
+
+def encode_loader_rows(d: dict, name: str) -> list[dict]:
+    m = d["machine"]
+    return [{"device": f"cpu ({m.get('cpu', '')})", "cpu_count": m.get("cpu_count", ""), "torch": m["torch"],
+             "commit": short(m.get("git_commit")), "res": r["resolution"], "JPEG": r.get("jpeg_size", ""),
+             "batch": r["batch_size"], "ranks": p["ranks"], "workers/rank": p["workers_per_rank"],
+             "images": p["images"], "img/s": num(p["images_per_s"]),
+             "efficiency": "" if p["efficiency"] is None else f"{p['efficiency']:.2f}",
+             "command": code(r.get("command")), "file": name}
+            for r in d["runs"] if "loader_scaling" in r for p in r["loader_scaling"]]
 
 
 def eval_rows(d: dict, name: str) -> list[dict]:
@@ -186,6 +198,12 @@ KINDS: list[tuple[str, str, Callable[[dict], bool], Callable[[dict, str], list[d
      lambda d: d.get("benchmark") == "sample", sample_rows),
     ("Encoding", "Preprocessing (VAE encoding) speed.",
      lambda d: "vae_encode_images_per_s" in first_row(d, "runs"), encode_rows),
+    ("Encoding: data loading across ranks",
+     "`scripts/benchmark_encode.py --loader-ranks`: the CPU side of preprocessing alone. R ranks at once on one "
+     "machine, each reading its 1/R share of synthetic JPEGs through encode's DataLoader (decode + RGB + ADM crop, "
+     "encode's batches and collate) with workers/rank decoding processes; img/s over all ranks, from the start signal "
+     "to the last rank's end; efficiency = img/s / (R x img/s of R = 1 in the same run).",
+     lambda d: "loader_scaling" in first_row(d, "runs"), encode_loader_rows),
     ("Evaluation", "Evaluator (Inception features, metrics) speed.",
      lambda d: "features_images_per_s" in first_row(d, "runs"), eval_rows),
     ("Quickstart", "`scripts/quickstart.py` results (its own metrics: digit-classifier accuracy, Frechet distance).",
