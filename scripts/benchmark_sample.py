@@ -343,6 +343,27 @@ def main(argv: list[str] | None = None) -> int:
                              torch.cat([y, torch.full_like(y, args.num_classes)])), "unguided": (x, t, y)}
     protocol = protocol_forwards(args.num_steps, 1, args)
     rows, outputs, latents = [], {}, {}
+
+    def write_report(decode: dict | None) -> dict:
+        """The report of the rows so far, written to --out (after each variant: a run stopped part-way keeps them)."""
+        add_comparisons(rows, outputs, latents, decode)
+        report = {"benchmark": "sample", "command": command,
+                  "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                  else f"cpu ({platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()})",
+                  "torch": torch.__version__, "commit": commit, "python": platform.python_version(),
+                  "args": vars(args), "variants": list(variants), "weights": "random, every Linear from N(0, 0.02^2)",
+                  "protocol": {"mode": "sde", "num_steps": args.num_steps, "cfg_scale": args.cfg_scale,
+                               "guidance_low": args.guidance_low, "guidance_high": args.guidance_high,
+                               "forwards": protocol},
+                  "extrapolated": args.sampler_steps != args.num_steps,
+                  "extrapolation": "protocol seconds = measured sampler seconds x (guided x guided-forward ms + "
+                                   "unguided x unguided-forward ms) of the protocol / the same of the timed run",
+                  "results": rows, "decode": decode}
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        return report
+
     for variant in variants:
         if variant == "compile-cudagraphs" and device.type != "cuda":
             rows.append({"variant": variant, "status": "skipped", "note": "CUDA graphs need a CUDA device"})
@@ -353,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             row = {"variant": variant, "status": "failed", "note": f"{type(e).__name__}: {e}"[:500]}
         rows.append(row)
+        write_report(None)
         if row["status"] == "failed":
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # after the except block, which freed the failed frames' tensors
@@ -366,23 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             traceback.print_exc()
             decode = {"status": "failed", "note": f"{type(e).__name__}: {e}"[:500]}
-    add_comparisons(rows, outputs, latents, decode)
-    report = {"benchmark": "sample", "command": command,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else f"cpu ({platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()})",
-              "torch": torch.__version__, "commit": commit, "python": platform.python_version(),
-              "args": vars(args), "variants": list(variants), "weights": "random, every Linear from N(0, 0.02^2)",
-              "protocol": {"mode": "sde", "num_steps": args.num_steps, "cfg_scale": args.cfg_scale,
-                           "guidance_low": args.guidance_low, "guidance_high": args.guidance_high,
-                           "forwards": protocol},
-              "extrapolated": args.sampler_steps != args.num_steps,
-              "extrapolation": "protocol seconds = measured sampler seconds x (guided x guided-forward ms + unguided x "
-                               "unguided-forward ms) of the protocol / the same of the timed run",
-              "results": rows, "decode": decode}
-    print(table(report))
+    print(table(write_report(decode)))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 1 if any(r["status"] == "failed" for r in rows) or (decode or {}).get("status") == "failed" else 0
 

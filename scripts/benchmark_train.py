@@ -56,6 +56,7 @@ from profiling import PhaseTimer, profile_steps  # noqa: E402
 from training.loop import update_ema  # noqa: E402
 
 # The paper's Table 4 (SiT-XL/2, H100, batch 256): EFP in M (external + head), iterations/s, GFLOPs, latency ms.
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
 SDPA_BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 PAPER_TABLE4 = {"none": (0, 0, 8.1, 114.46, 18.05), "repa": (303, 8, 5.4, 194.50, 29.03),
@@ -88,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast precision")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model, as train.py (default: on with CUDA, off on the CPU)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode when compiling (train.py uses 'default'; 'reduce-overhead' adds CUDA "
+                        "graphs, the max-autotune modes search kernel configurations: slow to compile)")
     p.add_argument("--sdpa-backend", choices=sorted(SDPA_BACKENDS), default="default",
                    help="attention kernel for the timed steps (default: torch's choice, flash attention on an H100; "
                         "'cudnn' is cuDNN's attention on Hopper)")
@@ -231,7 +235,7 @@ def time_config(name: str, align: str, b: int, args, device: torch.device) -> di
     """One row: `name` with the method set `align` at per-GPU batch `b`."""
     model, ema, methods = build(name, align, args, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
-    net = torch.compile(model) if args.compile else model
+    net = torch.compile(model, mode=args.compile_mode) if args.compile else model
     config = loss_config(name)
     x = torch.randn(b, *latent_shape(name, args), device=device)
     y = torch.randint(0, 1000, (b,), device=device)
@@ -356,13 +360,42 @@ def main(argv=None) -> int:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
-    results = []
+    base_report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+                   or "cpu", "torch": torch.__version__, "commit": commit, "precision": args.precision,
+                   "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None,
+                   "command": " ".join(["python", "scripts/benchmark_train.py",
+                                        *(sys.argv[1:] if argv is None else argv)]),
+                   "sdpa_backend": args.sdpa_backend, "enc_type": args.enc_type,
+                   "encoder_weights": args.enc_weights or "random"}
+    memory_gb = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    results, failures = [], []
+
+    def report() -> dict:
+        """The report of the rows so far (written after each row, so an interrupted run keeps them)."""
+        add_overheads(results, args)
+        fits = largest_batches(results, memory_gb) if memory_gb else []
+        report = {**base_report, "results": results, "failures": failures, "memory_fits": fits}
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        return report
+
     for name in args.models:
         for b in args.batch_size:
             for align in args.align:
-                results.append(time_config(name, align, b, args, device))
-                print(f"{name} {align} batch {b}: {results[-1]['images_per_s']:.1f} images/s", flush=True)
-    add_overheads(results, args)
+                done = len(results)
+                try:
+                    results.append(time_config(name, align, b, args, device))
+                except torch.OutOfMemoryError as e:  # a batch too large: recorded, and the other rows still run
+                    failures.append({"model": name, "align": align, "batch_size": b,
+                                     "error": f"{type(e).__name__}: {e}"[:300]})
+                if len(results) == done:
+                    torch.cuda.empty_cache()  # here, once the failed frames' tensors are gone
+                    print(f"{name} {align} batch {b}: out of memory", flush=True)
+                else:
+                    print(f"{name} {align} batch {b}: {results[-1]['images_per_s']:.1f} images/s", flush=True)
+                report()
+    final = report()
     print(table(results, with_paper=args.table4))
     for r in results:
         print(f"{r['model']} {r['align']} batch {r['batch_size']}, median ms per phase: "
@@ -372,21 +405,11 @@ def main(argv=None) -> int:
             busy = "" if prof["busy_fraction"] is None else f" ({100 * prof['busy_fraction']:.0f}% of the step)"
             print(f"  profiled {'kernel' if device.type == 'cuda' else 'operator'} time {prof['busy_ms_per_step']:.1f} "
                   f"ms per step{busy}: " + ", ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms"].items()))
-    fits = []
-    if device.type == "cuda":
-        fits = largest_batches(results, torch.cuda.get_device_properties(device).total_memory / 2**30)
-    for f in fits:
+    for f in final["memory_fits"]:
         print(f"{f['model']} {f['align']}: peak memory {f['fixed_gb']:.1f} GB + {f['gb_per_image']:.3f} GB per image "
               f"(fit over batches {f['batch_sizes']}): the largest batch for {f['device_memory_gb']:.0f} GB is about "
               f"{f['largest_batch']}")
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "commit": commit, "precision": args.precision, "compile": args.compile,
-              "command": " ".join(["python", "scripts/benchmark_train.py", *(sys.argv[1:] if argv is None else argv)]),
-              "sdpa_backend": args.sdpa_backend, "enc_type": args.enc_type,
-              "encoder_weights": args.enc_weights or "random", "results": results, "memory_fits": fits}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out}")
     return 0
 

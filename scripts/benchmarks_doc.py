@@ -61,11 +61,23 @@ def baseline_rows(d: dict, name: str) -> list[dict]:
 def train_rows(d: dict, name: str) -> list[dict]:
     return [{"device": d["device"], "torch": d["torch"], "commit": short(d.get("commit")), "model": r["model"],
              "methods": r["align"], "batch": r["batch_size"], "precision": d.get("precision", ""),
-             "compile": "yes" if d.get("compile") else "no", "img/s": num(r["images_per_s"], 4),
+             "compile": compiled(d), "img/s": num(r["images_per_s"], 4),
              "peak GB": num(r.get("peak_memory_gb")), "fwd GMAC/img": num(r.get("forward_gmacs_per_image"), 4),
              "+FLOPs": percent(r.get("flop_overhead")), "+time": percent(r.get("time_overhead")),
              "first step s": num(r.get("first_step_s")), "command": code(d.get("command")), "file": name}
-            for r in d["results"]]
+            for r in d["results"]] + [
+        {"device": d["device"], "torch": d["torch"], "commit": short(d.get("commit")), "model": f["model"],
+         "methods": f["align"], "batch": f["batch_size"], "precision": d.get("precision", ""), "compile": compiled(d),
+         "img/s": f"failed: {f['error'].split(':')[0]}", "command": code(d.get("command")), "file": name}
+        for f in d.get("failures", [])]
+
+
+def compiled(d: dict) -> str:
+    """'no', 'yes', or 'yes (mode)' for a torch.compile mode other than the default."""
+    if not d.get("compile"):
+        return "no"
+    mode = d.get("compile_mode") or "default"
+    return "yes" if mode == "default" else f"yes ({mode})"
 
 
 def step_rows(d: dict, name: str) -> list[dict]:
@@ -78,7 +90,7 @@ def step_rows(d: dict, name: str) -> list[dict]:
         kinds = prof.get("by_kind_ms", {})
         busy = prof.get("busy_ms_per_step")
         rows.append({"device": d["device"], "torch": d["torch"], "commit": short(d.get("commit")), "model": r["model"],
-                     "methods": r["align"], "batch": r["batch_size"], "compile": "yes" if d.get("compile") else "no",
+                     "methods": r["align"], "batch": r["batch_size"], "compile": compiled(d),
                      "attention": d.get("sdpa_backend", "default"),
                      "step ms": num(1000 * r["batch_size"] / r["images_per_s"]),
                      "phases ms": ", ".join(f"{k} {num(v)}" for k, v in r["phase_ms"].items()),
@@ -91,7 +103,7 @@ def step_rows(d: dict, name: str) -> list[dict]:
 
 def memory_rows(d: dict, name: str) -> list[dict]:
     return [{"device": d["device"], "torch": d["torch"], "commit": short(d.get("commit")), "model": f["model"],
-             "methods": f["align"], "compile": "yes" if d.get("compile") else "no",
+             "methods": f["align"], "compile": compiled(d),
              "batches measured": " ".join(map(str, f["batch_sizes"])), "fixed GB": num(f["fixed_gb"]),
              "GB per image": num(f["gb_per_image"]), "device GB": num(f["device_memory_gb"]),
              "largest batch (fit)": f["largest_batch"], "command": code(d.get("command")), "file": name}

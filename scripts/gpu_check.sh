@@ -17,12 +17,24 @@
 #                                         benchmarks/results/sample_<gpu>.json and train-table4_<gpu>.json, copied to
 #                                         $OUT/benchmarks/results/, with docs/benchmarks.md rewritten from them
 #   GPU_TESTS=skip bash scripts/gpu_check.sh   the benchmarks only; GPU_TESTS=tests/x.py: only those GPU tests
+#   PARTS="sample train loader tests"     which parts run, in this order (default: tests sample train loader)
+#   DEADLINE_S=540 MIN_S=60               stop the parts DEADLINE_S seconds after the start (a part stopped there keeps
+#                                         the rows it wrote), and start none with under MIN_S seconds left
 #   SAMPLE_STEPS=, TRAIN_STEPS=           timed sampler steps (default 25) and training steps (default 30)
 #   PROFILE_STEPS=3                       training steps profiled per row after the timed ones (kernel time by kind,
 #                                         top kernels, busy fraction: the rows' "profile"); 0 for none
 #   TRACES=1                              also the Chrome traces of those steps, in $OUT/traces/
+#   LOADER=0                              without the last benchmark: preprocessing's data loading (JPEG decode + crop)
+#                                         as 1, 2, 4 and 8 ranks at once on this machine's cores (CPU only, ~1 min),
+#                                         written to benchmarks/results/encode_loader_<gpu>.json
 #   TRAIN_ARGS="--models SiT-XL/2 --align none vae-repa --batch-size 128"   benchmark_train.py's rows instead of
 #                                         --table4 (each row compiles on CUDA first: its time is recorded as first_step_s)
+#
+# For a short lent GPU (15 device-minutes, start-up included), two calls, the measurements first:
+#   PARTS="sample train loader" DEADLINE_S=480 TRAIN_STEPS=20 \
+#     TRAIN_ARGS="--models SiT-XL/2 --align none vae-repa --batch-size 32 128" bash scripts/gpu_check.sh
+#   PARTS=tests DEADLINE_S=<what is left> GPU_TESTS="tests/test_gpu.py tests/test_profiling.py \
+#     tests/test_benchmark_sample.py" bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -86,42 +98,67 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 status=0
-if [ "${GPU_TESTS:-tests}" != "skip" ]; then
-  echo "=== pytest -m gpu ${GPU_TESTS:-tests}"
+begin=$(date +%s)
+# run_part NAME COMMAND...: runs a part unless DEADLINE_S leaves under MIN_S seconds for it, and stops it (SIGINT, then
+# SIGKILL 30 s later) at the deadline; the benchmarks rewrite their JSON after each row, so a stopped one keeps those.
+run_part() {
+  local name=$1 left rc start
+  shift
+  left=$(( ${DEADLINE_S:-86400} - ($(date +%s) - begin) ))
+  if [ "$left" -lt "${MIN_S:-60}" ]; then
+    echo "=== $name: skipped, $left s left of DEADLINE_S=${DEADLINE_S:-}"
+    return 0
+  fi
+  echo "=== $name"
   start=$(date +%s)
-  # shellcheck disable=SC2086  # GPU_TESTS may name several paths
-  "$PYTHON" -m pytest -m gpu -v -s -rA -p no:cacheprovider --junitxml "$out/gpu_tests.xml" ${GPU_TESTS:-tests}
-  status=$?
-  echo "=== pytest -m gpu: exit $status after $(( $(date +%s) - start )) s"
-fi
-
-if [ "${BENCH:-1}" = "1" ]; then
-  gpu=$("$PYTHON" -c 'import re, torch
+  timeout --signal=INT --kill-after=30 "$left" "$@"
+  rc=$?
+  echo "=== $name: exit $rc after $(( $(date +%s) - start )) s"
+  [ "$rc" -eq 0 ] || status=$rc
+}
+parts=${PARTS:-tests sample train loader}
+[ "${GPU_TESTS:-}" = "skip" ] && parts=${parts//tests/}
+[ "${BENCH:-1}" = "1" ] || parts=$(echo "$parts" | sed 's/sample//; s/train//; s/loader//')
+[ "${LOADER:-1}" = "1" ] || parts=${parts//loader/}
+gpu=$("$PYTHON" -c 'import re, torch
 print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower().replace("nvidia", "")).strip("-"))')
-  mkdir -p benchmarks/results "$out/benchmarks/results" "$out/docs"
-  echo "=== benchmark_sample.py: SiT-XL/2, batch 256, SDE ${SAMPLE_STEPS:-25} timed steps -> 250, decode"
-  start=$(date +%s)
-  "$PYTHON" scripts/benchmark_sample.py --model SiT-XL/2 --batch-size 256 --num-steps 250 \
-    --sampler-steps "${SAMPLE_STEPS:-25}" --repeats 5 --warmup 2 --decode --out "benchmarks/results/sample_${gpu}.json"
-  bench=$?
-  echo "=== benchmark_sample.py: exit $bench after $(( $(date +%s) - start )) s"
-  [ "$bench" -eq 0 ] || status=$bench
-  train_args=${TRAIN_ARGS:---table4}
-  train_name=$(echo "$train_args" | tr -c 'a-zA-Z0-9\n' '-' | sed 's/^-*//; s/-*$//; s/--*/-/g')
-  [ "$train_args" = "--table4" ] && train_name=table4
-  profile=(--profile-steps "${PROFILE_STEPS:-3}")
-  [ "${TRACES:-0}" = "1" ] && profile+=(--trace-dir "$out/traces")
-  echo "=== benchmark_train.py $train_args --steps ${TRAIN_STEPS:-30} ${profile[*]}"
-  start=$(date +%s)
-  # shellcheck disable=SC2086  # TRAIN_ARGS holds several arguments
-  "$PYTHON" scripts/benchmark_train.py $train_args --steps "${TRAIN_STEPS:-30}" --warmup 5 "${profile[@]}" \
-    --out "benchmarks/results/train-${train_name}_${gpu}.json"
-  bench=$?
-  echo "=== benchmark_train.py: exit $bench after $(( $(date +%s) - start )) s"
-  [ "$bench" -eq 0 ] || status=$bench
-  "$PYTHON" scripts/benchmarks_doc.py && cp docs/benchmarks.md "$out/docs/"
+mkdir -p benchmarks/results "$out/benchmarks/results" "$out/docs"
+publish() {  # after each benchmark: the doc rewritten, and the JSON files and the doc copied to $OUT
+  "$PYTHON" scripts/benchmarks_doc.py >/dev/null && cp docs/benchmarks.md "$out/docs/"
   cp benchmarks/results/*_"${gpu}".json "$out/benchmarks/results/" 2>/dev/null || true
-fi
+}
+echo "=== parts: $parts (DEADLINE_S=${DEADLINE_S:-none})"
+for part in $parts; do
+  case $part in
+    tests)
+      # shellcheck disable=SC2086  # GPU_TESTS may name several paths
+      run_part "pytest -m gpu ${GPU_TESTS:-tests}" "$PYTHON" -m pytest -m gpu -v -s -rA -p no:cacheprovider \
+        --junitxml "$out/gpu_tests.xml" ${GPU_TESTS:-tests} ;;
+    sample)
+      run_part "benchmark_sample.py: SiT-XL/2, batch 256, SDE ${SAMPLE_STEPS:-25} timed steps -> 250, decode" \
+        "$PYTHON" scripts/benchmark_sample.py --model SiT-XL/2 --batch-size 256 --num-steps 250 \
+        --sampler-steps "${SAMPLE_STEPS:-25}" --repeats 5 --warmup 2 --decode \
+        --out "benchmarks/results/sample_${gpu}.json"
+      publish ;;
+    train)
+      train_args=${TRAIN_ARGS:---table4}
+      train_name=$(echo "$train_args" | tr -c 'a-zA-Z0-9\n' '-' | sed 's/^-*//; s/-*$//; s/--*/-/g')
+      [ "$train_args" = "--table4" ] && train_name=table4
+      profile=(--profile-steps "${PROFILE_STEPS:-3}")
+      [ "${TRACES:-0}" = "1" ] && profile+=(--trace-dir "$out/traces")
+      # shellcheck disable=SC2086  # TRAIN_ARGS holds several arguments
+      run_part "benchmark_train.py $train_args --steps ${TRAIN_STEPS:-30} ${profile[*]}" \
+        "$PYTHON" scripts/benchmark_train.py $train_args --steps "${TRAIN_STEPS:-30}" --warmup 5 "${profile[@]}" \
+        --out "benchmarks/results/train-${train_name}_${gpu}.json"
+      publish ;;
+    loader)
+      run_part "benchmark_encode.py --loader-ranks 1 2 4 8 ($(nproc) cores)" \
+        "$PYTHON" scripts/benchmark_encode.py --loader-ranks 1 2 4 8 --images 4000 \
+        --out "benchmarks/results/encode_loader_${gpu}.json"
+      publish ;;
+    *) echo "error: unknown part '$part' in PARTS (tests, sample, train, loader)"; status=2 ;;
+  esac
+done
 
 if [ "${FULL:-0}" = "1" ]; then
   echo "=== the rest of the suite on this machine (quickstart excepted)"

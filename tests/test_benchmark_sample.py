@@ -164,3 +164,22 @@ def test_a_failing_variant_is_recorded_and_the_others_kept(tmp_path, one_thread,
     assert rows["autocast"]["status"] == "ok"
     assert rows["bf16-weights"] == {"variant": "bf16-weights", "status": "failed",
                                     "note": "RuntimeError: out of memory (simulated)"}
+
+
+def test_each_variant_is_written_when_done(tmp_path, one_thread, monkeypatch):
+    """The JSON is rewritten after every variant: a run stopped during its second variant keeps the first."""
+    module = bench()
+    real = module.variant_model
+
+    def variant_model(base, variant, device):
+        if variant == "bf16-weights":
+            raise KeyboardInterrupt
+        return real(base, variant, device)
+
+    monkeypatch.setattr(module, "variant_model", variant_model)
+    out = tmp_path / "stopped.json"
+    with pytest.raises(KeyboardInterrupt):
+        module.main([*TINY, "--sampler-steps", "2", "--repeats", "1", "--warmup", "0", "--variants", "autocast",
+                     "bf16-weights", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [r["variant"] for r in report["results"]] == ["autocast"] and report["results"][0]["status"] == "ok"

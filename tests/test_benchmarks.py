@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,7 @@ def test_batch_sizes_phases_and_profile(tmp_path, capsys):
                        str(traces), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["sdpa_backend"] == "math" and report["memory_fits"] == []  # no peak memory on the CPU
+    assert report["compile"] is False and report["compile_mode"] is None
     rows = {(r["align"], r["batch_size"]): r for r in report["results"]}
     assert set(rows) == {(a, b) for a in ("none", "vae-repa") for b in (2, 4)}
     for b in (2, 4):
@@ -154,3 +156,32 @@ def test_largest_batch_is_the_linear_fit_of_peak_memory():
     assert (fit["model"], fit["align"], fit["batch_sizes"]) == ("SiT-XL/2", "vae-repa", [32, 64, 128])
     assert fit["fixed_gb"] == pytest.approx(10) and fit["gb_per_image"] == pytest.approx(0.2)
     assert fit["largest_batch"] == 350  # (80.1 - 10) / 0.2 = 350.5
+
+
+def test_a_row_out_of_memory_is_recorded_and_each_row_is_written_when_done(tmp_path, monkeypatch):
+    """A batch that does not fit is a recorded failure while the other rows run; the JSON is rewritten after every
+    row, so a run stopped part-way (here by an interrupt at its third row) keeps the rows already timed."""
+    bench = load_script("benchmark_train")
+    out = tmp_path / "bench.json"
+    real, calls = bench.time_config, []
+
+    def time_config(name, align, b, args, device):
+        calls.append((align, b))
+        if b == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(name, align, b, args, device)
+
+    monkeypatch.setattr(bench, "time_config", time_config)
+    argv = ["--models", "SiT-S/2", "--align", "none", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
+            "--latent-size", "8", "--batch-size", "2", "4", "6", "--steps", "1", "--warmup", "0", "--precision",
+            "fp32", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    report = json.loads(out.read_text())
+    assert [(r["align"], r["batch_size"]) for r in report["results"]] == [("none", 2)]
+    assert [(f["align"], f["batch_size"]) for f in report["failures"]] == [("none", 4)]
+    assert report["failures"][0]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    text = load_script("benchmarks_doc").render(tmp_path)
+    assert "| SiT-S/2 | none | 4 | fp32 | no | failed: OutOfMemoryError |" in text
