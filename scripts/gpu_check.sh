@@ -21,6 +21,8 @@
 #   DEADLINE_S=540 MIN_S=60               stop the parts DEADLINE_S seconds after the start (a part stopped there keeps
 #                                         the rows it wrote), and start none with under MIN_S seconds left
 #   SAMPLE_STEPS=, TRAIN_STEPS=           timed sampler steps (default 25) and training steps (default 30)
+#   SAMPLE_BATCH=64                       the sampling benchmark's batch (default 256; generate.py's default is 64),
+#                                         written to sample-b64_<gpu>.json
 #   PROFILE_STEPS=3                       training steps profiled per row after the timed ones (kernel time by kind,
 #                                         top kernels, busy fraction: the rows' "profile"); 0 for none
 #   TRACES=1                              also the Chrome traces of those steps, in $OUT/traces/
@@ -135,10 +137,12 @@ for part in $parts; do
       run_part "pytest -m gpu ${GPU_TESTS:-tests}" "$PYTHON" -m pytest -m gpu -v -s -rA -p no:cacheprovider \
         --junitxml "$out/gpu_tests.xml" ${GPU_TESTS:-tests} ;;
     sample)
-      run_part "benchmark_sample.py: SiT-XL/2, batch 256, SDE ${SAMPLE_STEPS:-25} timed steps -> 250, decode" \
-        "$PYTHON" scripts/benchmark_sample.py --model SiT-XL/2 --batch-size 256 --num-steps 250 \
+      batch=${SAMPLE_BATCH:-256}
+      sample_name=sample$([ "$batch" = 256 ] || echo "-b$batch")
+      run_part "benchmark_sample.py: SiT-XL/2, batch $batch, SDE ${SAMPLE_STEPS:-25} timed steps -> 250, decode" \
+        "$PYTHON" scripts/benchmark_sample.py --model SiT-XL/2 --batch-size "$batch" --num-steps 250 \
         --sampler-steps "${SAMPLE_STEPS:-25}" --repeats 5 --warmup 2 --decode \
-        --out "benchmarks/results/sample_${gpu}.json"
+        --out "benchmarks/results/${sample_name}_${gpu}.json"
       publish ;;
     train)
       train_args=${TRAIN_ARGS:---table4}
