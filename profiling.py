@@ -3,7 +3,8 @@ GPU's kernels (or, on the CPU, of each operator's own work) by kind of work.
 
 On CUDA the phase timers are events recorded in the stream, so a phase's time is what the GPU spent between its
 marks, idle gaps included (a phase the host cannot launch fast enough shows up as its own gap). The kernel summary
-adds up only the kernels' own time; its total over the step's wall time is the fraction of the step the GPU was busy.
+adds up the kernels' own time by kind; the union of the kernels' intervals over the step time is the fraction of the
+step the GPU was busy.
 """
 
 from __future__ import annotations
@@ -76,17 +77,21 @@ class PhaseTimer:
         return {name: statistics.median(values) for name, values in per_phase.items()}
 
 
-def own_times_us(events, cuda: bool) -> dict[str, tuple[float, int]]:
-    """{name: (microseconds, calls)} from a profiler's events: on CUDA the device's kernels and copies (user
-    annotations left out: they span other kernels), elsewhere each CPU operator's self time (its children's apart)."""
+def own_times_us(events, cuda: bool) -> tuple[dict[str, tuple[float, int]], float]:
+    """({name: (microseconds, calls)}, busy microseconds) from a profiler's events. On CUDA: the device's kernels,
+    copies and fills (user annotations left out: they span other kernels), busy being the union of their intervals
+    (kernels that overlap, on several streams, count once). Elsewhere: each CPU operator's self time (its children's
+    apart), busy being their sum."""
     from torch.autograd import DeviceType
 
     totals: dict[str, tuple[float, int]] = {}
+    intervals = []
     for e in events:
         if cuda:
             if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
                 continue
             us = e.time_range.elapsed_us()
+            intervals.append((e.time_range.start, e.time_range.end))
         else:
             if e.device_type != DeviceType.CPU:
                 continue
@@ -94,27 +99,41 @@ def own_times_us(events, cuda: bool) -> dict[str, tuple[float, int]]:
         if us > 0:
             t, n = totals.get(e.name, (0.0, 0))
             totals[e.name] = (t + us, n + 1)
-    return totals
+    return totals, union_length(intervals) if cuda else sum(t for t, _ in totals.values())
 
 
-def summarize(times_us: dict[str, tuple[float, int]], steps: int, wall_ms: float, top: int = 15) -> dict:
-    """Per step: the kernels' (or operators') time in ms by kind, its total, the share of the wall step time it
-    fills, and the `top` names by time."""
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of [start, end] intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def summarize(times_us: dict[str, tuple[float, int]], steps: int, wall_ms: float, busy_us: float | None = None,
+              step_ms: float | None = None, top: int = 15) -> dict:
+    """Per step: the kernels' (or operators') time in ms by kind, the busy time (`busy_us`, default: the sum), its
+    share of `step_ms` (default: the profiled steps' wall time `wall_ms`), and the `top` names by time."""
     kinds: dict[str, float] = {}
     for name, (us, _) in times_us.items():
         kinds[category(name)] = kinds.get(category(name), 0.0) + us / 1000 / steps
-    total = sum(kinds.values())
+    busy = (sum(us for us, _ in times_us.values()) if busy_us is None else busy_us) / 1000 / steps
+    step_ms = step_ms or wall_ms
     ranked = sorted(times_us.items(), key=lambda item: -item[1][0])[:top]
-    return {"steps": steps, "wall_ms_per_step": wall_ms, "busy_ms_per_step": total,
-            "busy_fraction": total / wall_ms if wall_ms > 0 else None,
+    return {"steps": steps, "wall_ms_per_step": wall_ms, "busy_ms_per_step": busy,
+            "busy_fraction": busy / step_ms if step_ms > 0 else None,
             "by_kind_ms": dict(sorted(kinds.items(), key=lambda item: -item[1])),
             "top": [{"name": name[:160], "kind": category(name), "ms_per_step": us / 1000 / steps,
                      "calls_per_step": n / steps} for name, (us, n) in ranked]}
 
 
-def profile_steps(step: Callable[[], None], steps: int, device: torch.device, trace: str | None = None) -> dict:
-    """Runs `step` `steps` times under torch.profiler and summarises them (summarize); the Chrome trace is written
-    to `trace` when given (a name ending in .gz is compressed)."""
+def profile_steps(step: Callable[[], None], steps: int, device: torch.device, trace: str | None = None,
+                  step_ms: float | None = None) -> dict:
+    """Runs `step` `steps` times under torch.profiler and summarises them (summarize). `step_ms`: the step's time
+    measured without the profiler, for the busy fraction (the profiler slows the host, not the kernels); by default
+    the profiled steps' own. The Chrome trace is written to `trace` when given (a name ending in .gz is compressed)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -129,4 +148,5 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device, tr
         wall_ms = 1000 * (time.perf_counter() - begin) / steps
     if trace:
         prof.export_chrome_trace(trace)
-    return summarize(own_times_us(prof.events(), cuda), steps, wall_ms)
+    times, busy_us = own_times_us(prof.events(), cuda)
+    return summarize(times, steps, wall_ms, busy_us, step_ms)

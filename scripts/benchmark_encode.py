@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import cli  # noqa: E402
-from integrity import worker_init  # noqa: E402
+from integrity import atomic_write, worker_init  # noqa: E402
 from preprocessing import encode  # noqa: E402
 
 # Random-weight stand-ins (timing only): the tests' 2-level VAE (downsampling 2, so its mid-block attention
@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         results = json.loads(out.read_text()) if out.exists() else {"machine": info, "runs": []}
         results["runs"].append(record)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1) + "\n")
+        with atomic_write(out, "w") as f:
+            f.write(json.dumps(results, indent=1) + "\n")
     return 0
 
 

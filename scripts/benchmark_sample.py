@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli  # noqa: E402
+from integrity import atomic_write  # noqa: E402
 
 VARIANTS = ("fp32", "autocast", "bf16-weights", "compile", "compile-cudagraphs")
 DEFAULT_VARIANTS = ("autocast", "bf16-weights", "compile", "compile-cudagraphs")
@@ -345,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, outputs, latents = [], {}, {}
 
     def write_report(decode: dict | None) -> dict:
-        """The report of the rows so far, written to --out (after each variant: a run stopped part-way keeps them)."""
+        """The report of the rows so far, written to --out after each variant (atomically: a run stopped part-way
+        keeps them)."""
         add_comparisons(rows, outputs, latents, decode)
         report = {"benchmark": "sample", "command": command,
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -360,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "unguided x unguided-forward ms) of the protocol / the same of the timed run",
                   "results": rows, "decode": decode}
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+            with atomic_write(args.out, "w") as f:
+                f.write(json.dumps(report, indent=1) + "\n")
         return report
 
     for variant in variants:

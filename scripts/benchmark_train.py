@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import platform
 import re
@@ -49,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 from alignment import build_methods  # noqa: E402
 from common import model_from_args, resolve_compile  # noqa: E402
+from integrity import atomic_write  # noqa: E402
 from loss import LossConfig, training_loss  # noqa: E402
 from models import MODEL_NAMES, model_config, model_family  # noqa: E402
 from models.encoders import FrozenEncoder  # noqa: E402
@@ -196,6 +198,9 @@ def fake_train_flops(name: str, align: str, args, batch: int = 2) -> float:
                                                  **inputs)["total"].backward()) / batch
 
 
+FAKE_VANILLA_GFLOPS: dict[tuple, float] = {}
+
+
 def add_overheads(results: list[dict], args) -> None:
     """Each row's `flop_overhead` (train FLOPs / the same model's vanilla ones - 1: the floor) and `time_overhead`
     (vanilla images/s / the row's - 1: what the step costs more), against the run's vanilla row of that model and
@@ -204,7 +209,13 @@ def add_overheads(results: list[dict], args) -> None:
     base = {(r["model"], r["batch_size"]): r for r in results if r["align"] == "none"}
     for r in results:
         ref = base.get((r["model"], r["batch_size"]))
-        vanilla_flops = ref["train_gflops_per_image"] if ref else fake_train_flops(r["model"], "none", args) / 1e9
+        if ref:
+            vanilla_flops = ref["train_gflops_per_image"]
+        else:  # counted once per model and shape (this runs after every row)
+            key = (r["model"], args.depth, args.hidden_size, args.num_heads, args.latent_size)
+            if key not in FAKE_VANILLA_GFLOPS:
+                FAKE_VANILLA_GFLOPS[key] = fake_train_flops(r["model"], "none", args) / 1e9
+            vanilla_flops = FAKE_VANILLA_GFLOPS[key]
         r["flop_overhead"] = r["train_gflops_per_image"] / vanilla_flops - 1
         r["time_overhead"] = ref["images_per_s"] / r["images_per_s"] - 1 if ref else None
 
@@ -229,6 +240,16 @@ def largest_batches(results: list[dict], memory_gb: float) -> list[dict]:
                      "device_memory_gb": memory_gb, "batch_sizes": sorted(b for b, _ in points),
                      "largest_batch": int((memory_gb - fixed) // slope) if slope > 0 else None})
     return fits
+
+
+def free_memory() -> None:
+    """What earlier rows left: unreachable objects, the allocator's cached blocks, and dynamo's compiled code (its
+    cache is keyed by the forward's code, so a row would otherwise reuse an earlier row's graph, or a dynamic-shape
+    one once the batch size changed)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def time_config(name: str, align: str, b: int, args, device: torch.device) -> dict:
@@ -316,7 +337,11 @@ def time_config(name: str, align: str, b: int, args, device: torch.device) -> di
             Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
             slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{name}_{align}").strip("-")
             trace = str(Path(args.trace_dir) / f"{slug}_b{b}.json.gz")
-        result["profile"] = profile_steps(step, args.profile_steps, device, trace)
+        try:
+            result["profile"] = profile_steps(step, args.profile_steps, device, trace,
+                                              step_ms=1000 * statistics.median(times))
+        except torch.OutOfMemoryError as e:  # the profiler's own memory: the row's timings are kept
+            result["profile"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         if trace:
             result["profile"]["trace"] = trace
     return result
@@ -371,36 +396,37 @@ def main(argv=None) -> int:
     results, failures = [], []
 
     def report() -> dict:
-        """The report of the rows so far (written after each row, so an interrupted run keeps them)."""
+        """The report of the rows so far, written after each row (atomically: a run stopped part-way keeps them)."""
         add_overheads(results, args)
         fits = largest_batches(results, memory_gb) if memory_gb else []
-        report = {**base_report, "results": results, "failures": failures, "memory_fits": fits}
+        data = {**base_report, "results": results, "failures": failures, "memory_fits": fits}
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=1))
-        return report
+            with atomic_write(args.out, "w") as f:
+                f.write(json.dumps(data, indent=1))
+        return data
 
     for name in args.models:
-        for b in args.batch_size:
+        for b in sorted(args.batch_size):
             for align in args.align:
-                done = len(results)
+                if any(f["model"] == name and f["align"] == align and f["batch_size"] < b for f in failures):
+                    print(f"{name} {align} batch {b}: skipped (a smaller batch ran out of memory)", flush=True)
+                    continue
                 try:
                     results.append(time_config(name, align, b, args, device))
                 except torch.OutOfMemoryError as e:  # a batch too large: recorded, and the other rows still run
                     failures.append({"model": name, "align": align, "batch_size": b,
                                      "error": f"{type(e).__name__}: {e}"[:300]})
-                if len(results) == done:
-                    torch.cuda.empty_cache()  # here, once the failed frames' tensors are gone
                     print(f"{name} {align} batch {b}: out of memory", flush=True)
                 else:
                     print(f"{name} {align} batch {b}: {results[-1]['images_per_s']:.1f} images/s", flush=True)
+                free_memory()  # here, once a failed row's frames and their tensors are gone
                 report()
     final = report()
     print(table(results, with_paper=args.table4))
     for r in results:
         print(f"{r['model']} {r['align']} batch {r['batch_size']}, median ms per phase: "
               + ", ".join(f"{k} {v:.1f}" for k, v in r["phase_ms"].items()))
-        if "profile" in r:
+        if "by_kind_ms" in r.get("profile", {}):
             prof = r["profile"]
             busy = "" if prof["busy_fraction"] is None else f" ({100 * prof['busy_fraction']:.0f}% of the step)"
             print(f"  profiled {'kernel' if device.type == 'cuda' else 'operator'} time {prof['busy_ms_per_step']:.1f} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -92,7 +93,7 @@ def step_rows(d: dict, name: str) -> list[dict]:
         rows.append({"device": d["device"], "torch": d["torch"], "commit": short(d.get("commit")), "model": r["model"],
                      "methods": r["align"], "batch": r["batch_size"], "compile": compiled(d),
                      "attention": d.get("sdpa_backend", "default"),
-                     "step ms": num(1000 * r["batch_size"] / r["images_per_s"]),
+                     "step ms (median)": num(1000 * statistics.median(r["step_times_s"])),
                      "phases ms": ", ".join(f"{k} {num(v)}" for k, v in r["phase_ms"].items()),
                      "busy": "" if prof.get("busy_fraction") is None else f"{100 * prof['busy_fraction']:.0f}%",
                      "kernel time by kind": ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in kinds.items()
@@ -192,7 +193,7 @@ KINDS: list[tuple[str, str, Callable[[dict], bool], Callable[[dict, str], list[d
      "(not produced by a script in this form; the exact commands were not recorded).",
      lambda d: d.get("kind") == "transcribed-baseline", baseline_rows),
     ("Training", "`scripts/benchmark_train.py`: optimizer steps on synthetic latents, after warm-up.",
-     lambda d: "align" in first_row(d, "results") and "images_per_s" in first_row(d, "results"), train_rows),
+     lambda d: "images_per_s" in first_row(d, "results") or "align" in first_row(d, "failures"), train_rows),
     ("Training: where the step time goes",
      "`scripts/benchmark_train.py`: each phase's median time over the timed steps (on CUDA, between events in the "
      "stream: idle gaps count in the phase they fall in; forward includes the methods' loss terms); with "
@@ -236,7 +237,10 @@ def render(results_dir: Path) -> str:
     tables: dict[str, list[dict]] = {title: [] for title, *_ in KINDS}
     unknown = []
     for path in sorted(results_dir.glob("*.json")):
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as e:
+            raise SystemExit(f"error: {path} is not valid JSON ({e})") from None
         kinds = [k for k in KINDS if isinstance(data, dict) and k[2](data)]
         if not kinds:
             unknown.append(path.name)

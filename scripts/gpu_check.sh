@@ -18,8 +18,10 @@
 #                                         $OUT/benchmarks/results/, with docs/benchmarks.md rewritten from them
 #   GPU_TESTS=skip bash scripts/gpu_check.sh   the benchmarks only; GPU_TESTS=tests/x.py: only those GPU tests
 #   PARTS="sample train loader tests"     which parts run, in this order (default: tests sample train loader)
-#   DEADLINE_S=540 MIN_S=60               stop the parts DEADLINE_S seconds after the start (a part stopped there keeps
-#                                         the rows it wrote), and start none with under MIN_S seconds left
+#   DEADLINE_S=540 MIN_S=60               end by DEADLINE_S seconds after the start: a part still running 45 s before
+#                                         is stopped (keeping the rows it wrote, copied to $OUT), and none starts with
+#                                         under MIN_S seconds for it
+#   SAMPLE_VARIANTS="autocast bf16-weights compile"   the sampling benchmark's rows (default: all four on CUDA)
 #   SAMPLE_STEPS=, TRAIN_STEPS=           timed sampler steps (default 25) and training steps (default 30)
 #   SAMPLE_BATCH=64                       the sampling benchmark's batch (default 256; generate.py's default is 64),
 #                                         written to sample-b64_<gpu>.json
@@ -33,10 +35,11 @@
 #                                         --table4 (each row compiles on CUDA first: its time is recorded as first_step_s)
 #
 # For a short lent GPU (15 device-minutes, start-up included), two calls, the measurements first:
-#   PARTS="sample train loader" DEADLINE_S=480 TRAIN_STEPS=20 \
+#   PARTS="sample train loader" DEADLINE_S=480 SAMPLE_VARIANTS="autocast bf16-weights compile" TRAIN_STEPS=20 \
 #     TRAIN_ARGS="--models SiT-XL/2 --align none vae-repa --batch-size 32 128" bash scripts/gpu_check.sh
+#   (with the run tool's timeout_s a minute above DEADLINE_S; the parts' durations are estimates, none measured)
 #   PARTS=tests DEADLINE_S=<what is left> GPU_TESTS="tests/test_gpu.py tests/test_profiling.py \
-#     tests/test_benchmark_sample.py" bash scripts/gpu_check.sh
+#     tests/test_benchmarks.py tests/test_benchmark_sample.py" bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -100,14 +103,14 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 status=0
-begin=$(date +%s)
-# run_part NAME COMMAND...: runs a part unless DEADLINE_S leaves under MIN_S seconds for it, and stops it (SIGINT, then
-# SIGKILL 30 s later) at the deadline; the benchmarks rewrite their JSON after each row, so a stopped one keeps those.
+# run_part NAME COMMAND...: runs a part with the time DEADLINE_S leaves (counted from the script's start, less 45 s:
+# a stopped part's last write and the copy to $OUT), unless that is under MIN_S seconds; at its end the part gets
+# SIGINT, then SIGKILL 30 s later. The benchmarks rewrite their JSON after each row, so a stopped one keeps those.
 run_part() {
   local name=$1 left rc start
   shift
-  left=$(( ${DEADLINE_S:-86400} - ($(date +%s) - begin) ))
-  if [ "$left" -lt "${MIN_S:-60}" ]; then
+  left=$(( ${DEADLINE_S:-86400} - SECONDS - 45 ))
+  if [ "$left" -lt "${MIN_S:-60}" ] || [ "$left" -lt 1 ]; then
     echo "=== $name: skipped, $left s left of DEADLINE_S=${DEADLINE_S:-}"
     return 0
   fi
@@ -118,7 +121,7 @@ run_part() {
   echo "=== $name: exit $rc after $(( $(date +%s) - start )) s"
   [ "$rc" -eq 0 ] || status=$rc
 }
-parts=${PARTS:-tests sample train loader}
+parts="${PARTS:-tests sample train loader}$([ "${FULL:-0}" = 1 ] && echo " full")"
 [ "${GPU_TESTS:-}" = "skip" ] && parts=${parts//tests/}
 [ "${BENCH:-1}" = "1" ] || parts=$(echo "$parts" | sed 's/sample//; s/train//; s/loader//')
 [ "${LOADER:-1}" = "1" ] || parts=${parts//loader/}
@@ -139,9 +142,12 @@ for part in $parts; do
     sample)
       batch=${SAMPLE_BATCH:-256}
       sample_name=sample$([ "$batch" = 256 ] || echo "-b$batch")
+      variants=()
+      # shellcheck disable=SC2206  # SAMPLE_VARIANTS holds several names
+      [ -n "${SAMPLE_VARIANTS:-}" ] && variants=(--variants $SAMPLE_VARIANTS)
       run_part "benchmark_sample.py: SiT-XL/2, batch $batch, SDE ${SAMPLE_STEPS:-25} timed steps -> 250, decode" \
         "$PYTHON" scripts/benchmark_sample.py --model SiT-XL/2 --batch-size "$batch" --num-steps 250 \
-        --sampler-steps "${SAMPLE_STEPS:-25}" --repeats 5 --warmup 2 --decode \
+        --sampler-steps "${SAMPLE_STEPS:-25}" --repeats 5 --warmup 2 --decode "${variants[@]}" \
         --out "benchmarks/results/${sample_name}_${gpu}.json"
       publish ;;
     train)
@@ -160,19 +166,12 @@ for part in $parts; do
         "$PYTHON" scripts/benchmark_encode.py --loader-ranks 1 2 4 8 --images 4000 \
         --out "benchmarks/results/encode_loader_${gpu}.json"
       publish ;;
-    *) echo "error: unknown part '$part' in PARTS (tests, sample, train, loader)"; status=2 ;;
+    full)
+      run_part "the rest of the suite on this machine (quickstart excepted)" "$PYTHON" -m pytest -q -rA \
+        -p no:cacheprovider -m "not gpu" -k "not quickstart" --junitxml "$out/suite_on_gpu_machine.xml" tests ;;
+    *) echo "error: unknown part '$part' in PARTS (tests, sample, train, loader, full)"; status=2 ;;
   esac
 done
-
-if [ "${FULL:-0}" = "1" ]; then
-  echo "=== the rest of the suite on this machine (quickstart excepted)"
-  start=$(date +%s)
-  "$PYTHON" -m pytest -q -rA -p no:cacheprovider -m "not gpu" -k "not quickstart" \
-    --junitxml "$out/suite_on_gpu_machine.xml" tests
-  full=$?
-  echo "=== suite: exit $full after $(( $(date +%s) - start )) s"
-  [ "$full" -eq 0 ] || status=$full
-fi
 echo "=== measured figures"
 grep -h -o '\[gpu measurement\].*' "$out/gpu_check.log" || true
 exit "$status"

@@ -159,29 +159,64 @@ def test_largest_batch_is_the_linear_fit_of_peak_memory():
 
 
 def test_a_row_out_of_memory_is_recorded_and_each_row_is_written_when_done(tmp_path, monkeypatch):
-    """A batch that does not fit is a recorded failure while the other rows run; the JSON is rewritten after every
-    row, so a run stopped part-way (here by an interrupt at its third row) keeps the rows already timed."""
+    """A batch that does not fit is a recorded failure while the other rows run, and larger batches of the same
+    methods are not tried; the JSON is rewritten after every row, so a run stopped part-way (here by an interrupt at
+    its last row) keeps the rows already timed."""
     bench = load_script("benchmark_train")
     out = tmp_path / "bench.json"
     real, calls = bench.time_config, []
 
     def time_config(name, align, b, args, device):
         calls.append((align, b))
-        if b == 4:
+        if (align, b) == ("none", 4):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        if len(calls) == 3:
+        if (align, b) == ("vae-repa", 6):
             raise KeyboardInterrupt
         return real(name, align, b, args, device)
 
     monkeypatch.setattr(bench, "time_config", time_config)
-    argv = ["--models", "SiT-S/2", "--align", "none", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
-            "--latent-size", "8", "--batch-size", "2", "4", "6", "--steps", "1", "--warmup", "0", "--precision",
-            "fp32", "--out", str(out)]
+    argv = ["--models", "SiT-S/2", "--align", "none", "vae-repa", "--depth", "2", "--hidden-size", "32",
+            "--num-heads", "2", "--latent-size", "8", "--batch-size", "2", "4", "6", "--steps", "1", "--warmup", "0",
+            "--precision", "fp32", "--out", str(out)]
     with pytest.raises(KeyboardInterrupt):
         bench.main(argv)
     report = json.loads(out.read_text())
-    assert [(r["align"], r["batch_size"]) for r in report["results"]] == [("none", 2)]
+    assert calls == [("none", 2), ("vae-repa", 2), ("none", 4), ("vae-repa", 4), ("vae-repa", 6)]
+    assert [(r["align"], r["batch_size"]) for r in report["results"]] == [("none", 2), ("vae-repa", 2),
+                                                                          ("vae-repa", 4)]
     assert [(f["align"], f["batch_size"]) for f in report["failures"]] == [("none", 4)]
     assert report["failures"][0]["error"].startswith("OutOfMemoryError: CUDA out of memory")
     text = load_script("benchmarks_doc").render(tmp_path)
     assert "| SiT-S/2 | none | 4 | fp32 | no | failed: OutOfMemoryError |" in text
+
+
+@pytest.mark.gpu
+def test_cuda_rows_have_memory_fits_profiles_and_the_attention_backend(tmp_path, record_property):
+    """On CUDA (eager, bf16): peak memory grows with the batch, so the fit has a positive per-image slope and the
+    largest batch lies beyond the measured ones; the profile finds matrix-product and attention kernels under torch's
+    default attention, and none of attention's fused kernels with --sdpa-backend math (its products run as plain
+    matrix products); the phases and the kernel time fit in the step."""
+    bench = load_script("benchmark_train")
+    tiny = ["--models", "SiT-S/2", "--align", "none", "vae-repa", "--depth", "2", "--hidden-size", "64",
+            "--num-heads", "2", "--latent-size", "16", "--steps", "3", "--warmup", "1", "--no-compile",
+            "--profile-steps", "2"]
+    reports = {}
+    for backend in ("default", "math"):
+        out = tmp_path / f"{backend}.json"
+        assert bench.main([*tiny, "--batch-size", "8", "64", "--sdpa-backend", backend, "--out", str(out)]) == 0
+        reports[backend] = json.loads(out.read_text())
+    fits = reports["default"]["memory_fits"]
+    assert {f["align"] for f in fits} == {"none", "vae-repa"}
+    for f in fits:
+        assert f["gb_per_image"] > 0 and f["largest_batch"] > 64 and f["device_memory_gb"] > 1
+    for backend, report in reports.items():
+        for r in report["results"]:
+            prof = r["profile"]
+            kinds = prof["by_kind_ms"]
+            assert kinds["matmul"] > 0 and 0 < prof["busy_ms_per_step"] <= prof["wall_ms_per_step"]
+            assert (kinds.get("attention", 0) > 0) == (backend == "default"), kinds
+            step_ms = 1000 * r["batch_size"] / r["images_per_s"]
+            assert sum(r["phase_ms"].values()) < 1.5 * step_ms
+    row = reports["default"]["results"][-1]
+    record_property("gpu measurement", f"tiny SiT batch 64 vae-repa: phases {row['phase_ms']}, "
+                                       f"kernels {row['profile']['by_kind_ms']}")

@@ -1,5 +1,5 @@
 """scripts/gpu_check.sh's part runner, on the CPU, with a stand-in interpreter: the parts run in PARTS order, a part
-still running at DEADLINE_S is stopped and keeps what it wrote, which reaches $OUT, and a part with under MIN_S left
+still running 45 s before DEADLINE_S is stopped and keeps what it wrote, which reaches $OUT, and a part with under MIN_S left
 is skipped."""
 
 import os
@@ -40,7 +40,7 @@ def test_parts_run_in_order_and_the_deadline_stops_and_skips(tmp_path):
     shim.write_text(SHIM)
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": str(shim), "OUT": str(out), "PARTS": "sample train loader", "DEADLINE_S": "5",
+    env = {**os.environ, "PYTHON": str(shim), "OUT": str(out), "PARTS": "sample train loader", "DEADLINE_S": "50",
            "MIN_S": "2", "TRAIN_ARGS": "--models SiT-XL/2 --batch-size 128"}
     proc = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=120)
