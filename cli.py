@@ -7,6 +7,7 @@ usage errors answer at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from models.registry import MODEL_NAMES  # noqa: F401  (the registry of every backbone family is torch-free too)
@@ -66,6 +67,15 @@ def _bool_flags(action: argparse.Action) -> tuple[str, str]:
 def parser(description: str | None, **kwargs) -> argparse.ArgumentParser:
     """An ArgumentParser in the shared help style."""
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on: its affinity where the system tells it (a SLURM or container job's
+    share, not the whole node's os.cpu_count()), for the defaults of worker-count flags."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity on this system (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def print_error(line: str) -> None:

@@ -2,9 +2,9 @@
 
 The defaults the command lines show live here, so that their parsers need no torch."""
 
-import os
+import cli
 
 DEFAULT_BATCH_SIZE = 250
 DEFAULT_REF_PR_IMAGES = 10000  # ADM's reference batches keep 10K images for precision/recall
-DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+DEFAULT_WORKERS = min(8, cli.usable_cpus())
 INCEPTION_WEIGHTS_ENV = "VAE_REPA_INCEPTION_WEIGHTS"  # a local copy of the Inception weights (inception.py)

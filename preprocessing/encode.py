@@ -547,11 +547,12 @@ def encode_dataset(
 
 
 def default_num_workers(local_world_size: int | None = None) -> int:
-    """Decoding processes per rank when --num-workers is not given: this machine's CPU cores / its ranks - 1, at
-    least 1, at most 16. `local_world_size` defaults to LOCAL_WORLD_SIZE (set by torchrun and accelerate), else 1."""
+    """Decoding processes per rank when --num-workers is not given: the CPU cores this job may use (cli.usable_cpus)
+    / its ranks on this machine - 1, at least 1, at most 16. `local_world_size` defaults to LOCAL_WORLD_SIZE (set by
+    torchrun and accelerate), else 1."""
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return min(16, max(1, (os.cpu_count() or 2) // local_world_size - 1))
+    return min(16, max(1, cli.usable_cpus() // local_world_size - 1))
 
 
 def encode_shards(vae, dtype: torch.dtype, source: Path, dest: Path, shards: list[int], paths: list[str],

@@ -3,10 +3,14 @@ its table in docs/benchmarks.md), and encode's default count of decoding workers
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from helpers_scripts import load_script
 
+import cli
 from preprocessing import encode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,12 +50,28 @@ def test_efficiency_needs_a_one_rank_row(tmp_path):
 
 
 @pytest.mark.parametrize("cores,ranks,workers", [(16, 8, 1), (16, 1, 15), (16, 4, 3), (2, 1, 1), (2, 2, 1),
-                                                 (64, 1, 16), (None, 1, 1)])
+                                                 (64, 1, 16), (1, 1, 1)])
 def test_default_num_workers(monkeypatch, cores, ranks, workers):
-    """CPU cores / ranks on the machine - 1, at least 1, at most 16 (2 cores assumed when unknown)."""
-    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    """Usable CPU cores / ranks on the machine - 1, at least 1, at most 16."""
+    monkeypatch.setattr(cli, "usable_cpus", lambda: cores)
     assert encode.default_num_workers(ranks) == workers
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
     assert encode.default_num_workers() == workers
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert encode.default_num_workers() == encode.default_num_workers(1)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_usable_cpus_is_the_process_affinity_not_the_machine_s_cores():
+    """A process pinned to one core (as a SLURM job's share pins it) has 1 usable CPU, whatever os.cpu_count() says;
+    where the system has no affinity, os.cpu_count()."""
+    code = "import os, cli; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); print(cli.usable_cpus())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "1"
+
+
+def test_usable_cpus_without_affinity(monkeypatch):
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert cli.usable_cpus() == 6

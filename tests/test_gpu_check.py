@@ -1,6 +1,6 @@
 """scripts/gpu_check.sh's part runner, on the CPU, with a stand-in interpreter: the parts run in PARTS order, a part
-still running 45 s before DEADLINE_S is stopped and keeps what it wrote, which reaches $OUT, and a part with under MIN_S left
-is skipped."""
+still running 45 s before DEADLINE_S is stopped and keeps what it wrote, which reaches $OUT, and a part with under
+MIN_S left is skipped."""
 
 import os
 import shutil
