@@ -3,6 +3,8 @@
     python scripts/benchmark_train.py --models SiT-B/2 SiT-XL/2 --batch-size 256 --steps 200 \
         --out benchmarks/results/train_h100.json
     python scripts/benchmark_train.py --table4 --out benchmarks/results/table4_h100.json   # the paper's Table 4
+    python scripts/benchmark_train.py --models SiT-XL/2 --align none vae-repa --batch-size 32 128 --profile-steps 3 \
+        --out benchmarks/results/train_xl2_h100.json   # where the time goes, and which batch fits
 
 Each step is what train.py does per optimizer step (bf16 autocast forward with the methods' terms, fp32 losses,
 backward, clipping, fused AdamW, foreach EMA); the data loader is left out. Per configuration it reports images/s
@@ -11,7 +13,11 @@ in its heads, GFLOPs per image counted with torch's FlopCounterMode (forward mul
 counts them, and forward + backward FLOPs), and the latency of one forward pass (median of 3). REPA's encoder has
 random weights here unless --enc-weights names a file: the cost is the same, and nothing is downloaded. The model
 is compiled as train.py compiles it (by default on CUDA, not on the CPU; --compile / --no-compile), and each row
-records how long its first step took (compilation included).
+records how long its first step took (compilation included). Each row also has the median time of each phase of the
+step (`phase_ms`: forward with the loss terms, backward, clipping, optimizer, EMA), and with --profile-steps a
+torch.profiler summary (`profile`: kernel time by kind, top kernels, the GPU's busy fraction; profiling.py). Several
+--batch-size values fit peak memory to a line (`memory_fits`: the largest batch the GPU holds); a batch that runs out
+of memory is listed in `failures` and larger ones of its methods are skipped. The JSON is rewritten after each row.
 
 Each method row also has `flop_overhead` (its forward + backward FLOPs over the same model's vanilla ones, minus 1)
 beside `time_overhead` (its step time over vanilla's, minus 1). The FLOP overhead is what the step time grows by when
