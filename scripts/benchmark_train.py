@@ -63,10 +63,10 @@ from models.encoders import FrozenEncoder  # noqa: E402
 from profiling import PhaseTimer, profile_steps  # noqa: E402
 from training.loop import update_ema  # noqa: E402
 
-# The paper's Table 4 (SiT-XL/2, H100, batch 256): EFP in M (external + head), iterations/s, GFLOPs, latency ms.
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
 SDPA_BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+# The paper's Table 4 (SiT-XL/2, H100, batch 256): EFP in M (external + head), iterations/s, GFLOPs, latency ms.
 PAPER_TABLE4 = {"none": (0, 0, 8.1, 114.46, 18.05), "repa": (303, 8, 5.4, 194.50, 29.03),
                 "sra": (481, 2, 5.1, 197.57, 30.90), "vae-repa": (0, 18, 7.2, 118.55, 19.20)}
 TABLE4_SETS = ["none", "repa", "sra", "vae-repa", "repa,vae-repa"]
