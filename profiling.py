@@ -1,5 +1,5 @@
-"""Where a step's time goes, for the benchmarks: phase timers, and a torch.profiler summary that sums the time of the
-GPU's kernels (or, on the CPU, of each operator's own work) by kind of work.
+"""For the benchmarks: where a step's time goes (phase timers, and a torch.profiler summary that sums the time of the
+GPU's kernels, or on the CPU of each operator's own work, by kind of work), and the commit a figure was measured at.
 
 On CUDA the phase timers are events recorded in the stream, so a phase's time is what the GPU spent between its
 marks, idle gaps included (a phase the host cannot launch fast enough shows up as its own gap). The kernel summary
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -35,6 +37,19 @@ CATEGORIES: list[tuple[str, re.Pattern]] = [(kind, re.compile(pattern)) for kind
         "add|sub|rsub|mul|div|gelu|silu|sigmoid|tanh|exp|pow|sqrt|rsqrt|neg|where|clamp|cos|sin|lerp|threshold")),
 ]]
 OTHER = "other"
+REPOSITORY = Path(__file__).resolve().parent
+
+
+def git_commit() -> str:
+    """The repository's commit, with " (uncommitted changes)" when its tree differs from it; "unknown" without git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPOSITORY, capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        return commit + (" (uncommitted changes)" if git("status", "--porcelain").strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def category(name: str) -> str:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 import cli  # noqa: E402
 from integrity import atomic_write, worker_init  # noqa: E402
 from preprocessing import encode  # noqa: E402
+from profiling import git_commit  # noqa: E402
 
 # Random-weight stand-ins (timing only): the tests' 2-level VAE (downsampling 2, so its mid-block attention
 # runs over (R/2)^2 tokens), a tiny 4-level one (downsampling 8 like SD-VAE), and SD-VAE's kl-f8 architecture.
@@ -45,13 +46,6 @@ def machine() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        commit += " (uncommitted changes)" if dirty.strip() else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "uncommitted"
     import diffusers
 
     return {
@@ -63,7 +57,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "numpy": np.__version__,
-        "git_commit": commit,
+        "git_commit": git_commit(),
     }
 
 

@@ -24,7 +24,6 @@ import copy
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli  # noqa: E402
 from integrity import atomic_write  # noqa: E402
+from profiling import git_commit  # noqa: E402
 
 VARIANTS = ("fp32", "autocast", "bf16-weights", "compile", "compile-cudagraphs")
 DEFAULT_VARIANTS = ("autocast", "bf16-weights", "compile", "compile-cudagraphs")
@@ -328,11 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python", "scripts/benchmark_sample.py", *(sys.argv[1:] if argv is None else argv)])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     variants = args.variants or ((() if device.type == "cuda" else ("fp32",)) + DEFAULT_VARIANTS)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     base = build_model(args)
     b, s = args.batch_size, args.latent_size
     gen = torch.Generator().manual_seed(args.seed + 1)

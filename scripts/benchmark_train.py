@@ -42,7 +42,6 @@ import json
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,7 +59,7 @@ from integrity import atomic_write  # noqa: E402
 from loss import LossConfig, training_loss  # noqa: E402
 from models import MODEL_NAMES, model_config, model_family  # noqa: E402
 from models.encoders import FrozenEncoder  # noqa: E402
-from profiling import PhaseTimer, profile_steps  # noqa: E402
+from profiling import PhaseTimer, git_commit, profile_steps  # noqa: E402
 from training.loop import update_ema  # noqa: E402
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
@@ -387,12 +386,8 @@ def main(argv=None) -> int:
     args.compile = resolve_compile(args.compile, device)  # the JSON records the value used
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
     base_report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                   or "cpu", "torch": torch.__version__, "commit": commit, "precision": args.precision,
+                   or "cpu", "torch": torch.__version__, "commit": git_commit(), "precision": args.precision,
                    "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None,
                    "command": " ".join(["python", "scripts/benchmark_train.py",
                                         *(sys.argv[1:] if argv is None else argv)]),

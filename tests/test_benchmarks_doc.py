@@ -52,7 +52,8 @@ def test_every_kind_renders_with_its_command(tmp_path):
     assert f"`{train_command}`" in text and "`python scripts/benchmark_sample.py --model SiT-S/2" in text
     train_row = next(line for line in text.splitlines() if "train_tiny.json" in line)
     train = json.loads((results / "train_tiny.json").read_text())
-    assert f"| {train['commit'][:7]} |" in train_row or "| unknown |" in train_row
+    # the commit's first 7 digits and any remark after its 40 (profiling.git_commit), or "unknown" whole
+    assert f"| {train['commit'][:7]}{train['commit'][40:]} |" in train_row
     # VAE-REPA's row shows its FLOP overhead over the vanilla row of the same run, as a percentage
     vanilla, vae_repa = (r["train_gflops_per_image"] for r in train["results"])
     vae_repa_row = [line for line in text.splitlines() if "train_tiny.json" in line][1]

@@ -1,6 +1,7 @@
 """profiling.py: the phase timers against known durations, the kinds of kernels and operators, and a CPU profile's
 sums; on CUDA, a profile of known work."""
 
+import subprocess
 import time
 
 import pytest
@@ -117,3 +118,21 @@ def test_cuda_profile_of_known_work(record_property):
         step()
         timer.mark("step")
     assert timer.medians_ms()["step"] >= s["by_kind_ms"]["matmul"] * 0.9
+
+
+def test_git_commit_names_the_commit_and_an_uncommitted_tree(tmp_path, monkeypatch):
+    """The commit git itself reports, with the remark once a tracked file differs from it; "unknown" outside git."""
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    monkeypatch.setattr(profiling, "REPOSITORY", tmp_path)
+    assert profiling.git_commit() == "unknown"
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a")
+    git("add", "f.txt")
+    git("commit", "-q", "-m", "first")
+    sha = git("rev-parse", "HEAD")
+    assert len(sha) == 40 and profiling.git_commit() == sha
+    (tmp_path / "f.txt").write_text("b")
+    assert profiling.git_commit() == sha + " (uncommitted changes)"
