@@ -16,17 +16,20 @@ import pickle
 import random
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from cli import TRUST_FLAG, TRUST_HELP  # noqa: F401  (defined without torch, for the command lines)
-from common import CHECKPOINT_FORMAT, atomic_save
-from integrity import checksum_path, verify_file
+from integrity import atomic_write, checksum_path, verify_file
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "vae-repa/1"
+STEP_FILE = re.compile(r"^\d{7,}\.pt$")  # checkpoints/NNNNNNN.pt
 
 
 _reconstruct = np.zeros(0).__reduce__()[0]  # numpy's ndarray rebuilder (numpy._core in numpy 2, numpy.core before)
@@ -211,3 +214,40 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike,
+                write: Callable[[Any, BinaryIO], object] = torch.save, checksum: bool = False) -> None:
+    """`write(obj, file)` (torch.save by default) through integrity.atomic_write: a temporary file in the same
+    folder, fsync, rename; a crash never leaves half a file. `checksum`: also "<path>.sha256", checked on write."""
+    with atomic_write(path, checksum=checksum) as f:
+        write(obj, f)
+
+
+def list_checkpoints(folder: str | os.PathLike) -> dict[int, Path]:
+    """{step: path} of the step checkpoints (`NNNNNNN.pt`) in a folder; other files are ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {int(f.stem): f for f in folder.iterdir() if STEP_FILE.match(f.name)}
+
+
+def sampling_weights(checkpoint: dict, use_ema: bool = True) -> tuple[dict, dict | None]:
+    """(state dict, run args or None) to sample from, for our checkpoints and REPA's.
+
+    Ours: {"format", "ema", "model", "args", ...}. REPA's training checkpoints: {"model", "ema", "opt",
+    "args" (argparse.Namespace), "steps"}; REPA's released weights may also be a bare state dict.
+    """
+    if "format" in checkpoint or "ema" in checkpoint or "model" in checkpoint:
+        state = checkpoint.get("ema" if use_ema else "model")
+        if state is None:
+            raise ValueError(f"the checkpoint holds no {'ema' if use_ema else 'model'} weights")
+        args = checkpoint.get("args")
+        if isinstance(args, argparse.Namespace):
+            args = vars(args)
+        if args is not None and not isinstance(args, dict):
+            raise ValueError(f"its args are a {type(args).__name__}, expected a dict or an argparse.Namespace")
+        return state, args
+    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint, None
+    raise ValueError("unrecognised checkpoint: expected our format or REPA's ({'ema': ...} or a state dict)")

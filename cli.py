@@ -34,6 +34,11 @@ TRUST_HELP = ("also open a checkpoint that holds Python objects other than tenso
               "only for a file whose origin you trust")
 
 
+class UsageError(ValueError):
+    """A problem with the command line or the files it names: every entry point prints it as one line (no
+    traceback) and exits with status 2."""
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The one help style: the description keeps its line breaks, and every option ends with its default.
 

@@ -22,9 +22,7 @@ import re
 import sys
 import time
 import zipfile
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -167,23 +165,17 @@ from PIL import Image
 from tqdm import tqdm
 
 import samplers
-from checkpoints import load_checkpoint
-from common import (
-    UsageError,
-    decode_latents,
-    gpu_launch_problem,
-    list_checkpoints,
-    load_vae,
-    model_from_args,
-    resolve_compile,
-    sampling_weights,
-    to_uint8,
-)
+from alignment import model_from_args
+from checkpoints import list_checkpoints, load_checkpoint, sampling_weights
+from cli import UsageError
+from devices import barrier, init_processes, on_rank0, resolve_compile
 from evaluations.data import NpzImageWriter
 from integrity import atomic_write, remove_stale_temps
+from latent_codecs.autoencoder import decode_latents, load_vae
 from models import model_family
 from models.heads import strip_wrapper_prefixes
 from models.sit import SiT
+from sampling.images import to_uint8
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoint -> model
@@ -501,55 +493,6 @@ def prepare_folder(folder: Path, npz_path: Path, num: int, config: dict, sources
     return [i for i in range(num) if i not in existing]
 
 
-# ----------------------------------------------------------------------------------------------
-# Processes
-
-
-def _dist_setup(device_flag: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun / accelerate's environment; a process group when world > 1."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    problem = gpu_launch_problem(device_flag)  # before the process group: every rank stops, none hangs
-    if problem is not None:
-        raise UsageError(problem)
-    device = torch.device(device_flag or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(hours=1))
-    return rank, world, device
-
-
-def _on_rank0(fn: Callable[[], Any], rank: int, world: int, then_others: bool = False) -> Any:
-    """Run `fn` on rank 0 and share its result with every rank; with `then_others`, the other ranks run `fn`
-    themselves once rank 0 has succeeded (e.g. to load what rank 0 downloaded). If rank 0 fails, all ranks raise."""
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except (OSError, ValueError) as e:
-            error = e
-    if world > 1:
-        box = [(None if then_others else result, None if error is None else str(error))]
-        dist.broadcast_object_list(box, src=0)
-        shared, message = box[0]
-        if rank != 0:
-            if message is not None:
-                raise UsageError(f"rank 0 failed: {message}")
-            result = fn() if then_others else shared
-    if error is not None:
-        raise error
-    return result
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 @torch.inference_mode()
 def sample_batch(model: SiT, vae: torch.nn.Module, indices: list[int], args: argparse.Namespace, info: dict,
                  device: torch.device, precision: str) -> np.ndarray:
@@ -574,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world = 0, 1
     try:
-        rank, world, device = _dist_setup(args.device)
+        rank, world, device = init_processes(args.device)
         return _generate(args, rank, world, device)
     except (UsageError, OSError) as e:
         prefix = f"[rank {rank}] " if world > 1 else ""
@@ -600,7 +543,7 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     model, info = load_model(args, ckpt)
     for note in info["notes"]:
         log(f"note: {note}")
-    vae = _on_rank0(lambda: load_vae(info["vae"]), rank, world, then_others=True)  # rank 0 downloads it once
+    vae = on_rank0(lambda: load_vae(info["vae"]), rank, world, then_others=True)  # rank 0 downloads it once
     image_size = info["arch"]["latent_shape"][1] * 2 ** (len(vae.config.block_out_channels) - 1)
     if vae.config.latent_channels != info["arch"]["latent_shape"][0]:
         raise UsageError(f"--vae {info['vae']}: {vae.config.latent_channels} latent channels, the model "
@@ -612,9 +555,9 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     name = folder_name(args, ckpt, info, image_size, precision)
     folder = Path(args.sample_dir) / name
     npz_path = Path(args.sample_dir) / f"{name}.npz"
-    config = _on_rank0(lambda: sampling_config(args, info, model, vae, precision), rank, world)
+    config = on_rank0(lambda: sampling_config(args, info, model, vae, precision), rank, world)
     sources = {"ckpt": str(ckpt.resolve()), "vae": info["vae"]}
-    pending = _on_rank0(lambda: prepare_folder(folder, npz_path, args.num_fid_samples, config, sources), rank, world)
+    pending = on_rank0(lambda: prepare_folder(folder, npz_path, args.num_fid_samples, config, sources), rank, world)
     mine = pending[rank::world]  # every world-th missing index: the images do not depend on the split
     compile_model = resolve_compile(args.compile, device)
     net = samplers.sampling_model(model.to(device), precision, compile_model)  # after the weights' digest
@@ -641,7 +584,7 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
             future.result()
     bar.close()
     elapsed = time.time() - start
-    _barrier(world)
+    barrier(world)
 
     def finish() -> tuple[int, ...]:
         missing = [i for i in range(args.num_fid_samples) if not (folder / f"{i:06d}.png").is_file()]
@@ -651,13 +594,13 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
             return (args.num_fid_samples, image_size, image_size, 3)
         return write_npz(folder, args.num_fid_samples, npz_path)
 
-    shape = _on_rank0(finish, rank, world)
+    shape = on_rank0(finish, rank, world)
     rate = len(pending) / elapsed if elapsed > 0 else 0.0
     log(f"Done: {len(pending)} new images in {elapsed:.1f}s ({rate:.2f} img/s on {world} process(es)); "
         f"{args.num_fid_samples} PNGs in {folder}; {npz_path} holds arr_0 {tuple(shape)} uint8")
     # Leave together: a rank that tears its process group down while another is still in the last broadcast can
     # abort it (seen with gloo: "terminate called without an active exception").
-    _barrier(world)
+    barrier(world)
     return 0
 
 

@@ -26,7 +26,7 @@ def __getattr__(name: str):
         from training.loop import train
         return train
     if name == "UsageError":
-        from common import UsageError
+        from cli import UsageError
         return UsageError
     raise AttributeError(f"module 'train' has no attribute {name!r}")
 
@@ -186,7 +186,7 @@ def check_ranges(args: argparse.Namespace, error) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from common import UsageError  # torch is imported from here on
+    from cli import UsageError  # torch is imported from here on
     from training import guard
     from training.loop import train
 

@@ -19,6 +19,8 @@ from cli import ALIGN_OBJECTIVES, SRA_DEFAULT_BLOCKS, VAE_REPA_TARGETS
 from models.registry import model_config, model_size  # torch-free
 
 if TYPE_CHECKING:
+    import torch
+
     from alignment.base import AlignmentMethod, StepInputs
     from models.heads import HeadSpec
 
@@ -42,7 +44,7 @@ DEFAULTS = {
 EMPTY_MEANS_DEFAULT = ("enc_type", "encoder_depth", "vae_repa_depth", "sra_student_depth", "sra_teacher_depth")
 
 __all__ = ["AlignmentMethod", "StepInputs", "METHOD_NAMES", "DEFAULTS", "add_arguments", "resolve_args",
-           "method_defaults", "build_methods", "head_specs", "upgrade_run_args"]
+           "method_defaults", "build_methods", "head_specs", "upgrade_run_args", "ARCH_KEYS", "model_from_args"]
 
 
 def __getattr__(name: str):  # `alignment.AlignmentMethod` etc., imported on first use
@@ -227,3 +229,35 @@ def build_methods(run_args: dict) -> list[AlignmentMethod]:
 def head_specs(methods: list[AlignmentMethod], hidden_size: int, patch_size: int, channels: int,
                depth: int) -> list[HeadSpec]:
     return [spec for m in methods for spec in m.head_specs(hidden_size, patch_size, channels, depth)]
+
+
+# Run arguments that determine the architecture (backbone and alignment heads); saved in every checkpoint.
+ARCH_KEYS = ("model", "depth", "hidden_size", "num_heads", "qk_norm", "num_classes", "latent_shape", "align",
+             "vae_repa_depth", "vae_repa_head_layers", "vae_repa_head_width", "enc_type", "encoder_depth",
+             "sra_student_depth", "sra_teacher_depth")
+
+
+def model_from_args(args: dict, with_heads: bool = True) -> torch.nn.Module:
+    """Build the backbone (SiT or LightningDiT) a run describes (keys of ARCH_KEYS), with the heads of its
+    alignment methods; `with_heads=False` builds the backbone only."""
+    from models import build_model
+
+    channels, size, _ = args["latent_shape"]
+    config = model_config(args["model"])
+    config.update({k: args[k] for k in ("depth", "hidden_size") if args.get(k) is not None})
+    heads = []
+    if with_heads:
+        heads = head_specs(build_methods(args), config["hidden_size"], config["patch_size"], channels,
+                           config["depth"])
+    return build_model(
+        args["model"],
+        input_size=size,
+        in_channels=channels,
+        num_classes=args["num_classes"],
+        depth=args.get("depth"),
+        hidden_size=args.get("hidden_size"),
+        num_heads=args.get("num_heads"),
+        qk_norm=args.get("qk_norm", False),
+        vae_head_layers=0,
+        heads=heads,
+    )

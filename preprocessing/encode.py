@@ -687,7 +687,7 @@ def finalize(dest: Path, base: dict, num_shards: int, world_size: int) -> dict:
 def _launch_problem(device: str | None) -> str | None:
     """common.gpu_launch_problem (the repository root is on sys.path when run as a file or with -m)."""
     _repository_on_path()
-    from common import gpu_launch_problem
+    from devices import gpu_launch_problem
 
     return gpu_launch_problem(device)
 

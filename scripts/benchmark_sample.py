@@ -105,7 +105,7 @@ class CountingModel:
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """The backbone with random weights on the CPU in fp32: every Linear weight and bias from N(0, 0.02^2)."""
-    from common import model_from_args
+    from alignment import model_from_args
 
     torch.manual_seed(args.seed)
     model = model_from_args({"model": args.model, "depth": args.depth, "hidden_size": args.hidden_size,
@@ -247,7 +247,7 @@ def time_decode(latents: torch.Tensor, args, device) -> dict:
         from diffusers.models import AutoencoderKL
     except ImportError as e:
         return {"status": "skipped", "note": f"diffusers is not installed ({e})"}
-    from common import decode_latents
+    from latent_codecs.autoencoder import decode_latents
 
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(**SD_VAE_CONFIG).to(device).eval()

@@ -53,8 +53,11 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli  # noqa: E402
-from alignment import build_methods  # noqa: E402
-from common import model_from_args, resolve_compile  # noqa: E402
+from alignment import (
+    build_methods,  # noqa: E402
+    model_from_args,
+)
+from devices import resolve_compile  # noqa: E402
 from integrity import atomic_write  # noqa: E402
 from loss import LossConfig, training_loss  # noqa: E402
 from models import MODEL_NAMES, model_config, model_family  # noqa: E402

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import list_checkpoints  # noqa: E402
+from checkpoints import list_checkpoints  # noqa: E402
 
 # VAE-REPA paper, Table 2: FID-50K on ImageNet 256x256, batch 256, no CFG; (model, method) -> {iterations: FID}.
 PAPER_TABLE2 = {

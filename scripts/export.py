@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     parse_args()  # --help and usage errors answer here, before torch is imported
 
-from checkpoints import load_checkpoint, write_safetensors  # noqa: E402
-from common import CHECKPOINT_FORMAT, UsageError, atomic_save, list_checkpoints  # noqa: E402
+from checkpoints import CHECKPOINT_FORMAT, atomic_save, list_checkpoints, load_checkpoint, write_safetensors  # noqa: E402
+from cli import UsageError  # noqa: E402
 from models.registry import model_config  # noqa: E402
 
 

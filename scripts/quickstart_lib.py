@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # so that `preprocessing` imports when this file runs as a script
     sys.path.insert(0, str(REPO))
 
-import common  # noqa: E402
 from preprocessing.encode import list_images, load_image  # noqa: E402  (same file list and pixels as encode)
+from sampling.images import to_uint8 as pixels_uint8  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Images
@@ -83,7 +83,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded as generate.py does by default (REPA's)."""
-    return common.to_uint8(x).cpu().numpy()
+    return pixels_uint8(x).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------

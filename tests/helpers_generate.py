@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from common import CHECKPOINT_FORMAT, atomic_save, model_from_args
+from alignment import model_from_args
+from checkpoints import CHECKPOINT_FORMAT, atomic_save
 
 LATENT = [4, 8, 8]  # the tiny VAE upsamples by 2: 16 x 16 images
 TINY_ARGS = dict(model="SiT-S/2", depth=2, hidden_size=32, num_heads=4, qk_norm=False, encoder_depth=1,

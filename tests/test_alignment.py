@@ -13,12 +13,11 @@ from helpers_data import write_latent_dataset, write_repa_layout
 
 import alignment
 import train
-from alignment import build_methods, head_specs
+from alignment import build_methods, head_specs, model_from_args
 from alignment.base import StepInputs
 from alignment.repa import Repa, repa_projection_loss
 from alignment.sra import Sra, teacher_times
 from alignment.vae_repa import VaeRepa
-from common import model_from_args
 from dataset import LatentDataset
 from loss import LossConfig, training_loss
 from models import build_model

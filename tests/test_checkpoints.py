@@ -269,7 +269,8 @@ def test_repa_export_is_repa_s_layout_and_samples_the_same_images(assets, tmp_pa
 def test_a_vae_folder_with_crafted_pickled_weights_runs_nothing(assets, tmp_path):
     from diffusers.models import AutoencoderKL
 
-    from common import UsageError, load_vae
+    from cli import UsageError
+    from latent_codecs.autoencoder import load_vae
 
     folder = tmp_path / "vae"
     AutoencoderKL.from_pretrained(assets["vae"]).save_pretrained(folder, safe_serialization=False)

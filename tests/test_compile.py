@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 
-from alignment import build_methods
-from common import model_from_args
+from alignment import build_methods, model_from_args
 from loss import LossConfig, training_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")

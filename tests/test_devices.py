@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import common
+import devices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def fake_gpus(monkeypatch, count: int) -> None:
 ])
 def test_launch_problem(monkeypatch, gpus, env, device, problem):
     fake_gpus(monkeypatch, gpus)
-    found = common.gpu_launch_problem(device, env)
+    found = devices.gpu_launch_problem(device, env)
     if problem is None:
         assert found is None
     else:
@@ -57,7 +57,7 @@ def test_launch_problem(monkeypatch, gpus, env, device, problem):
 
 def test_the_message_names_the_fix(monkeypatch):
     fake_gpus(monkeypatch, 2)
-    message = common.gpu_launch_problem(None, {"LOCAL_WORLD_SIZE": "3", "CUDA_VISIBLE_DEVICES": "0,1"})
+    message = devices.gpu_launch_problem(None, {"LOCAL_WORLD_SIZE": "3", "CUDA_VISIBLE_DEVICES": "0,1"})
     assert "--nproc_per_node 2" in message and "--device cpu" in message and "'0,1'" in message
 
 

@@ -19,8 +19,7 @@ from helpers_data import make_image_folder, write_latent_dataset
 
 import integrity
 import train
-from checkpoints import DamagedCheckpointError, load_checkpoint
-from common import atomic_save
+from checkpoints import DamagedCheckpointError, atomic_save, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--vae-repa-depth", "1",

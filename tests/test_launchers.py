@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from common import model_from_args
+from alignment import model_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 STUB = """#!/usr/bin/env python3

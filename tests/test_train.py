@@ -14,7 +14,8 @@ import torch
 from helpers_data import make_tiny_vae, write_latent_dataset
 
 import train
-from common import model_from_args, resolve_compile
+from alignment import model_from_args
+from devices import resolve_compile
 from training import loop
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -80,10 +80,10 @@ def test_statistics_are_the_moments_of_the_posterior_samples(assets):
 def test_decoding_inverts_the_datasets_normalisation(assets):
     """An image's posterior mean, normalised as the dataset does and decoded as generate.py does, decodes as the
     raw posterior mean: the two sides use the same statistics, inverted."""
-    from common import decode_latents, load_vae
+    from latent_codecs.autoencoder import decode_latents, load_vae
 
     m = json.loads((assets["data"] / "manifest.json").read_text())
-    vae = load_vae(m["vae"])  # the manifest's tokenizer: the .pt file, through common.load_vae as generate.py does
+    vae = load_vae(m["vae"])  # the manifest's tokenizer: the .pt file, through the loader generate.py uses
     image = torch.rand(1, 3, RES, RES) * 2 - 1
     with torch.no_grad():
         z = vae.encode(image).latent_dist.mean
@@ -195,7 +195,7 @@ def test_full_size_vavae_encodes_and_decodes_through_the_clis(tmp_path):
     the tokenizer the checkpoint's data recorded. About 20 s on 2 CPU cores."""
     from helpers_generate import random_state
 
-    from common import CHECKPOINT_FORMAT, atomic_save
+    from checkpoints import CHECKPOINT_FORMAT, atomic_save
 
     torch.manual_seed(0)
     vae = build_vavae()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import samplers
-from common import UsageError
+from cli import UsageError
 from training.eval_flags import add_arguments, check_arguments  # noqa: F401  (train.py's flags, torch-free)
 
 logger = logging.getLogger("train")
@@ -75,8 +75,8 @@ class Evaluator:
     """Loads the VAE and the Inception network once; `run` evaluates the EMA model at one step on every rank."""
 
     def __init__(self, args: argparse.Namespace, run_args: dict, run_dir: Path, accelerator):
-        from common import load_vae
         from evaluations.inception import InceptionFeatures
+        from latent_codecs.autoencoder import load_vae
 
         self.args, self.run_args, self.run_dir, self.accelerator = args, run_args, Path(run_dir), accelerator
         self.device = accelerator.device

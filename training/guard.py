@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from common import ARCH_KEYS, UsageError, list_checkpoints
+from alignment import ARCH_KEYS
+from checkpoints import list_checkpoints
+from cli import UsageError
 from integrity import CHECKSUM_SUFFIX, ShardVerifier, atomic_write, checksum_path, remove_stale_temps, verify_file
 
 logger = logging.getLogger("train")

@@ -17,17 +17,11 @@ import numpy as np
 import torch
 
 import alignment
-from checkpoints import rng_state
-from common import (
-    CHECKPOINT_FORMAT,
-    UsageError,
-    atomic_save,
-    decode_latents,
-    list_checkpoints,
-    load_vae,
-    resolve_compile,
-)
+from checkpoints import CHECKPOINT_FORMAT, atomic_save, list_checkpoints, rng_state
+from cli import UsageError
+from devices import resolve_compile
 from integrity import atomic_write, worker_init
+from latent_codecs.autoencoder import decode_latents, load_vae
 from loss import LossConfig, training_loss
 from training import guard
 from training.evaluation import make_evaluator

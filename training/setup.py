@@ -19,16 +19,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import alignment
-from checkpoints import DamagedCheckpointError, load_checkpoint, set_rng_state
-from common import (
-    ARCH_KEYS,
-    CHECKPOINT_FORMAT,
-    UsageError,
-    enable_deterministic_mode,
-    gpu_launch_problem,
-    list_checkpoints,
-    model_from_args,
-)
+from alignment import ARCH_KEYS, model_from_args
+from checkpoints import CHECKPOINT_FORMAT, DamagedCheckpointError, list_checkpoints, load_checkpoint, set_rng_state
+from cli import UsageError
+from devices import enable_deterministic_mode, gpu_launch_problem
 from integrity import write_text
 from training import guard
 
