@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from evaluations import evaluator  # torch is imported from here on
+    from evaluations import scoring  # torch is imported from here on
     from evaluations.data import EvaluationError
 
     for path, name in ((args.ref, REF_FILE), (args.sample, SAMPLE_FILE)):
@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     started = time.time()
     try:
-        stored = evaluator.read_reference_stats(args.ref)
+        stored = scoring.read_reference_stats(args.ref)
         if stored is None:
             raise EvaluationError(f"{args.ref} holds no mu/sigma/mu_s/sigma_s: not ADM's reference batch")
-        result = evaluator.evaluate(
+        result = scoring.evaluate(
             args.ref,
             args.sample,
             inception_weights=args.inception_weights,

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cli import UsageError
 from integrity import atomic_write, worker_init
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _NPY_MEMBER = "arr_0.npy"
 
 
-class EvaluationError(Exception):
+class EvaluationError(UsageError):
     """A problem with the user's inputs (missing file, malformed array, missing weights): reported, not a bug."""
 
 

@@ -186,9 +186,9 @@ def time_forwards(net, autocast: bool, inputs: dict, args, device) -> tuple[dict
 
 
 def run_sampler(net, autocast: bool, args, device) -> tuple[float, torch.Tensor, dict]:
-    """One sampler run on samples 0..batch-1 as generate.py's sample_batch draws them: (seconds, latents, forwards)."""
+    """One sampler run on samples 0..batch-1 drawn as sampling.batch draws them: (seconds, latents, forwards)."""
     import samplers
-    from generate import NOISE_STREAM, sample_generator, sample_labels
+    from sampling.seeds import NOISE_STREAM, sample_generator, sample_labels
 
     indices = list(range(args.batch_size))
     generators = [sample_generator(args.seed, i, NOISE_STREAM) for i in indices]

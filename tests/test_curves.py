@@ -14,7 +14,7 @@ from helpers_generate import make_checkpoint
 from PIL import Image
 
 import generate
-from evaluations import evaluator
+from evaluations import evaluator, scoring
 from evaluations.inception import write_random_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_curves_evaluates_each_checkpoint_once_and_tabulates_what_the_tools_meas
         (folder,) = [p for p in (work / f"{step:07d}").iterdir() if p.is_dir()]
         assert json.loads((folder / "config.json").read_text())["sources"]["ckpt"].endswith(f"{step:07d}.pt")
         images = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in range(6)])
-        expected = evaluator.evaluate(ref, images, inception_weights=weights, device="cpu", verbose=False)
+        expected = scoring.evaluate(ref, images, inception_weights=weights, device="cpu", verbose=False)
         for key in ("fid", "sfid", "inception_score", "precision", "recall"):
             assert float(row[key]) == pytest.approx(expected[key], rel=1e-9), (step, key)
         assert int(row["images_seen"]) == 4 * step

@@ -15,7 +15,7 @@ from helpers_data import make_tiny_vae, write_latent_dataset
 
 import generate
 import train
-from evaluations import evaluator
+from evaluations import evaluator, scoring
 from evaluations.inception import write_random_weights
 from training import evaluation
 
@@ -144,7 +144,7 @@ def test_two_gloo_processes_evaluate_together_as_one_generate_run(tmp_path, asse
     assert generate.main(["--ckpt", str(tmp_path / "runs/ddp/checkpoints/0000002.pt"), "--sample-dir",
                           str(tmp_path / "s"), "--device", "cpu", *row["protocol"]["generate_flags"]]) == 0
     (npz,) = (tmp_path / "s").glob("*.npz")
-    offline = evaluator.evaluate(assets["ref"], npz, inception_weights=assets["weights"], device="cpu", verbose=False)
+    offline = scoring.evaluate(assets["ref"], npz, inception_weights=assets["weights"], device="cpu", verbose=False)
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         # Inception sees other batches on two ranks: equal up to float32 rounding
         assert row[key] == pytest.approx(offline[key], rel=1e-4, abs=1e-6), key

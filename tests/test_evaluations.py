@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-from evaluations import check_adm_regression, evaluator
+from evaluations import check_adm_regression, evaluator, scoring
 from evaluations import metrics as evaluator_metrics
 from evaluations.data import EvaluationError, NpzImages, open_images
 from evaluations.inception import InceptionFeatures, extract_features, write_random_weights
@@ -328,9 +328,9 @@ def test_reference_images_give_statistics_and_save_ref_writes_adm_format(weights
     # scipy's sqrtm of 2048x2048 matrices takes many seconds on a small CPU: record what FID is given instead
     # (frechet_distance itself is tested above, and end to end below).
     calls = []
-    monkeypatch.setattr(evaluator, "frechet_distance", lambda s1, s2: calls.append((s1, s2)) or float(len(calls)))
+    monkeypatch.setattr(scoring, "frechet_distance", lambda s1, s2: calls.append((s1, s2)) or float(len(calls)))
     np.savez(tmp_path / "ref_images.npz", arr_0=REF_IMAGES)
-    result = evaluator.evaluate(tmp_path / "ref_images.npz", SAMPLE_IMAGES, inception_weights=weights, device="cpu",
+    result = scoring.evaluate(tmp_path / "ref_images.npz", SAMPLE_IMAGES, inception_weights=weights, device="cpu",
                                 batch_size=4, ref_pr_images=4, save_ref=tmp_path / "ref_adm.npz", verbose=False)
     (fid_sample, fid_ref), (sfid_sample, sfid_ref) = calls
     for stats, feats in [(fid_sample, sample_feats.pool), (sfid_sample, sample_feats.spatial),
@@ -347,7 +347,7 @@ def test_reference_images_give_statistics_and_save_ref_writes_adm_format(weights
         np.testing.assert_array_equal(saved["arr_0"], REF_IMAGES[keep])
         for key, value in zip(["mu", "sigma", "mu_s", "sigma_s"], [*fid_ref, *sfid_ref]):
             np.testing.assert_array_equal(saved[key], value)
-    pool_stats, spatial_stats = evaluator.read_reference_stats(tmp_path / "ref_adm.npz")
+    pool_stats, spatial_stats = scoring.read_reference_stats(tmp_path / "ref_adm.npz")
     np.testing.assert_array_equal(pool_stats.mu, fid_ref.mu)
     np.testing.assert_array_equal(spatial_stats.sigma, sfid_ref.sigma)
 

@@ -20,6 +20,12 @@ from PIL import Image
 
 import generate
 import samplers
+from latent_codecs.autoencoder import load_vae
+from sampling.batch import sample_batch
+from sampling.checkpoint import load_model
+from sampling.folder import weights_digest
+from sampling.images import to_uint8
+from sampling.seeds import NOISE_STREAM, sample_generator, sample_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 8
@@ -217,13 +223,13 @@ def test_bf16_images_are_those_of_fp32_weights_under_autocast(assets, tmp_path):
     rc, folder, npz = sample(assets["ckpt"], tmp_path, *quick, "--precision", "bf16")
     assert rc == 0
     args = generate.parse_args(["--ckpt", str(assets["ckpt"]), *quick, "--device", "cpu"])
-    model, info = generate.load_model(args, assets["ckpt"])
+    model, info = load_model(args, assets["ckpt"])
     assert all(p.dtype == torch.float32 for p in model.parameters())
     # the folder's identity is the fp32 weights' digest (taken before the cast), so folders begun earlier still match
     config = json.loads((folder / "config.json").read_text())["config"]
-    assert config["model_sha256"] == generate.weights_digest(model)
-    vae = generate.load_vae(info["vae"])
-    old_path = generate.sample_batch(model.eval(), vae, [0, 1, 2, 3], args, info, torch.device("cpu"), "bf16")
+    assert config["model_sha256"] == weights_digest(model)
+    vae = load_vae(info["vae"])
+    old_path = sample_batch(model.eval(), vae, [0, 1, 2, 3], args, info, torch.device("cpu"), "bf16")
     np.testing.assert_array_equal(arr_0(npz), old_path)
 
 
@@ -325,16 +331,16 @@ def test_help_documents_every_flag_without_a_gpu():
 
 
 def test_labels_are_a_function_of_seed_and_index():
-    balanced = generate.sample_labels(list(range(12)), 4, "balanced", 0)
+    balanced = sample_labels(list(range(12)), 4, "balanced", 0)
     assert np.bincount(balanced.numpy(), minlength=4).tolist() == [3, 3, 3, 3]
-    assert generate.sample_labels([9, 2], 4, "balanced", 5).tolist() == [1, 2]
+    assert sample_labels([9, 2], 4, "balanced", 5).tolist() == [1, 2]
 
-    many = generate.sample_labels(list(range(4000)), 4, "random", 0)
+    many = sample_labels(list(range(4000)), 4, "random", 0)
     assert many.min() >= 0 and many.max() < 4
     assert np.all(np.abs(np.bincount(many.numpy(), minlength=4) - 1000) < 150)  # ~5.5 binomial std
-    subset = generate.sample_labels([3999, 17, 5], 4, "random", 0)
+    subset = sample_labels([3999, 17, 5], 4, "random", 0)
     assert subset.tolist() == [many[3999].item(), many[17].item(), many[5].item()]
-    other_seed = generate.sample_labels(list(range(4000)), 4, "random", 1)
+    other_seed = sample_labels(list(range(4000)), 4, "random", 1)
     assert (other_seed != many).float().mean() > 0.5
 
 
@@ -345,25 +351,25 @@ def test_labels_are_a_function_of_seed_and_index():
 def test_pixel_rounding_formulas(rounding, offset, by_hand):
     x = torch.tensor([-1.5, -1.0, -0.999, -0.5, 0.0, 0.3, 0.996, 0.997, 1.0, 2.0])
     images = x.view(1, 1, 1, -1).expand(1, 3, 2, -1).contiguous()
-    ours = generate.to_uint8(images, rounding).numpy()
+    ours = to_uint8(images, rounding).numpy()
     assert ours.shape == (1, 2, 10, 3)
     assert ours[0, 0, :, 0].tolist() == by_hand
     expected = np.floor(np.clip(x.numpy().astype(np.float64) * 127.5 + offset, 0, 255)).astype(np.uint8)
     np.testing.assert_array_equal(ours[0, 0, :, 0], expected)
     nchw = torch.rand(2, 3, 4, 5) * 2 - 1
     by_formula = np.floor(np.clip(nchw.numpy().astype(np.float64) * 127.5 + offset, 0, 255)).astype(np.uint8)
-    np.testing.assert_array_equal(generate.to_uint8(nchw, rounding).numpy(), by_formula.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(to_uint8(nchw, rounding).numpy(), by_formula.transpose(0, 2, 3, 1))
 
 
 def test_repa_rounding_is_repa_s_float32_expression_and_the_default():
     x = torch.linspace(-1.01, 1.01, 100_003).view(1, 1, 1, -1).expand(1, 3, 1, -1)
     repa = torch.clamp(255.0 * ((x + 1) / 2.0), 0, 255).permute(0, 2, 3, 1).to(torch.uint8)  # REPA's expression
-    assert torch.equal(generate.to_uint8(x), repa)
-    dit = generate.to_uint8(x, "dit").int()
+    assert torch.equal(to_uint8(x), repa)
+    dit = to_uint8(x, "dit").int()
     assert 0.45 < (dit - repa.int()).float().mean() < 0.55  # about half the pixels one level brighter
     assert ((dit - repa.int()) >= 0).all() and ((dit - repa.int()) <= 1).all()
     with pytest.raises(ValueError, match="pixel rounding"):
-        generate.to_uint8(x, "round")
+        to_uint8(x, "round")
 
 
 def test_sde_noise_of_a_sample_does_not_depend_on_its_batch():
@@ -374,7 +380,7 @@ def test_sde_noise_of_a_sample_does_not_depend_on_its_batch():
             return torch.zeros_like(x), {}
 
     def run(indices):
-        gens = [generate.sample_generator(0, i, generate.NOISE_STREAM) for i in indices]
+        gens = [sample_generator(0, i, NOISE_STREAM) for i in indices]
         z = torch.zeros(len(indices), 2, 3, 3)
         return samplers.euler_maruyama_sampler(Zero(), z, torch.zeros(len(indices), dtype=torch.long),
                                                num_steps=6, generator=gens)

@@ -248,15 +248,18 @@ def test_generate_fast_bf16_path_on_cuda(tiny_run, tmp_path, record_property):
     before (sample_batch on a model left in fp32); --compile, generate.py's default on CUDA, stays within bf16's
     rounding of eager."""
     import generate
+    from latent_codecs.autoencoder import load_vae
+    from sampling.batch import sample_batch
+    from sampling.checkpoint import load_model, resolve_checkpoint
 
     flags = ["--precision", "bf16", "--per-proc-batch-size", "8"]
     eager = sample_cuda(tiny_run, tmp_path / "eager", *flags, "--no-compile")
     args = generate.parse_args(["--ckpt", str(tiny_run), "--num-fid-samples", "8", "--num-steps", "4",
                                 "--cfg-scale", "1.5", "--guidance-high", "0.7", *flags])
-    model, info = generate.load_model(args, generate.resolve_checkpoint(args.ckpt))
+    model, info = load_model(args, resolve_checkpoint(args.ckpt))
     device = torch.device("cuda")
-    old = generate.sample_batch(model.to(device).eval(), generate.load_vae(info["vae"]).to(device), list(range(8)),
-                                args, info, device, "bf16")
+    old = sample_batch(model.to(device).eval(), load_vae(info["vae"]).to(device), list(range(8)), args, info, device,
+                       "bf16")
     np.testing.assert_array_equal(eager, old)
     compiled = sample_cuda(tiny_run, tmp_path / "compiled", *flags)  # the default on CUDA
     diff = np.abs(compiled.astype(int) - eager)
@@ -329,7 +332,7 @@ def test_preprocessing_sd_vae_on_cuda_fp32_and_bf16_against_the_cpu(tmp_path, re
 
 
 def test_evaluator_on_cuda_matches_the_cpu(tmp_path, monkeypatch):
-    from evaluations import evaluator
+    from evaluations import scoring
     from evaluations.inception import write_random_weights
 
     weights = write_random_weights(tmp_path / "random_inception.pth")
@@ -339,8 +342,8 @@ def test_evaluator_on_cuda_matches_the_cpu(tmp_path, monkeypatch):
     results = {}
     for device in ("cpu", "cuda"):
         calls = []  # FID itself is SciPy on the CPU whatever the device: record what it is given instead
-        monkeypatch.setattr(evaluator, "frechet_distance", lambda s1, s2, calls=calls: calls.append((s1, s2)) or 0.0)
-        result = evaluator.evaluate(ref, sample, inception_weights=weights, device=device, batch_size=8,
+        monkeypatch.setattr(scoring, "frechet_distance", lambda s1, s2, calls=calls: calls.append((s1, s2)) or 0.0)
+        result = scoring.evaluate(ref, sample, inception_weights=weights, device=device, batch_size=8,
                                     num_workers=0, ref_pr_images=16, verbose=False)
         results[device] = (result, calls)
     (cpu, cpu_stats), (cuda, cuda_stats) = results["cpu"], results["cuda"]

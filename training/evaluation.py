@@ -1,5 +1,6 @@
-"""Metrics during training (train.py --eval-every): the EMA model samples K images as generate.py would, on all ranks
-at once, and ADM's metrics against --eval-ref are logged and appended to <run dir>/metrics.jsonl."""
+"""Metrics during training (train.py --eval-every): the EMA model samples K images through the sampling package, as
+generate.py does, on all ranks at once, and ADM's metrics against --eval-ref are logged and appended to
+<run dir>/metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 import samplers
 from cli import UsageError
+from sampling.batch import SamplingSettings, sample_batch
 from training.eval_flags import add_arguments, check_arguments  # noqa: F401  (train.py's flags, torch-free)
 
 logger = logging.getLogger("train")
@@ -53,12 +55,12 @@ def append_row(run_dir: Path, row: dict) -> bool:
     return True
 
 
-def generate_namespace(args: argparse.Namespace) -> argparse.Namespace:
-    """The settings generate.sample_batch reads, from the --eval-* flags."""
-    return argparse.Namespace(global_seed=args.eval_seed, label_sampling=args.eval_label_sampling,
-                              num_steps=args.eval_num_steps, heun=args.eval_heun, cfg_scale=args.eval_cfg_scale,
-                              guidance_low=args.eval_guidance_low, guidance_high=args.eval_guidance_high,
-                              mode=args.eval_mode, pixel_rounding=args.eval_pixel_rounding)
+def sampling_settings(args: argparse.Namespace) -> SamplingSettings:
+    """The sampling settings of the --eval-* flags (generate.py's defaults for the others, e.g. no time shift)."""
+    return SamplingSettings(global_seed=args.eval_seed, label_sampling=args.eval_label_sampling,
+                            num_steps=args.eval_num_steps, heun=args.eval_heun, cfg_scale=args.eval_cfg_scale,
+                            guidance_low=args.eval_guidance_low, guidance_high=args.eval_guidance_high,
+                            mode=args.eval_mode, pixel_rounding=args.eval_pixel_rounding)
 
 
 def generate_flags(args: argparse.Namespace) -> list[str]:
@@ -100,17 +102,16 @@ class Evaluator:
 
     def _features(self, ema: torch.nn.Module):
         """This rank's sample indices and their Inception features, sampled exactly as generate.py samples them."""
+        from evaluations import DEFAULT_BATCH_SIZE
         from evaluations.data import ArrayImages
-        from evaluations.evaluator import DEFAULT_BATCH_SIZE
         from evaluations.inception import extract_features
-        from generate import sample_batch
 
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         indices = list(range(rank, self.args.eval_samples, world))  # generate.py's split of the indices
-        gen_args = generate_namespace(self.args)
+        settings = sampling_settings(self.args)
         if self.precision.startswith("bf16"):  # a bf16 copy: the same samples, less work (samplers.sampling_model)
             ema = samplers.sampling_model(copy.deepcopy(ema), self.precision)
-        images = [sample_batch(ema, self.vae, indices[b:b + self.args.eval_batch_size], gen_args, self.info,
+        images = [sample_batch(ema, self.vae, indices[b:b + self.args.eval_batch_size], settings, self.info,
                                self.device, self.precision)
                   for b in range(0, len(indices), self.args.eval_batch_size)]
         images = np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
@@ -135,7 +136,7 @@ class Evaluator:
 
     def run(self, ema: torch.nn.Module, step: int, wall_seconds: float) -> dict | None:
         """Evaluate the EMA model at `step` on all ranks; rank 0 logs and appends the row (returned there)."""
-        from evaluations.evaluator import open_reference, reference_features, score_features
+        from evaluations.scoring import open_reference, reference_features, score_features
 
         accelerator = self.accelerator
         logger.info("step %d: evaluating the EMA model (%d samples, %s %d steps, CFG %g) against %s", step,
