@@ -1,4 +1,5 @@
-"""Training objective: interpolant paths, time sampling, the velocity loss and the VAE-REPA alignment loss.
+"""Training objective: interpolant paths, time sampling, the velocity loss, the VAE-REPA alignment loss, and the
+step inputs (StepInputs) that the alignment methods' terms read.
 
 Time convention: t = 1 is pure noise, t = 0 is data; x_t = alpha_t x + sigma_t eps, target v = d/dt x_t.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,29 @@ class LossConfig:
         return ["total", "denoise"] + (["cos_loss"] if self.cos_coeff > 0 else []) + [m.log_name for m in methods]
 
 
+@dataclass
+class StepInputs:
+    """What one training step knows when the alignment terms are computed.
+
+    x: the clean latents (N, C, H, W) in diffusion space; noise and t: the draws that made x_t; y: the labels
+    after label dropout (what the model saw); heads: the student's head outputs (`SiT.forward`'s dict).
+    The rest is there when some enabled method asked for it (`needs`): `posterior_mean` (same shape as x),
+    `images` (uint8, N x H x W x 3, the ADM center crops the latents came from), `teacher` (the EMA model).
+    """
+
+    x: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor
+    heads: dict
+    path_type: str = "linear"
+    epoch: int = 0
+    posterior_mean: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    teacher: torch.nn.Module | None = None
+    extra: dict = field(default_factory=dict)
+
+
 def training_loss(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -139,8 +163,6 @@ def training_loss(
     1 - cos(v_pred, v) over channels at each position, averaged) and one unweighted term per method under its
     `log_name`.
     """
-    from alignment.base import StepInputs
-
     n = x.shape[0]
     t = sample_time(n, config.weighting, config.path_type, x.device, generator)
     noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)

@@ -2,34 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from loss import StepInputs  # noqa: F401  (what a step hands to a method: loss.training_loss builds it)
 from models.heads import HeadSpec
-
-
-@dataclass
-class StepInputs:
-    """What one training step knows when the alignment terms are computed.
-
-    x: the clean latents (N, C, H, W) in diffusion space; noise and t: the draws that made x_t; y: the labels
-    after label dropout (what the model saw); heads: the student's head outputs (`SiT.forward`'s dict).
-    The rest is there when some enabled method asked for it (`needs`): `posterior_mean` (same shape as x),
-    `images` (uint8, N x H x W x 3, the ADM center crops the latents came from), `teacher` (the EMA model).
-    """
-
-    x: torch.Tensor
-    noise: torch.Tensor
-    t: torch.Tensor
-    y: torch.Tensor
-    heads: dict
-    path_type: str = "linear"
-    epoch: int = 0
-    posterior_mean: torch.Tensor | None = None
-    images: torch.Tensor | None = None
-    teacher: torch.nn.Module | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class AlignmentMethod:

@@ -148,3 +148,15 @@ def test_two_gloo_processes_evaluate_together_as_one_generate_run(tmp_path, asse
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         # Inception sees other batches on two ranks: equal up to float32 rounding
         assert row[key] == pytest.approx(offline[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("mode", [["--eval-mode", "sde"], ["--eval-mode", "ode", "--eval-heun"]])
+def test_evaluation_samples_with_the_settings_of_its_recorded_generate_command(tmp_path, assets, mode):
+    """The evaluation's sampling settings are those generate.py parses from the flags the evaluation records (ODE too:
+    it once lacked the time shift generate.py passes, so --eval-mode ode failed at the first evaluation)."""
+    from sampling.batch import SamplingSettings
+
+    args = train.parse_args(["--data-dir", str(assets["data"]), "--output-dir", str(tmp_path), *TINY, "--eval-every",
+                             "2", *eval_flags(assets), "--eval-cfg-scale", "1.5", "--eval-seed", "7", *mode])
+    recorded = generate.parse_args(["--ckpt", "checkpoint.pt", *evaluation.generate_flags(args)])
+    assert evaluation.sampling_settings(args) == SamplingSettings.from_args(recorded)

@@ -61,8 +61,8 @@ def check_arguments(args: argparse.Namespace, error) -> None:
     if args.eval_ref is None:
         error("--eval-every needs --eval-ref (a reference batch, e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     from evaluations.data import EvaluationError
-    from evaluations.evaluator import open_reference
     from evaluations.inception import resolve_weights
+    from evaluations.scoring import open_reference
 
     ref = Path(args.eval_ref)
     if not ref.exists():
