@@ -469,7 +469,7 @@ def test_adm_regression_check_compares_with_the_published_figure(tmp_path, monke
              mu_s=np.full(2023, 0.1), sigma_s=np.eye(2023))
     np.savez(tmp_path / "samples.npz", arr_0=SAMPLE_IMAGES)
     published = check_adm_regression.ADM_PUBLISHED
-    monkeypatch.setattr(evaluator, "evaluate", lambda *a, **k: {
+    monkeypatch.setattr(scoring, "evaluate", lambda *a, **k: {
         **published, "fid": published["fid"] + fid_error, "device": "cpu"})
     code = check_adm_regression.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz")])
     assert code == (0 if fid_error == 0 else 1)
