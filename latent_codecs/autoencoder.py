@@ -10,30 +10,42 @@ import torch
 from cli import UsageError
 
 
-def load_vae(name: str) -> torch.nn.Module:
-    """diffusers AutoencoderKL from a hub id or a local folder ('ema' / 'mse': REPA's short names), or from an
-    LDM-format weights file such as VA-VAE's vavae-imagenet256-f16d32-dinov2.pt (latent_codecs.load_vavae)."""
+def load_vae(name: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """diffusers AutoencoderKL from a hub id ('owner/name'; 'ema' / 'mse': REPA's short names) or a local folder
+    (save_pretrained format), or from an LDM-format weights file such as VA-VAE's vavae-imagenet256-f16d32-dinov2.pt
+    (latent_codecs.load_vavae); in eval mode, on the CPU, in `dtype` (default: float32). Moving it is the caller's."""
     from diffusers.models import AutoencoderKL  # slow import: keep `--help` fast
 
     if name in ("ema", "mse") and not Path(name).exists():
         name = f"stabilityai/sd-vae-ft-{name}"
     where = "from --vae, the checkpoint or the dataset manifest"
-    if Path(name).expanduser().is_file():
+    local = Path(name).expanduser()
+    if local.is_file():
         from latent_codecs.vavae import load_vavae
 
         try:
-            return load_vavae(Path(name).expanduser())
+            return load_vavae(local, dtype=dtype)
         except (OSError, RuntimeError, KeyError, ValueError) as e:
             raise UsageError(f"VAE {name} ({where}): {e}") from e
-    if name.startswith(("/", ".", "~")):
-        name = str(Path(name).expanduser())
-        if not Path(name).is_dir():
-            raise UsageError(f"VAE {name} ({where}): no such folder")
+    if not local.is_dir() and (name.startswith(("/", ".", "~")) or name.count("/") != 1):
+        raise UsageError(
+            f"VAE {name} ({where}): no such folder or file (there is no such directory, and a Hugging Face hub id "
+            "is owner/name). Pass a hub id (e.g. stabilityai/sd-vae-ft-ema), a folder written by "
+            "AutoencoderKL.save_pretrained() or an LDM-format weights file."
+        )
     try:
-        return AutoencoderKL.from_pretrained(name).eval()
-    except (OSError, ValueError) as e:
-        raise UsageError(f"VAE {name} ({where}): cannot load an AutoencoderKL ({e}). Offline, download it once "
-                         f"(e.g. `huggingface-cli download {name} --local-dir vae/`) and pass the folder") from e
+        vae = AutoencoderKL.from_pretrained(str(local) if local.is_dir() else name, torch_dtype=dtype)
+    except Exception as e:  # network, missing files, wrong format: all end with the same advice
+        short = name.rstrip("/").split("/")[-1]
+        raise UsageError(
+            f"VAE {name} ({where}): cannot load an AutoencoderKL ({type(e).__name__}: {e}).\n"
+            "If this machine has no network access, download the VAE on one that has, for example\n"
+            f"  python -c \"from diffusers import AutoencoderKL; "
+            f"AutoencoderKL.from_pretrained('{name}').save_pretrained('vae/{short}')\"\n"
+            f"(or: huggingface-cli download {name} --local-dir vae/{short}), copy the folder here and pass "
+            f"--vae vae/{short}"
+        ) from e
+    return vae.eval()
 
 
 def decode_latents(vae: torch.nn.Module, x: torch.Tensor, scale, shift) -> torch.Tensor:

@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import cli  # noqa: E402
 from integrity import atomic_write, worker_init  # noqa: E402
+from latent_codecs.autoencoder import load_vae  # noqa: E402
 from preprocessing import encode  # noqa: E402
+from preprocessing.images import ImageFiles, as_list, load_image  # noqa: E402
 from profiling import git_commit  # noqa: E402
 
 # Random-weight stand-ins (timing only): the tests' 2-level VAE (downsampling 2, so its mid-block attention
@@ -95,8 +97,8 @@ def loader_rank(source: Path, sync: Path, resolution: int, batch_size: int, num_
     lo, hi = rank * len(paths) // ranks, (rank + 1) * len(paths) // ranks
     batches = [list(range(i, min(i + batch_size, hi))) for i in range(lo, hi, batch_size)]
     workers = encode.default_num_workers() if num_workers is None else num_workers
-    loader = DataLoader(encode.ImageFiles(source, paths, resolution), batch_sampler=batches, num_workers=workers,
-                        collate_fn=encode._as_list, worker_init_fn=worker_init() if workers > 0 else None)
+    loader = DataLoader(ImageFiles(source, paths, resolution), batch_sampler=batches, num_workers=workers,
+                        collate_fn=as_list, worker_init_fn=worker_init() if workers > 0 else None)
     (sync / f"ready-{rank}").touch()
     while not (sync / "start").exists():
         time.sleep(0.001)
@@ -159,7 +161,7 @@ def vae_and_cli(args, tmp: Path, device: torch.device, dtype: torch.dtype, recor
     """Parts 2 and 3: VAE encode of random images, and the whole encode CLI on the JPEGs in tmp/src."""
     vae_name = vae_path(args.vae, tmp)
     # 2. VAE encode of random uint8 images (the GPU-bound part on a GPU machine).
-    vae = encode.load_vae(vae_name, device, dtype)
+    vae = load_vae(vae_name, dtype).to(device)
     images = np.random.default_rng(0).integers(0, 256, (args.batch_size, args.resolution, args.resolution, 3),
                                                dtype=np.uint8)
     encode.encode_batch(vae, images, args.flip, dtype)  # warm-up
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         files = sorted((tmp / "src").rglob("*.jpg"))
         start = time.perf_counter()
         for f in files:
-            encode.load_image(f, args.resolution)
+            load_image(f, args.resolution)
         record["decode_crop_images_per_s_one_process"] = len(files) / (time.perf_counter() - start)
 
         if args.loader_ranks:  # the CPU side alone: R ranks' DataLoaders at once

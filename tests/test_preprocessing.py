@@ -16,7 +16,7 @@ from helpers_data import CLASSES, CORRUPT, IMAGES, load_shards, make_image_folde
 from PIL import Image
 
 from dataset import LatentDataset
-from preprocessing import encode
+from preprocessing import encode, images, shards
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 32
@@ -62,11 +62,11 @@ def test_center_crop_matches_adm_formula():
     for w, h in [(64, 64), (65, 129), (300, 200), (1000, 700), (37, 50), (17, 300), (256, 511)]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         for size in (8, 32, 64):
-            got = encode.center_crop_arr(img, size)
+            got = images.center_crop_arr(img, size)
             assert got.shape == (size, size, 3) and got.dtype == np.uint8
             np.testing.assert_array_equal(got, adm_crop(img, size))
     square = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # already the target size: unchanged
-    np.testing.assert_array_equal(encode.center_crop_arr(Image.fromarray(square), 32), square)
+    np.testing.assert_array_equal(images.center_crop_arr(Image.fromarray(square), 32), square)
 
 
 def test_load_image_converts_every_mode_to_rgb(setup):
@@ -74,14 +74,14 @@ def test_load_image_converts_every_mode_to_rgb(setup):
         with Image.open(setup["src"] / rel) as img:
             assert img.mode == mode
             expected = adm_crop(img.convert("RGB"), RES)
-        np.testing.assert_array_equal(encode.load_image(setup["src"] / rel, RES), expected)
+        np.testing.assert_array_equal(images.load_image(setup["src"] / rel, RES), expected)
 
 
 def test_file_list_matches_torchvision_imagefolder(setup):
     from torchvision.datasets import ImageFolder
 
     folder = ImageFolder(str(setup["src"]))
-    paths, labels, classes = encode.list_images(setup["src"])
+    paths, labels, classes = images.list_images(setup["src"])
     assert classes == folder.classes == CLASSES
     assert [(os.path.join(setup["src"], p), y) for p, y in zip(paths, labels)] == folder.samples
 
@@ -138,7 +138,7 @@ class Killed(BaseException):
 
 def test_killed_run_resumes_byte_identical(setup, tmp_path, monkeypatch):
     dest = tmp_path / "killed"
-    real_save, saved = encode.save_npy, []
+    real_save, saved = shards.save_npy, []
 
     def save_then_die(path, arr):
         if len(saved) == 5 + 2:  # shard 0 has 5 arrays; die while writing shard 1's third one
@@ -147,7 +147,7 @@ def test_killed_run_resumes_byte_identical(setup, tmp_path, monkeypatch):
         saved.append(path.name)
         return real_save(path, arr)
 
-    monkeypatch.setattr(encode, "save_npy", save_then_die)
+    monkeypatch.setattr(shards, "save_npy", save_then_die)
     with pytest.raises(Killed):
         encode.main(setup["argv"](dest))
     monkeypatch.undo()
