@@ -12,7 +12,7 @@ import secrets
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,13 +23,18 @@ CHECKSUM_SUFFIX = ".sha256"  # sidecar "<file>.sha256": "<hex digest>  <file nam
 CHUNK = 1 << 24
 
 
+def sha256_hex(chunks: Iterable[bytes]) -> str:
+    """Hex sha256 of the concatenated chunks: the one hash of files, listings and weights."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_hex(iter(lambda: f.read(CHUNK), b""))
 
 
 def checksum_path(path: str | os.PathLike) -> Path:

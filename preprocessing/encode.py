@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import math
 import os
 import sys
@@ -88,7 +87,7 @@ from tqdm import tqdm
 
 from cli import UsageError
 from devices import gpu_launch_problem
-from integrity import worker_init
+from integrity import sha256_hex, worker_init
 from latent_codecs.autoencoder import load_vae
 from latent_data.format import FORMAT, FORMAT_VERSION, MANIFEST
 from preprocessing.images import IMG_EXTENSIONS, ImageFiles, as_list, list_images
@@ -147,7 +146,7 @@ def dataset_config(args: argparse.Namespace, paths: list[str], labels: list[int]
         "scale": args.scale,
         "shift": args.shift,
         "num_classes": num_classes,
-        "source_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        "source_sha256": sha256_hex([listing.encode()]),
     }
 
 

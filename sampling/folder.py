@@ -9,11 +9,11 @@ that are still missing, and the ADM-format .npz streamed from the PNGs. Layout, 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cli import UsageError
 from evaluations.data import NpzImageWriter
-from integrity import atomic_write, remove_stale_temps
+from integrity import atomic_write, remove_stale_temps, sha256_hex
 from sampling.images import read_png
 
 CONFIG_NAME = "config.json"
@@ -141,9 +141,10 @@ def prepare_folder(folder: Path, npz_path: Path, num: int, config: dict, sources
 
 def weights_digest(module: torch.nn.Module) -> str:
     """SHA-256 of a module's state dict (names, dtypes, shapes, bytes): same digest, same weights."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    def chunks() -> Iterator[bytes]:
+        for name, tensor in sorted(module.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            yield f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode()
+            yield tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+    return sha256_hex(chunks())
