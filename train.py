@@ -34,6 +34,18 @@ def __getattr__(name: str):
 def build_parser() -> argparse.ArgumentParser:
     """The command line (no torch import: `--help` and usage errors answer at once)."""
     p = cli.parser(__doc__)
+    _add_run_flags(p)
+    _add_model_flags(p)
+    _add_objective_flags(p)
+    _add_optimisation_flags(p)
+    _add_repa_other_flags(p)
+    alignment.add_arguments(p)
+    eval_flags.add_arguments(p)
+    return p
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The run: data, output folder, resuming, logging, checkpoints and sample grids."""
     g = p.add_argument_group("run")
     g.add_argument("--data-dir", required=True, help="latent dataset folder (preprocessing/ output or REPA's layout)")
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", default="runs",
@@ -59,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-grid-size", type=int, default=16, help="images in the sample grid")
     g.add_argument("--sample-grid-steps", type=int, default=50, help="Euler ODE steps for the sample grid")
 
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The architecture and how it runs (compile, attention)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=MODEL_NAMES, default="SiT-B/2", help="architecture")
     g.add_argument("--depth", type=int, default=None, help="override the number of blocks (small experiments)")
@@ -75,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(342 -> 520 img/s) and 1.47x at 32; the first step takes longer while it compiles (logged "
                         "as 'first step')")
 
+
+def _add_objective_flags(p: argparse.ArgumentParser) -> None:
+    """The training objective: interpolant, time weighting, extra loss terms, label dropout."""
     g = p.add_argument_group("objective")
     g.add_argument("--path-type", choices=PATH_TYPES, default="linear", help="interpolant")
     g.add_argument("--prediction", choices=("v",), default="v", help="model output (velocity)")
@@ -87,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "use 1; 0: off); logged as cos_loss")
     g.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout probability for CFG")
 
+
+def _add_optimisation_flags(p: argparse.ArgumentParser) -> None:
+    """Batch, optimizer, EMA, precision, device, data loading."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=256,
                    help="images per micro-batch over all processes, as in REPA: each process takes batch-size / "
@@ -122,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--no-verify-data: skip)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="use the flipped-image latents (probability 0.5) when the dataset has them")
+
+
+def _add_repa_other_flags(p: argparse.ArgumentParser) -> None:
+    """REPA's flags that the dataset or the run directory decides here."""
     g = p.add_argument_group("REPA's other flags (REPA's meaning)")
     g.add_argument("--resolution", type=int, default=None,
                    help="image side in pixels; the dataset fixes it, and training stops with a message when the two "
@@ -131,9 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logging-dir", default=None,
                    help="REPA's tracker folder: refused here, as the log, args.json and tracker files all go in the "
                         "run directory <output-dir>/<exp-name>")
-    alignment.add_arguments(p)
-    eval_flags.add_arguments(p)
-    return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -35,8 +35,6 @@ batch 128) has a floor of +1.9%.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import gc
 import json
 import platform
@@ -47,27 +45,19 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchmark_train_step import SDPA_BACKENDS, TrainStep, fake_train_flops  # noqa: E402
 
 import cli  # noqa: E402
-from alignment import (
-    build_methods,  # noqa: E402
-    model_from_args,
-)
 from devices import resolve_compile  # noqa: E402
 from integrity import atomic_write  # noqa: E402
-from loss import LossConfig, training_loss  # noqa: E402
-from models import MODEL_NAMES, model_config, model_family  # noqa: E402
-from models.encoders import FrozenEncoder  # noqa: E402
+from models import MODEL_NAMES  # noqa: E402
 from profiling import PhaseTimer, git_commit, profile_steps  # noqa: E402
-from training.loop import update_ema  # noqa: E402
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
-SDPA_BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 # The paper's Table 4 (SiT-XL/2, H100, batch 256): EFP in M (external + head), iterations/s, GFLOPs, latency ms.
 PAPER_TABLE4 = {"none": (0, 0, 8.1, 114.46, 18.05), "repa": (303, 8, 5.4, 194.50, 29.03),
                 "sra": (481, 2, 5.1, 197.57, 30.90), "vae-repa": (0, 18, 7.2, 118.55, 19.20)}
@@ -131,81 +121,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def latent_shape(name: str, args) -> list[int]:
-    """SD-VAE latents (4 x side x side), or VA-VAE's of the same images (32 x side/2 x side/2) for patch-1 models."""
-    if model_config(name)["patch_size"] == 1:
-        return [32, args.latent_size // 2, args.latent_size // 2]
-    return [4, args.latent_size, args.latent_size]
-
-
-def loss_config(name: str) -> LossConfig:
-    """Each family's own objective: LightningDiT's logit-normal time and velocity cosine term, SiT's defaults."""
-    if model_family(name) == "LightningDiT":
-        return LossConfig(weighting="logit-normal", cos_coeff=1.0)
-    return LossConfig()
-
-
-def config_args(name: str, align: str, args) -> dict:
-    """The run arguments (as train.py records them) of one configuration."""
-    names = [] if align == "none" else align.split(",")
-    run_args = dict(model=name, depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
-                    num_classes=1000, latent_shape=latent_shape(name, args), align=names,
-                    enc_type=args.enc_type, enc_weights=args.enc_weights)
-    if args.depth is not None:  # a shrunk model: keep every method's block inside it
-        run_args.update(encoder_depth=min(8, args.depth), vae_repa_depth=min(2, args.depth),
-                        sra_student_depth=min(4, args.depth), sra_teacher_depth=args.depth)
-    return run_args
-
-
-def build(name: str, align: str, args, device: torch.device):
-    """Model, EMA and the methods, set up as train.py does (REPA's encoder random unless --enc-weights)."""
-    run_args = config_args(name, align, args)
-    torch.manual_seed(0)
-    model = model_from_args(run_args).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    methods = build_methods(run_args)
-    image_size = args.latent_size * 8
-    for method in methods:
-        if method.name == "repa" and args.enc_weights is None:
-            import timm
-
-            method.encoders = [FrozenEncoder(timm.create_model(spec.timm_name, pretrained=False, img_size=224,
-                                                               num_classes=0), image_size).to(device)
-                               for spec in method.specs]
-            method.autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
-        else:
-            method.setup(device, model, image_size, torch.bfloat16 if args.precision == "bf16" else None)
-    return model, ema, methods
-
-
-def count_flops(fn) -> int:
-    """FLOPs of fn() by FlopCounterMode, with the math attention kernel (every backend counts the same)."""
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def fake_train_flops(name: str, align: str, args, batch: int = 2) -> float:
-    """Forward + backward FLOPs per image of a configuration without REPA's encoder, counted on fake tensors (shapes
-    only: no memory, no arithmetic), so full-size models count in seconds anywhere."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    run_args = config_args(name, align, args)
-    methods = build_methods(run_args)
-    if any("images" in m.needs for m in methods):
-        raise ValueError("fake_train_flops: REPA's encoder is not built on fake tensors")
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model = model_from_args(run_args)
-        inputs = {"epoch": 0}
-        if any("teacher" in m.needs for m in methods):
-            inputs["teacher"] = copy.deepcopy(model).requires_grad_(False).eval()
-        x = torch.randn(batch, *latent_shape(name, args))
-        y = torch.randint(0, 1000, (batch,))
-        return count_flops(lambda: training_loss(model, x, y, loss_config(name), model.null_class, methods,
-                                                 **inputs)["total"].backward()) / batch
-
-
 FAKE_VANILLA_GFLOPS: dict[tuple, float] = {}
 
 
@@ -260,79 +175,76 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def time_config(name: str, align: str, b: int, args, device: torch.device) -> dict:
-    """One row: `name` with the method set `align` at per-GPU batch `b`."""
-    model, ema, methods = build(name, align, args, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
-    net = torch.compile(model, mode=args.compile_mode) if args.compile else model
-    config = loss_config(name)
-    x = torch.randn(b, *latent_shape(name, args), device=device)
-    y = torch.randint(0, 1000, (b,), device=device)
-    needs = set().union(*(m.needs for m in methods))
-    inputs = {"epoch": 0}
-    if "images" in needs:
-        inputs["images"] = torch.randint(0, 256, (b, 8 * args.latent_size, 8 * args.latent_size, 3), device=device,
-                                         dtype=torch.uint8)
-    if "teacher" in needs:
-        inputs["teacher"] = ema
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-
-    backend = SDPA_BACKENDS[args.sdpa_backend]
-
-    def forward(module=net):
-        with torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16"), \
-                sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
-            return training_loss(module, x, y, config, model.null_class, methods, **inputs)
-
-    def step(timer: PhaseTimer | None = None):
-        mark = timer.mark if timer is not None else (lambda name: None)
-        if timer is not None:
-            timer.start()
-        out = forward()
-        mark("forward")  # the model and the methods' loss terms
-        out["total"].backward()  # the attention backward follows the kernel the forward chose
-        mark("backward")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        mark("clip")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        mark("optimizer")
-        update_ema(ema, model, 0.9999)
-        mark("ema")
-
-    forward_flops = count_flops(lambda: forward(model)) / b
-    train_flops = count_flops(lambda: forward(model)["total"].backward()) / b
-    model.zero_grad(set_to_none=True)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def warm_up(step: TrainStep, steps: int, sync) -> float | None:
+    """The untimed steps (compilation happens in the first); how long the first took."""
     first_step_s = None
-    for _ in range(args.warmup):
+    for _ in range(steps):
         t0 = time.perf_counter()
         step()
         sync()
-        first_step_s = first_step_s or time.perf_counter() - t0  # compilation happens here
+        first_step_s = first_step_s or time.perf_counter() - t0
+    return first_step_s
+
+
+def forward_latency(step: TrainStep, sync) -> float:
+    """Seconds of one forward pass without gradients, the median of 3 (after one untimed pass, which compiles the
+    no_grad graph when the model is compiled)."""
     with torch.no_grad():
-        forward()  # compiled: no_grad is another graph, compiled here and not timed
+        step.forward()
         latencies = []
         for _ in range(3):
             t0 = time.perf_counter()
-            forward()
+            step.forward()
             sync()
             latencies.append(time.perf_counter() - t0)
-        latency = statistics.median(latencies)
+        return statistics.median(latencies)
+
+
+def timed_steps(step: TrainStep, steps: int, device: torch.device, sync) -> tuple[list[float], PhaseTimer]:
+    """The timed steps: each one's seconds, and its phases on a PhaseTimer (peak memory counted from here)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, timer = [], PhaseTimer(device)
-    for _ in range(args.steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
         step(timer)
         sync()
         times.append(time.perf_counter() - t0)
+    return times, timer
+
+
+def profile_row(step: TrainStep, name: str, align: str, b: int, args, device: torch.device,
+                times: list[float]) -> dict:
+    """torch.profiler's summary of --profile-steps more steps (and the Chrome trace's path with --trace-dir)."""
+    trace = None
+    if args.trace_dir:
+        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{name}_{align}").strip("-")
+        trace = str(Path(args.trace_dir) / f"{slug}_b{b}.json.gz")
+    try:
+        profile = profile_steps(step, args.profile_steps, device, trace, step_ms=1000 * statistics.median(times))
+    except torch.OutOfMemoryError as e:  # the profiler's own memory: the row's timings are kept
+        profile = {"error": f"{type(e).__name__}: {e}"[:300]}
+    if trace:
+        profile["trace"] = trace
+    return profile
+
+
+def time_config(name: str, align: str, b: int, args, device: torch.device) -> dict:
+    """One row: `name` with the method set `align` at per-GPU batch `b`."""
+    step = TrainStep(name, align, b, args, device)
+    forward_flops, train_flops = step.flops_per_image()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    first_step_s = warm_up(step, args.warmup, sync)
+    latency = forward_latency(step, sync)
+    times, timer = timed_steps(step, args.steps, device, sync)
     total = sum(times)
-    prefixes = model.head_state_prefixes()
+    prefixes = step.model.head_state_prefixes()
     result = {"model": name, "align": align, "batch_size": b, "steps": args.steps,
               "images_per_s": b * args.steps / total, "steps_per_s": args.steps / total, "step_times_s": times,
-              "external_params_m": sum(m.external_parameters() for m in methods) / 1e6,
-              "head_params_m": sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes)) / 1e6,
+              "external_params_m": sum(m.external_parameters() for m in step.methods) / 1e6,
+              "head_params_m": sum(p.numel() for n, p in step.model.named_parameters()
+                                   if n.startswith(prefixes)) / 1e6,
               "forward_gmacs_per_image": forward_flops / 2e9, "train_gflops_per_image": train_flops / 1e9,
               "forward_latency_ms": 1000 * latency, "first_step_s": first_step_s or times[0],
               "phase_ms": timer.medians_ms(),
@@ -340,18 +252,7 @@ def time_config(name: str, align: str, b: int, args, device: torch.device) -> di
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     if args.profile_steps:
-        trace = None
-        if args.trace_dir:
-            Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
-            slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{name}_{align}").strip("-")
-            trace = str(Path(args.trace_dir) / f"{slug}_b{b}.json.gz")
-        try:
-            result["profile"] = profile_steps(step, args.profile_steps, device, trace,
-                                              step_ms=1000 * statistics.median(times))
-        except torch.OutOfMemoryError as e:  # the profiler's own memory: the row's timings are kept
-            result["profile"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        if trace:
-            result["profile"]["trace"] = trace
+        result["profile"] = profile_row(step, name, align, b, args, device, times)
     return result
 
 

@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quickstart  # noqa: E402
-import quickstart_lib as lib  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quickstart_images import LabelledImages  # noqa: E402
+from quickstart_runs import ARMS, REPO, generate_command, subprocess_env  # noqa: E402
+from quickstart_scoring import classify, frechet_distance, train_classifier  # noqa: E402
 
-import cli  # noqa: E402  (the repository root is on the path: quickstart_lib puts it there)
+import cli  # noqa: E402
 
 ROUNDINGS = ("repa", "dit")
 
@@ -31,7 +33,7 @@ ROUNDINGS = ("repa", "dit")
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--quickstart-dir", default="quickstart_out", help="a finished quickstart's --output-dir")
-    p.add_argument("--runs", nargs="+", choices=quickstart.ARMS, default=list(quickstart.ARMS),
+    p.add_argument("--runs", nargs="+", choices=ARMS, default=list(ARMS),
                    help="which of the quickstart's runs to sample again")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = p.parse_args(argv)
@@ -41,30 +43,29 @@ def main(argv: list[str] | None = None) -> int:
     qs = argparse.Namespace(**json.loads((out / "quickstart_args.json").read_text()))
     device = torch.device(qs.device)
     image_dir = Path(qs.data_dir).resolve() if qs.data_dir else out / "images"
-    images, labels, classes = lib.load_image_folder(image_dir, qs.resolution)
-    train_idx, test_idx = lib.stratified_split(labels, qs.held_out, qs.seed)
+    data = LabelledImages.load(image_dir, qs.resolution, qs.held_out, qs.seed)
     torch.manual_seed(qs.seed)
-    classifier = lib.train_classifier(images[train_idx], labels[train_idx], len(classes), qs.classifier_epochs,
-                                      device, qs.seed)
-    _, real_features = lib.classify(classifier, images[test_idx], device)
+    classifier = train_classifier(data.images[data.train_idx], data.labels[data.train_idx], data.num_classes,
+                                  qs.classifier_epochs, device, qs.seed)
+    _, real_features = classify(classifier, data.images[data.test_idx], device)
 
     rows = []
     for arm in args.runs:
         samples = {}
         for rounding in ROUNDINGS:
-            cmd = quickstart.generate_command(qs, out, arm)
+            cmd = generate_command(qs, out, arm)
             cmd[cmd.index("--sample-dir") + 1] = str(out / "samples-rounding" / arm)
-            subprocess.run(cmd + ["--pixel-rounding", rounding], check=True, cwd=Path(__file__).resolve().parents[1],
-                           env=lib.subprocess_env(qs.device), stdout=subprocess.DEVNULL)
+            subprocess.run(cmd + ["--pixel-rounding", rounding], check=True, cwd=REPO,
+                           env=subprocess_env(qs.device), stdout=subprocess.DEVNULL)
             found = [f for f in (out / "samples-rounding" / arm).glob("*.npz")
                      if f.stem.endswith("-dit-pixels") == (rounding == "dit")]
             samples[rounding] = np.load(found[0])["arr_0"]
-        wanted = np.arange(len(samples["repa"])) % len(classes)
+        wanted = np.arange(len(samples["repa"])) % data.num_classes
         diff = samples["dit"].astype(int) - samples["repa"].astype(int)
         for rounding in ROUNDINGS:
-            pred, features = lib.classify(classifier, samples[rounding], device)
+            pred, features = classify(classifier, samples[rounding], device)
             rows.append({"run": arm, "rounding": rounding, "accuracy": float(np.mean(pred == wanted)),
-                         "fd": lib.frechet_distance(features, real_features),
+                         "fd": frechet_distance(features, real_features),
                          "pixels_one_level_brighter": float(np.mean(diff == 1)) if rounding == "dit" else 0.0})
     print(f"{'run':10s} {'rounding':9s} {'accuracy':>9s} {'FD':>9s} {'pixels +1 vs repa':>18s}")
     for r in rows:

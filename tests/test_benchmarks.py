@@ -56,12 +56,12 @@ def test_table4_preset_is_the_paper_s_setting():
 def test_vavae_rows_time_lightningdit_on_vavae_latents_with_its_objective(tmp_path):
     """--vavae-rows: LightningDiT-XL/1 on 32-channel latents of half the side, beside SiT-XL/2; a tiny LightningDiT's
     forward multiply-accumulates against the closed form of its layers (SwiGLU width int(2/3 * 4d))."""
-    bench = load_script("benchmark_train")
+    bench, train_step = load_script("benchmark_train"), load_script("benchmark_train_step")
     args = bench.parse_args(["--vavae-rows"])
     assert (args.models, args.align, args.batch_size) == (["SiT-XL/2", "LightningDiT-XL/1"], ["none", "vae-repa"], [32])
-    assert bench.latent_shape("LightningDiT-XL/1", args) == [32, 16, 16]
-    assert bench.latent_shape("SiT-XL/2", args) == [4, 32, 32]
-    assert bench.loss_config("LightningDiT-XL/1").cos_coeff == 1.0
+    assert train_step.latent_shape("LightningDiT-XL/1", args) == [32, 16, 16]
+    assert train_step.latent_shape("SiT-XL/2", args) == [4, 32, 32]
+    assert train_step.loss_config("LightningDiT-XL/1").cos_coeff == 1.0
     out = tmp_path / "bench.json"
     assert bench.main(["--models", "LightningDiT-B/1", "--align", "none", "--depth", "2", "--hidden-size", "32",
                        "--num-heads", "2", "--latent-size", "8", "--batch-size", "2", "--steps", "1", "--warmup",

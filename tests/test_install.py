@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = ["train.py", "generate.py", "cli.py", "checkpoints.py", "devices.py", "dataset.py", "loss.py", "samplers.py",
         "alignment", "evaluations", "latent_codecs", "latent_data", "models", "preprocessing", "sampling",
         "training"]
-PARTS = {"quickstart": ["scripts/quickstart.py", "scripts/quickstart_lib.py"], "dev": ["tests"]}
+PARTS = {"quickstart": ["scripts/quickstart.py", *(f"scripts/quickstart_{part}.py" for part in (
+    "figures", "images", "progress", "report", "runs", "scoring", "stages", "vae"))], "dev": ["tests"]}
 # Imported only where the user asks for them, through accelerate (train.py --report-to): the trackers extra.
 TRACKERS = {"wandb", "tensorboard"}
 
