@@ -1,5 +1,5 @@
 """The quickstart's labelled images: MNIST digits written as a class-per-folder tree, that tree loaded as
-preprocessing/encode.py reads it, the classifier's held-out split, and the pixel conversions."""
+preprocessing/images.py reads it, the classifier's held-out split, and the pixel conversions."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # so that `preprocessing` imports when this file runs as a script
     sys.path.insert(0, str(REPO))
 
-from preprocessing.encode import list_images, load_image  # noqa: E402  (same file list and pixels as encode)
+from preprocessing.images import list_images, load_image  # noqa: E402  (same file list and pixels as encode)
 from sampling.images import to_uint8 as pixels_uint8  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def write_mnist_folder(dest: Path, per_class: int | None = None) -> int:
 def load_image_folder(root: Path, resolution: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All images of a class-per-folder tree as uint8 (N, R, R, 3), their labels and the class names.
 
-    Uses preprocessing/encode.py's file listing and center crop, so the classifier and the VAE see exactly
+    Uses preprocessing/images.py's file listing and center crop, so the classifier and the VAE see exactly
     the pixels that the latent dataset is made from.
     """
     paths, labels, classes = list_images(root)
