@@ -171,6 +171,11 @@ def die_with_parent(worker_id: int | None = None, parent_pid: int | None = None)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def as_list(items: list) -> list:
+    """A DataLoader's collate_fn for items that stay as they are (paths, arrays, error strings): the list itself."""
+    return items
+
+
 def worker_init(parent_pid: int | None = None):
     """A picklable worker_init_fn that calls `die_with_parent` for this process's workers."""
     import functools

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignment.base import AlignmentMethod, StepInputs
+from alignment.base import AlignmentMethod
+from loss import StepInputs
 from models.encoders import FrozenEncoder, load_dinov2, parse_enc_type
 from models.heads import HeadList, HeadSpec, build_mlp
 

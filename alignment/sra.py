@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from alignment.base import AlignmentMethod, StepInputs
-from loss import ALIGN_OBJECTIVES, alignment_loss, interpolant
+from alignment.base import AlignmentMethod
+from loss import ALIGN_OBJECTIVES, StepInputs, alignment_loss, interpolant
 from models.heads import HeadSpec
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from alignment.base import AlignmentMethod, StepInputs
+from alignment.base import AlignmentMethod
 from cli import VAE_REPA_TARGETS as TARGETS
-from loss import ALIGN_OBJECTIVES, alignment_loss
+from loss import ALIGN_OBJECTIVES, StepInputs, alignment_loss
 from models.heads import HeadSpec, build_mlp
 from models.sit import patchify
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from cli import UsageError
-from integrity import atomic_write, worker_init
+from integrity import as_list, atomic_write, worker_init
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _NPY_MEMBER = "arr_0.npy"
@@ -188,10 +188,6 @@ class _ImageFiles(torch.utils.data.Dataset):
             return path, f"{type(e).__name__}: {e}"
 
 
-def _as_list(items: list) -> list:
-    return items
-
-
 def _stack_same_size(items: list[tuple[Path, np.ndarray | str]], shape: tuple[int, ...], first: Path) -> np.ndarray:
     for path, image in items:
         if isinstance(image, str):
@@ -232,7 +228,7 @@ class FolderImages:
             _ImageFiles(self.files),
             batch_size=batch_size,
             num_workers=self.num_workers,
-            collate_fn=_as_list,
+            collate_fn=as_list,
             worker_init_fn=worker_init() if self.num_workers > 0 else None,
         )
         for items in loader:

@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a file: the repository root (cli.py, pre
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli
+from latent_data.format import REPA_DEFAULTS  # torch-free
 
 NP_DTYPES = {"fp16": "float16", "fp32": "float32"}  # --dtype: the numpy type the mean and std are stored in
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None,
                    help="number of classes (default: number of class folders, or largest label + 1)")
     p.add_argument("--resolution", type=int, default=256, help="image side after the ADM center crop (multiple of 8)")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+    p.add_argument("--vae", default=REPA_DEFAULTS["vae"],
                    help="diffusers AutoencoderKL: Hugging Face hub id or local folder (save_pretrained format)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="VAE compute precision")
     p.add_argument("--dtype", choices=list(NP_DTYPES), default="fp16", help="storage type of the mean and std")
@@ -51,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "statistics (--latent-stats); auto = channelwise when released statistics lie beside the VAE's "
                    "weights (see --latent-stats) or its latents have other than 4 channels (VA-VAE), else scale "
                    "(the SD-VAE family)")
-    p.add_argument("--scale", type=float, default=0.18215,
+    p.add_argument("--scale", type=float, default=REPA_DEFAULTS["scale"],
                    help="--latent-norm scale: latent scale recorded in the manifest (SD-VAE)")
-    p.add_argument("--shift", type=float, default=0.0,
+    p.add_argument("--shift", type=float, default=REPA_DEFAULTS["shift"],
                    help="--latent-norm scale: latent shift recorded in the manifest: model input = (z + shift) * scale")
     p.add_argument("--latent-stats", default="auto",
                    help="--latent-norm channelwise: a latents_stats.pt ({'mean', 'std'}, LightningDiT's and REPA-E's "
@@ -74,8 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
-
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and usage errors answer here, before torch is imported
 
@@ -87,10 +86,10 @@ from tqdm import tqdm
 
 from cli import UsageError
 from devices import gpu_launch_problem
-from integrity import sha256_hex, worker_init
+from integrity import as_list, sha256_hex, worker_init
 from latent_codecs.autoencoder import load_vae
 from latent_data.format import FORMAT, FORMAT_VERSION, MANIFEST
-from preprocessing.images import IMG_EXTENSIONS, ImageFiles, as_list, list_images
+from preprocessing.images import IMG_EXTENSIONS, ImageFiles, list_images
 from preprocessing.normalization import resolve_normalisation
 from preprocessing.shards import (
     check_destination,
@@ -166,7 +165,7 @@ def select_device(args: argparse.Namespace, local_rank: int) -> torch.device:
 def open_vae(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, torch.dtype, list[int]]:
     """--vae on `device` in --precision: (vae, compute dtype, latent shape at --resolution)."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
-    vae = load_vae(args.vae, dtype).to(device)
+    vae = load_vae(args.vae, dtype).requires_grad_(False).to(device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % factor:
         raise UsageError(f"--resolution {args.resolution}: must be a multiple of the VAE's downsampling {factor}")

@@ -53,11 +53,6 @@ class ImageFiles(Dataset):
             return i, None, f"{type(e).__name__}: {e}"
 
 
-def as_list(batch: list) -> list:
-    """The DataLoader's collate_fn for ImageFiles: the batch's (index, pixels, error) items as they are."""
-    return batch
-
-
 def read_labels_file(path: Path) -> dict[str, int]:
     """`{"labels": [[relpath, label], ...]}` (EDM/REPA dataset.json) or text lines `relpath label`."""
     try:

@@ -1,6 +1,6 @@
 """The model and settings to sample from any checkpoint: ours (which records its architecture and tokenizer), REPA's
 and SRA's (architecture from generate.py's flags, SD-VAE latents), and LightningDiT's releases (VA-VAE latents with
-channel-wise statistics). `flags` is generate.py's parsed command line (its "checkpoint" group)."""
+channel-wise statistics). `args` is generate.py's parsed command line (its "checkpoint" group)."""
 
 from __future__ import annotations
 

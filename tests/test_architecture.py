@@ -1,11 +1,13 @@
 """The layout rules of docs/architecture.md: imports only run down the layers, no library module imports an entry point,
-no file passes 400 lines and no function 80, and every file the page names exists."""
+every module with a __main__ block is an entry point, layer 0 imports without torch, no file passes 400 lines and no
+function 80 (outside tests/), and every file the page names exists."""
 
 from __future__ import annotations
 
 import ast
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Layer of each module, by the longest dotted prefix that names it; a module may import its own layer and below.
 LAYERS = {
     # 0: vocabulary and files, no torch
-    "cli": 0, "integrity": 0, "models.registry": 0, "latent_data.format": 0, "profiling": 0,
+    "cli": 0, "integrity": 0, "models.registry": 0, "latent_data.format": 0,
     # 1: the numerics and the formats
-    "devices": 1, "checkpoints": 1, "loss": 1, "samplers": 1, "models": 1, "latent_codecs": 1, "latent_data": 1,
-    "dataset": 1, "evaluations": 1, "preprocessing": 1,
+    "devices": 1, "profiling": 1, "checkpoints": 1, "loss": 1, "samplers": 1, "models": 1, "latent_codecs": 1,
+    "latent_data": 1, "dataset": 1, "evaluations": 1, "preprocessing": 1,
     # 2: alignment methods (heads on the models, loss terms)
     "alignment": 2,
     # 3: the sampling pipeline; 4: the training loop, which samples through it
@@ -54,10 +56,16 @@ def module_name(path: Path) -> str:
 
 
 def imported_modules(tree: ast.AST, package: str) -> set[str]:
-    """Every module an import statement names, at any depth (imports inside functions count)."""
+    """Every module an import statement or an `importlib.import_module` / `__import__` call with a literal name
+    names, at any depth (imports inside functions count)."""
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                found.add(node.args[0].value)
+        elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -89,11 +97,35 @@ def test_imports_run_down_the_layers_and_never_reach_an_entry_point():
     assert not upward, "\n".join(upward)
 
 
-def test_the_layer_check_sees_an_upward_import():
+@pytest.mark.parametrize("code", ["def f():\n    from generate import sample_batch\n",
+                                  "import importlib\nsample = importlib.import_module('generate').sample_batch\n"])
+def test_the_layer_check_sees_an_upward_import(code):
     """The check above would fail on the import this layout removed: training's evaluation importing generate.py."""
-    tree = ast.parse("def f():\n    from generate import sample_batch\n")
-    targets = imported_modules(tree, "training")
+    targets = imported_modules(ast.parse(code), "training")
     assert max(layer(t) for t in targets if layer(t) is not None) > layer("training.evaluation")
+
+
+def runs_as_main(tree: ast.AST) -> bool:
+    """True for a module with an `if __name__ == "__main__":` block."""
+    return any(isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "__name__"
+               and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.comparators)
+               for node in ast.walk(tree))
+
+
+def test_every_module_that_runs_as_main_is_an_entry_point():
+    library = [module_name(f) for f in source_files()
+               if runs_as_main(ast.parse(f.read_text())) and layer(module_name(f)) != ENTRY]
+    assert not library, f"modules with a __main__ block outside the entry-point layer: {library}"
+    assert runs_as_main(ast.parse('if __name__ == "__main__":\n    main()\n'))
+
+
+def test_layer_zero_imports_without_torch():
+    """The bottom layer is what command lines use before parsing (`--help` answers without torch)."""
+    names = sorted({module_name(f) for f in source_files() if layer(module_name(f)) == 0})
+    code = f"import sys; import {', '.join(names)}; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {"cli", "integrity", "latent_data.format", "models.registry"} <= set(names)
 
 
 def test_no_file_over_400_lines_and_no_function_over_80():
