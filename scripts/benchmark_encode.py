@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import cli  # noqa: E402
-from integrity import atomic_write, worker_init  # noqa: E402
+from integrity import as_list, atomic_write, worker_init  # noqa: E402
 from latent_codecs.autoencoder import load_vae  # noqa: E402
 from preprocessing import encode  # noqa: E402
-from preprocessing.images import ImageFiles, as_list, load_image  # noqa: E402
+from preprocessing.images import ImageFiles, load_image  # noqa: E402
 from profiling import git_commit  # noqa: E402
 
 # Random-weight stand-ins (timing only): the tests' 2-level VAE (downsampling 2, so its mid-block attention
