@@ -221,9 +221,10 @@ class ShardVerifier:
                 return
         self.seconds = time.perf_counter() - start
 
-    def problem(self, wait: bool = False) -> str | None:
+    def problem(self, wait: bool = False, timeout: float | None = None) -> str | None:
+        """The first damaged file's line, or None; with `wait`, after the check has ended or `timeout` seconds."""
         if wait:
-            self._thread.join()
+            self._thread.join(timeout)
         return self._problem
 
     @property

@@ -208,7 +208,9 @@ def check_ranges(args: argparse.Namespace, error) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cli import UsageError  # torch is imported from here on
+    import torch.distributed as dist  # torch is imported from here on
+
+    from cli import UsageError
     from training import guard
     from training.loop import train
 
@@ -219,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         guard.log_fatal(str(e), Path(args.output_dir) / args.exp_name)  # into log.txt too
         guard.discard_refused_run(getattr(args, "created_run_dir", None))  # refused before its first step
         return 2 if isinstance(e, UsageError) else 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

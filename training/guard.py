@@ -20,6 +20,9 @@ from cli import UsageError
 from integrity import CHECKSUM_SUFFIX, ShardVerifier, atomic_write, checksum_path, remove_stale_temps, verify_file
 
 logger = logging.getLogger("train")
+# The longest a rank waits on its own work (the background data check) while the others wait in a collective; far
+# below any process-group timeout, so a slow check on a slow file system is many short waits, never one long one.
+POLL_SECONDS = 5.0
 checksum_sidecar = checksum_path
 
 # Settings a resumed run may change: how long it runs, what it logs, writes and keeps, where its files are, and how
@@ -167,7 +170,7 @@ class Watch:
         device = accelerator.device
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.bad_index = torch.full((), -1, dtype=torch.int64, device=device)
-        self.logged_done = False
+        self.logged_done = self.logged_wait = False
 
     def note_batch(self, x: torch.Tensor, index: torch.Tensor) -> None:
         finite = torch.isfinite(x).flatten(1).all(1)
@@ -177,37 +180,58 @@ class Watch:
     def note_loss(self, parts: torch.Tensor) -> None:
         self.nonfinite |= ~torch.isfinite(parts).all()
 
-    def _verifier_problem(self, wait: bool) -> str | None:
+    def _verifier_state(self, wait: float = 0.0) -> tuple[str | None, bool]:
+        """(the check's problem or None, whether it is still running), after waiting at most `wait` seconds for it.
+        `running` is read first: a check that ends in between reports its problem, never "done and fine"."""
         if self.verifier is None:
-            return None
-        problem = self.verifier.problem(wait=wait)
-        if problem is None and self.verifier.done and not self.logged_done:
+            return None, False
+        if wait > 0:
+            self.verifier.problem(wait=True, timeout=wait)
+        running = not self.verifier.done
+        problem = self.verifier.problem()
+        if problem is None and not running and not self.logged_done:
             self.logged_done = True
             seconds = self.verifier.seconds
             logger.info("data: all %d files match their checksums (%.2f GB in %.1f s, %.0f MB/s)",
                         len(self.verifier.files), self.verifier.bytes / 1e9, seconds,
                         self.verifier.bytes / 1e6 / max(seconds, 1e-9))
-        return problem
+        return problem, running
 
-    def _gather(self, problem: str | None) -> torch.Tensor:
-        """(processes, 3): non-finite loss, damaged shard, first non-finite image index (-1: none), per process."""
-        fault = torch.tensor(int(problem is not None), device=self.bad_index.device)
-        flags = torch.stack([self.nonfinite.long(), fault, self.bad_index])
-        return self.accelerator.gather(flags[None]).reshape(-1, 3)
+    def _gather(self, problem: str | None, running: bool) -> torch.Tensor:
+        """(processes, 4) per process: non-finite loss, damaged shard, first non-finite image index (-1: none), data
+        check still running. Every rank then decides from these same values."""
+        device = self.bad_index.device
+        local = torch.tensor([int(problem is not None), int(running)], device=device)
+        flags = torch.stack([self.nonfinite.long(), local[0], self.bad_index, local[1]])
+        return self.accelerator.gather(flags[None]).reshape(-1, 4)
+
+    @staticmethod
+    def _must_wait(flags: torch.Tensor, before_checkpoint: bool) -> bool:
+        """True while the data check runs, has found nothing yet, and its verdict decides what happens next: before a
+        checkpoint (none is written from damaged data) or before stopping for non-finite values (a damaged shard is
+        the better diagnosis)."""
+        decides = before_checkpoint or int(flags[:, 0].max()) > 0 or int(flags[:, 2].max()) >= 0
+        return decides and int(flags[:, 3].max()) > 0 and int(flags[:, 1].max()) == 0
 
     def check(self, step: int, sync: bool, before_checkpoint: bool) -> None:
-        """Raise if the run must stop: DataFault (damaged shard, non-finite data) or FloatingPointError."""
+        """Raise if the run must stop: DataFault (damaged shard, non-finite data) or FloatingPointError.
+
+        Every rank enters the same collectives and branches on gathered values only, and none waits on local work
+        for more than POLL_SECONDS while the others sit in a collective: waiting for the data check is a loop of
+        short waits and gathers, which every rank leaves at the same iteration."""
         world = self.accelerator.num_processes
-        problem = self._verifier_problem(wait=before_checkpoint and sync)
+        problem, running = self._verifier_state()
         if world == 1 and problem:
             raise DataFault(f"stopped before step {step + 1}: {problem}")
         if not sync:
             return
-        flags = self._gather(problem)
-        if problem is None and (int(flags[:, 0].max()) > 0 or int(flags[:, 2].max()) >= 0):
-            # about to stop for non-finite values: a damaged shard, if the check finds one, is the better diagnosis
-            problem = self._verifier_problem(wait=True)
-            flags = self._gather(problem)
+        flags = self._gather(problem, running)
+        if self._must_wait(flags, before_checkpoint) and not self.logged_wait:
+            self.logged_wait = True
+            logger.info("data: waiting for the check of the shards against their checksums before going on")
+        while self._must_wait(flags, before_checkpoint):
+            problem, running = self._verifier_state(wait=POLL_SECONDS)
+            flags = self._gather(problem, running)
         if int(flags[:, 1].max()) > 0:
             raise DataFault(f"stopped before step {step + 1}: " + (problem or "the main process found a damaged "
                                                                    "shard (see its log)"))

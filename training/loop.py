@@ -201,6 +201,8 @@ def train(args: argparse.Namespace):
     if run.evaluator is not None and run.evaluator.pending(run.step):
         run.evaluator.run(run.ema, run.step, time.time() - run.clock_start)
     run_steps(run)
+    # leave together: a rank that exits while another is still in a collective (the last checkpoint's) can abort it
+    run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     logger.info("done: %d steps, run directory %s", run.step, run.run_dir)
     return run.raw_model, run.ema
