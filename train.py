@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     _add_objective_flags(p)
     _add_optimisation_flags(p)
+    _add_process_flags(p)
     _add_repa_other_flags(p)
     alignment.add_arguments(p)
     eval_flags.add_arguments(p)
@@ -85,10 +86,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="REPA's flag; here attention always runs as F.scaled_dot_product_attention (fused kernels "
                         "where available, the math kernel under --deterministic), so it changes nothing (a note)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on with CUDA, off on the CPU and with --deterministic). "
-                        "On one H100, SiT-XL/2 + VAE-REPA trains 1.52x faster with it at a per-GPU batch of 128 "
-                        "(342 -> 520 img/s) and 1.47x at 32; the first step takes longer while it compiles (logged "
-                        "as 'first step')")
+                   help="torch.compile each transformer block and head, before DDP wraps the model (default: on "
+                        "with CUDA, off on the CPU and with --deterministic). On one H100, SiT-XL/2 + VAE-REPA trained "
+                        "1.52x faster with the whole model compiled at a per-GPU batch of 128 (342 -> 520 img/s) and "
+                        "1.47x at 32; the per-block compile is not measured on a GPU yet. The first step takes longer "
+                        "while it compiles (logged as 'first step')")
 
 
 def _add_objective_flags(p: argparse.ArgumentParser) -> None:
@@ -143,6 +145,21 @@ def _add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                         "(--no-verify-data: skip)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="use the flipped-image latents (probability 0.5) when the dataset has them")
+
+
+def _add_process_flags(p: argparse.ArgumentParser) -> None:
+    """How several processes share the gradients (DDP); none of these changes the model's numbers but --ddp-comm."""
+    g = p.add_argument_group("processes (DDP: several GPUs or nodes)")
+    g.add_argument("--ddp-bucket-cap-mb", type=float, default=25,
+                   help="gradients are all-reduced in buckets of this many MB while the backward runs (DDP's default; "
+                        "larger buckets: fewer, longer all-reduces)")
+    g.add_argument("--ddp-static-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="tell DDP that every step uses the same parameters in the same order, which lets it skip "
+                        "per-step bookkeeping; leave it off when a method uses parameters only some steps")
+    g.add_argument("--ddp-comm", choices=("fp32", "bf16"), default="fp32",
+                   help="precision of the gradients sent between processes: bf16 halves the traffic (most useful "
+                        "across nodes) and rounds each all-reduced gradient to bf16, so the run is no longer the fp32 "
+                        "one bit for bit; fp32 sends them as computed")
 
 
 def _add_repa_other_flags(p: argparse.ArgumentParser) -> None:

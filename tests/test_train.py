@@ -143,8 +143,8 @@ def test_checkpoint_contents_and_retention(tmp_path):
 def test_compile_is_on_by_default_with_cuda_only_and_may_change_on_resume(tmp_path, monkeypatch):
     """--compile / --no-compile; without either, on with CUDA and off on the CPU and under --deterministic. The value
     used is logged and recorded in args.json and the checkpoints (a bool, as older runs recorded it), and a resume may
-    change it: the compiled continuation (dynamo's eager backend here: no code generation on the CPU) equals the
-    straight run."""
+    change it: the continuation with each block and head compiled (dynamo's eager backend here: no code generation on
+    the CPU) equals the straight run."""
     assert train.parse_args(["--data-dir", "d"]).compile is None
     assert train.parse_args(["--data-dir", "d", "--compile"]).compile is True
     assert train.parse_args(["--data-dir", "d", "--no-compile"]).compile is False
@@ -175,7 +175,8 @@ def test_compile_is_on_by_default_with_cuda_only_and_may_change_on_resume(tmp_pa
     monkeypatch.setattr(torch, "compile", eager_compile)
     resumed, _ = run(tmp_path, data, "--device", "cpu", "--exp-name", "split", "--max-train-steps", "4",
                      "--resume", "latest", "--compile")
-    assert compiled == [resumed]
+    heads = [getattr(resumed, attr) for attr, _ in resumed.head_taps.values()]
+    assert [fn.__self__ for fn in compiled] == [*resumed.blocks, *heads]  # per block and head (Module.compile)
     saved = json.loads((split / "args.json").read_text())
     assert saved["compile"] is True and saved["history"][-1]["changed"]["compile"] == [False, True]
     log = (split / "log.txt").read_text()

@@ -171,7 +171,7 @@ class Run:
     needs: set  # what the methods need from each batch (step_inputs)
     loss_config: LossConfig
     raw_model: torch.nn.Module
-    model: torch.nn.Module  # raw_model as accelerate prepared it (and torch.compile wrapped it)
+    model: torch.nn.Module  # raw_model (its blocks compiled with --compile) as accelerate prepared it (DDP)
     ema: torch.nn.Module
     optimizer: Any
     data: Iterator  # (batch, epoch, position) from the resumable loader
@@ -244,9 +244,11 @@ def set_up_run(args: argparse.Namespace) -> Run:
     step, epoch, position = resume_position(checkpoint, run_dir)
     if is_main:
         guard.record_args(run_dir, run_args, changed, step)
+    if args.compile:  # per block, before DDP wraps the model; dynamo must not split the blocks at DDP's buckets
+        torch._dynamo.config.optimize_ddp = False
+        logger.info("torch.compile: %d blocks and heads, each compiled on its first call",
+                    raw_model.compile_blocks())
     model, optimizer = accelerator.prepare(raw_model, optimizer)
-    if args.compile:  # last, around DDP's wrapper (accelerate's order): dynamo then splits the graph at DDP's gradient
-        model = torch.compile(model)  # buckets, so their all-reduce overlaps the backward
 
     set_up_methods(args, methods, device, raw_model, dataset.image_size)
     seed_and_restore_rng(args, accelerator, checkpoint)

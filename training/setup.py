@@ -94,7 +94,7 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
 def make_accelerator(args: argparse.Namespace):
     """The Accelerator (device, processes, precision, trackers), after the processes-vs-GPUs check."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     problem = gpu_launch_problem(args.device)  # before the process group: every rank stops, none hangs
     if problem is not None:
@@ -107,8 +107,15 @@ def make_accelerator(args: argparse.Namespace):
     # cpu=True without CUDA (or with --device cpu), so that torchrun's processes form a gloo group instead of running
     # alone. A long timeout: rank 0 writing an XL checkpoint to a slow file system keeps the others waiting.
     pg_kwargs = InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))
+    # Gradients live in DDP's buckets (no second copy: 2.8 GB at XL/2); no buffer is broadcast before each forward
+    # (the models' buffers, position embeddings and RoPE tables, never change).
+    hook = {"fp32": DDPCommunicationHookType.NO, "bf16": DDPCommunicationHookType.BF16}[args.ddp_comm]
+    ddp_kwargs = DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=False,
+                                               bucket_cap_mb=args.ddp_bucket_cap_mb,
+                                               static_graph=args.ddp_static_graph, comm_hook=hook)
     use_cpu = args.device == "cpu" or not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=args.mixed_precision, kwargs_handlers=[pg_kwargs],
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=args.mixed_precision,
+                              kwargs_handlers=[pg_kwargs, ddp_kwargs],
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=str(Path(args.output_dir) / args.exp_name))
     if accelerator.device.type == "cuda" and args.allow_tf32:
@@ -164,6 +171,10 @@ def log_summary(args: argparse.Namespace, model: torch.nn.Module, methods: list,
                 "accumulation steps", world * local_batch * args.gradient_accumulation_steps, world, local_batch,
                 args.gradient_accumulation_steps)
     logger.info("alignment: %s", "none (vanilla SiT)" if not methods else "; ".join(m.describe() for m in methods))
+    if world > 1:
+        logger.info("DDP: %g MB gradient buckets (viewed in place), no buffer broadcast, static graph %s, gradients "
+                    "communicated in %s", args.ddp_bucket_cap_mb, "on" if args.ddp_static_graph else "off",
+                    args.ddp_comm)
     for method in methods:
         if method.external_parameters():
             logger.info("%s runs %.1fM parameters outside the trained model each step", method.name,
