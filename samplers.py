@@ -99,13 +99,15 @@ def cast_matmul_weights(model: torch.nn.Module, dtype: torch.dtype = torch.bfloa
 def sampling_model(model: torch.nn.Module, precision: str, compile: bool = False) -> Callable:
     """The model as the samplers should call it for `precision` ("fp32", or "bf16..." for bf16 autocast): with bf16,
     its matmul weights are stored in bf16 in place (`cast_matmul_weights`: the same outputs under autocast, less
-    work); with `compile`, wrapped by `torch.compile` with static shapes (a graph per batch size: the guided batch
-    and the unguided one; generate.py fills a last partial batch up to the full size). The result still answers
-    `num_classes` and `null_class_of`."""
+    work); with `compile`, each block compiled in place as training compiles it (`compile_blocks`), with static
+    shapes (a graph per batch size: the guided batch and the unguided one; generate.py fills a last partial batch up
+    to the full size)."""
     model.eval()
     if precision.startswith("bf16"):
         cast_matmul_weights(model, torch.bfloat16)
-    return torch.compile(model, dynamic=False) if compile else model
+    if compile:
+        model.compile_blocks(dynamic=False)
+    return model
 
 
 def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
