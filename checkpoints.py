@@ -128,14 +128,16 @@ def check_integrity(path: Path) -> bool:
     return bool(verified)
 
 
-def load_checkpoint(path: str | os.PathLike, trust: bool = False, flag: str = TRUST_FLAG) -> dict:
+def load_checkpoint(path: str | os.PathLike, trust: bool = False, flag: str = TRUST_FLAG, verify: bool = True) -> dict:
     """A checkpoint as a dict, on the CPU: a `.safetensors` file, or a torch file read with weights_only=True and the
     allowlist (anything else is refused, naming `flag`, unless `trust`). An empty file, or one that differs from its
-    sha256 sidecar, is refused (DamagedCheckpointError); one without a sidecar is read unverified."""
+    sha256 sidecar, is refused (DamagedCheckpointError); one without a sidecar is read unverified. `verify=False`
+    skips that check, for processes whose rank 0 has just made it (check_integrity)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    check_integrity(path)
+    if verify:
+        check_integrity(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     checkpoint = _load_pickled(path, trust, flag)

@@ -177,7 +177,7 @@ from cli import UsageError
 from devices import barrier, init_processes, on_rank0, resolve_compile
 from latent_codecs.autoencoder import load_vae
 from sampling.batch import SamplingSettings, sample_batch
-from sampling.checkpoint import load_model, resolve_checkpoint
+from sampling.checkpoint import load_model, resolve_checkpoint, verify_checkpoint
 from sampling.folder import folder_name, npz_count, prepare_folder, sampling_config, write_npz
 from sampling.images import save_png
 
@@ -214,7 +214,8 @@ def _precision(args: argparse.Namespace, device: torch.device, log) -> str:
 def _load(args: argparse.Namespace, rank: int, world: int, log) -> tuple[Path, torch.nn.Module, dict, torch.nn.Module]:
     """The checkpoint's path, its backbone, what sampling needs to know of its run, and the VAE, checked together."""
     ckpt = resolve_checkpoint(args.ckpt)
-    model, info = load_model(args, ckpt)
+    on_rank0(lambda: verify_checkpoint(ckpt), rank, world)  # the whole file hashed once, the other ranks wait
+    model, info = load_model(args, ckpt, verify=False)
     for note in info["notes"]:
         log(f"note: {note}")
     vae = on_rank0(lambda: load_vae(info["vae"]), rank, world, then_others=True)  # rank 0 downloads it once

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment import model_from_args
-from checkpoints import list_checkpoints, load_checkpoint, sampling_weights
+from checkpoints import check_integrity, list_checkpoints, load_checkpoint, sampling_weights
 from cli import PATH_TYPES, UsageError
 from latent_data.format import REPA_DEFAULTS
 from models import model_family
@@ -106,11 +106,21 @@ def _projector_notes(args: argparse.Namespace, state: dict, ckpt_args: dict, our
     return [n + "; sampling does not run the projectors, so the images are the same" for n in notes]
 
 
-def load_model(args: argparse.Namespace, ckpt: Path) -> tuple[SiT, dict]:
-    """The backbone (no projector heads, eval mode, on the CPU) and what sampling needs to know about the run:
-    {"arch", "vae", "latent_scale", "latent_shift", "path_type", "format", "notes"}."""
+def verify_checkpoint(ckpt: Path) -> None:
+    """Refuse an empty checkpoint or one that differs from its sha256 sidecar (reads the whole file: rank 0 does it
+    once, and the other processes load without it)."""
     try:
-        checkpoint = load_checkpoint(ckpt, trust=args.trust_checkpoint)
+        check_integrity(ckpt)
+    except ValueError as e:
+        raise UsageError(f"--ckpt: {e}") from e
+
+
+def load_model(args: argparse.Namespace, ckpt: Path, verify: bool = True) -> tuple[SiT, dict]:
+    """The backbone (no projector heads, eval mode, on the CPU) and what sampling needs to know about the run:
+    {"arch", "vae", "latent_scale", "latent_shift", "path_type", "format", "notes"}; `verify=False` when
+    verify_checkpoint has checked the file."""
+    try:
+        checkpoint = load_checkpoint(ckpt, trust=args.trust_checkpoint, verify=verify)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--ckpt: {e}") from e
     ours = "format" in checkpoint

@@ -191,3 +191,47 @@ def test_per_block_compile_under_ddp_with_many_buckets_trains_as_eager(tmp_path)
     log = (tmp_path / "runs/blocks/log.txt").read_text()
     assert "torch.compile: 3 blocks and heads, each compiled on its first call" in log
     assert "DDP: 0.05 MB gradient buckets" in log
+
+
+# generate.main in one of two processes, recording which checkpoint files this rank hashed against their sidecar.
+GENERATE_WORKER = """
+import os, sys
+import checkpoints, generate
+
+calls, verify = [], checkpoints.verify_file
+checkpoints.verify_file = lambda path: calls.append(str(path)) or verify(path)
+code = generate.main(sys.argv[2:])
+with open(os.path.join(sys.argv[1], f"verified{os.environ['RANK']}.txt"), "w") as f:
+    f.write("\\n".join(calls))
+sys.exit(code)
+"""
+
+
+def test_generate_hashes_the_checkpoint_once_on_rank_0_and_both_ranks_refuse_a_damaged_one(tmp_path):
+    """An XL checkpoint is 11 GB: rank 0 alone reads it against its sha256 sidecar while the other ranks wait, then
+    every rank loads it unverified; a damaged one stops every rank with rank 0's line."""
+    from helpers_data import make_tiny_vae
+    from helpers_generate import make_checkpoint
+
+    from integrity import checksum_path, sha256_file
+
+    ckpt = make_checkpoint(tmp_path / "run/checkpoints/0000002.pt", make_tiny_vae(tmp_path / "vae"))
+    checksum_path(ckpt).write_text(f"{sha256_file(ckpt)}  {ckpt.name}\n")
+    (tmp_path / "worker.py").write_text(GENERATE_WORKER)
+    quick = ["--num-fid-samples", "4", "--num-steps", "2", "--per-proc-batch-size", "2", "--device", "cpu"]
+    r = torchrun(tmp_path, tmp_path / "worker.py", str(tmp_path), "--ckpt", str(ckpt), "--sample-dir",
+                 str(tmp_path / "samples"), *quick, detail=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "verified0.txt").read_text() == str(ckpt)
+    assert (tmp_path / "verified1.txt").read_text() == ""
+
+    raw = bytearray(ckpt.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    ckpt.write_bytes(bytes(raw))
+    r = torchrun(tmp_path, tmp_path / "worker.py", str(tmp_path), "--ckpt", str(ckpt), "--sample-dir",
+                 str(tmp_path / "damaged"), *quick)
+    assert r.returncode != 0
+    lines = error_lines(r.stderr)
+    assert any(line.startswith("error: --ckpt: checkpoint") and "is damaged" in line for line in lines), lines
+    assert any("rank 0 failed: --ckpt: checkpoint" in line for line in lines), lines
+    assert not [word for word in COLLECTIVE_ERRORS if word in r.stderr], r.stderr[-3000:]

@@ -321,6 +321,8 @@ def run_steps(run: Run) -> None:
         run.step += 1
         progress.update(1)
         if run.step == first_step:  # with torch.compile, the step that compiled the forward and backward graphs
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()  # the step's kernels, not only their launch, in the logged time
             logger.info("first step: %.1f s%s", time.time() - window.since,
                         " (torch.compile included)" if args.compile else "")
 
