@@ -8,6 +8,7 @@ guidance doubles the batch only for grid times t with guidance_low <= t <= guida
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -94,6 +95,17 @@ def cast_matmul_weights(model: torch.nn.Module, dtype: torch.dtype = torch.bfloa
         if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
             module.to(dtype)
     return model
+
+
+def matmul_weights_copy(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A deep copy of `model` whose Linear and Conv weights and biases are `dtype` (as cast_matmul_weights leaves
+    them), made without a full-precision copy of them first: training's evaluation copies the EMA this way."""
+    memo = {}
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
+            for p in module.parameters(recurse=False):
+                memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
 
 
 def sampling_model(model: torch.nn.Module, precision: str, compile: bool = False) -> Callable:

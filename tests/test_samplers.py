@@ -8,7 +8,13 @@ import torch
 from helpers_generate import randomize
 
 from loss import interpolant
-from samplers import euler_maruyama_sampler, euler_sampler, sampling_model, score_from_velocity
+from samplers import (
+    euler_maruyama_sampler,
+    euler_sampler,
+    matmul_weights_copy,
+    sampling_model,
+    score_from_velocity,
+)
 
 MU, S = 0.7, 0.5  # data x ~ N(MU, S^2) in every coordinate
 
@@ -227,3 +233,9 @@ def test_bf16_matmul_weights_give_the_outputs_of_fp32_weights_under_autocast(nam
     assert torch.equal(*outs)
     with torch.inference_mode():  # fp32 precision leaves the model as it is
         assert all(p.dtype == torch.float32 for p in sampling_model(copy.deepcopy(fp32), "fp32").parameters())
+    # training's evaluation copies the EMA straight to bf16 matmul weights: the same tensors as deepcopy + cast
+    direct, fp32_state = matmul_weights_copy(fp32).state_dict(), fp32.state_dict()
+    assert all(p.dtype == torch.float32 for p in fp32.parameters())  # the original is left as it was
+    for key, value in fast.state_dict().items():
+        assert direct[key].dtype == value.dtype and torch.equal(direct[key], value), key
+        assert direct[key].data_ptr() != fp32_state[key].data_ptr(), key  # a copy, sharing nothing

@@ -69,7 +69,7 @@ def generate_flags(args: argparse.Namespace) -> list[str]:
              "--guidance-low", str(args.eval_guidance_low), "--guidance-high", str(args.eval_guidance_high),
              "--global-seed", str(args.eval_seed), "--label-sampling", args.eval_label_sampling,
              "--pixel-rounding", args.eval_pixel_rounding, "--num-fid-samples", str(args.eval_samples),
-             "--no-compile"]  # the evaluation samples eagerly: compiled kernels would round differently
+             "--compile" if args.compile else "--no-compile"]  # compiled kernels round differently: say which
     return flags + (["--heun"] if args.eval_heun else [])
 
 
@@ -83,6 +83,7 @@ class Evaluator:
         self.args, self.run_args, self.run_dir, self.accelerator = args, run_args, Path(run_dir), accelerator
         self.device = accelerator.device
         self.precision = "bf16" if self.device.type == "cuda" else "fp32"  # generate.py --precision auto
+        self.compile = bool(args.compile)  # as the training model: per block, generate.py's unit too
         self.vae = load_vae(run_args["vae"]).to(self.device)
         self.inception = InceptionFeatures(args.inception_weights).to(self.device)
         self.reference = None  # computed on rank 0 at the first evaluation, then kept
@@ -109,8 +110,10 @@ class Evaluator:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         indices = list(range(rank, self.args.eval_samples, world))  # generate.py's split of the indices
         settings = sampling_settings(self.args)
-        if self.precision.startswith("bf16"):  # a bf16 copy: the same samples, less work (samplers.sampling_model)
-            ema = samplers.sampling_model(copy.deepcopy(ema), self.precision)
+        if self.precision.startswith("bf16") or self.compile:  # a copy: the training EMA stays as it is
+            # bf16: matmul weights copied straight to bf16 (no fp32 copy of the EMA): the same samples, less work
+            net = samplers.matmul_weights_copy(ema) if self.precision.startswith("bf16") else copy.deepcopy(ema)
+            ema = samplers.sampling_model(net, self.precision, compile=self.compile)
         images = [sample_batch(ema, self.vae, indices[b:b + self.args.eval_batch_size], settings, self.info,
                                self.device, self.precision)
                   for b in range(0, len(indices), self.args.eval_batch_size)]
@@ -164,7 +167,7 @@ class Evaluator:
                    "eval_fraction": (before + eval_seconds) / max(wall_seconds + eval_seconds, 1e-9),
                    **{k: metrics[k] for k in METRIC_KEYS}, "num_samples": metrics["num_samples"],
                    "protocol": {"ref": str(self.args.eval_ref), "generate_flags": generate_flags(self.args),
-                                "precision": self.precision, "processes": world},
+                                "precision": self.precision, "compiled": self.compile, "processes": world},
                    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
             if append_row(self.run_dir, row):
                 logger.info("step %d: FID %.4g, sFID %.4g, IS %.4g%s; evaluation took %.1fs (%.1f%% of the run's "
