@@ -235,3 +235,54 @@ def test_generate_hashes_the_checkpoint_once_on_rank_0_and_both_ranks_refuse_a_d
     assert any(line.startswith("error: --ckpt: checkpoint") and "is damaged" in line for line in lines), lines
     assert any("rank 0 failed: --ckpt: checkpoint" in line for line in lines), lines
     assert not [word for word in COLLECTIVE_ERRORS if word in r.stderr], r.stderr[-3000:]
+
+
+def launch_nodes(tmp_path: Path, script: Path, *argv: str, port: int) -> list[subprocess.CompletedProcess]:
+    """Two nodes simulated on this machine: two torchrun launchers with one process each, meeting through c10d's
+    rendezvous on the loopback address, as `scripts/train_multinode.sh` starts them on a cluster."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
+           "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test{port}", str(script), *argv]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+             for _ in range(2)]  # c10d gives each its node rank
+    results = []
+    for node in nodes:
+        out, err = node.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(node.args, node.returncode, out, err))
+    return results
+
+
+def test_two_simulated_nodes_train_resume_and_sample_as_one_node_with_two_processes(tmp_path):
+    """Two nodes of one process each give the run of one node with two processes: the same checkpoint after a stop and
+    a --resume, and the same samples from it."""
+    import torch
+
+    data = make_dataset(tmp_path / "data")
+    common = ["--data-dir", str(data), "--output-dir", str(tmp_path / "runs"), *TINY, "--logging-steps", "2",
+              "--checkpointing-steps", "2"]
+    r = torchrun(tmp_path, ROOT / "train.py", *common, "--max-train-steps", "4", "--exp-name", "one", detail=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for steps, resume in (("2", []), ("4", ["--resume", "latest"])):
+        for node in launch_nodes(tmp_path, ROOT / "train.py", *common, "--max-train-steps", steps, "--exp-name",
+                                 "two", *resume, port=29571 + len(resume)):
+            assert node.returncode == 0, node.stderr[-3000:]
+    one, two = (torch.load(tmp_path / f"runs/{name}/checkpoints/0000004.pt", weights_only=True)
+                for name in ("one", "two"))
+    for key in ("model", "ema"):
+        for name, p in one[key].items():
+            assert torch.equal(two[key][name], p), (key, name)
+    assert "resumed from" in (tmp_path / "runs/two/log.txt").read_text()
+
+    from helpers_data import make_tiny_vae
+
+    sampling = ["--num-fid-samples", "6", "--num-steps", "2", "--per-proc-batch-size", "2", "--device", "cpu",
+                "--vae", str(make_tiny_vae(tmp_path / "vae"))]
+    ckpt = str(tmp_path / "runs/one/checkpoints/0000004.pt")
+    r = torchrun(tmp_path, ROOT / "generate.py", "--ckpt", ckpt, "--sample-dir", str(tmp_path / "s1"), *sampling,
+                 detail=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for node in launch_nodes(tmp_path, ROOT / "generate.py", "--ckpt", ckpt, "--sample-dir", str(tmp_path / "s2"),
+                             *sampling, port=29575):
+        assert node.returncode == 0, node.stderr[-3000:]
+    (npz1,), (npz2,) = (list((tmp_path / s).glob("*.npz")) for s in ("s1", "s2"))
+    assert npz1.name == npz2.name and npz1.read_bytes() == npz2.read_bytes()
