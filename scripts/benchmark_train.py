@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -89,6 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast precision")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model, as train.py (default: on with CUDA, off on the CPU)")
+    p.add_argument("--compile-unit", choices=("block", "model"), default="block",
+                   help="what is compiled: each block and head before DDP wraps the model, as train.py compiles it, "
+                        "or the whole model around DDP (train.py's way until the per-block compile, measured at "
+                        "a101ca5)")
+    p.add_argument("--ddp", action=argparse.BooleanOptionalAction, default=False,
+                   help="wrap the model in DistributedDataParallel with train.py's options, in a process group of "
+                        "one (nccl on CUDA, gloo on the CPU): the path users run, without the communication")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile's mode when compiling (train.py uses 'default'; 'reduce-overhead' adds CUDA "
                         "graphs, the max-autotune modes search kernel configurations: slow to compile)")
@@ -288,11 +296,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.compile = resolve_compile(args.compile, device)  # the JSON records the value used
+    if args.ddp and not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29599")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     base_report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                    or "cpu", "torch": torch.__version__, "commit": git_commit(), "precision": args.precision,
                    "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None,
+                   "compile_unit": args.compile_unit if args.compile else None, "ddp": args.ddp,
                    "command": " ".join(["python", "scripts/benchmark_train.py",
                                         *(sys.argv[1:] if argv is None else argv)]),
                    "sdpa_backend": args.sdpa_backend, "enc_type": args.enc_type,

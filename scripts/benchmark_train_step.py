@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignment import build_methods, model_from_args  # noqa: E402
+from devices import ddp_options  # noqa: E402
 from loss import LossConfig, training_loss  # noqa: E402
 from models import model_config, model_family  # noqa: E402
 from models.encoders import FrozenEncoder  # noqa: E402
@@ -107,7 +108,14 @@ class TrainStep:
     def __init__(self, name: str, align: str, b: int, args, device: torch.device):
         self.model, self.ema, self.methods = build(name, align, args, device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
-        self.net = torch.compile(self.model, mode=args.compile_mode) if args.compile else self.model
+        self.net = self.model
+        if args.compile and args.compile_unit == "block":  # as train.py: each block and head, before DDP
+            torch._dynamo.config.optimize_ddp = False
+            self.model.compile_blocks(mode=args.compile_mode)
+        if args.ddp:  # as train.py wraps it, in a process group of one
+            self.net = torch.nn.parallel.DistributedDataParallel(self.net, **ddp_options())
+        if args.compile and args.compile_unit == "model":  # the whole model (as train.py did before)
+            self.net = torch.compile(self.net, mode=args.compile_mode)
         self.config = loss_config(name)
         self.x = torch.randn(b, *latent_shape(name, args), device=device)
         self.y = torch.randint(0, 1000, (b,), device=device)

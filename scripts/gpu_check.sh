@@ -33,6 +33,9 @@
 #                                         written to benchmarks/results/encode_loader_<gpu>.json
 #   TRAIN_ARGS="--models SiT-XL/2 --align none vae-repa --batch-size 128"   benchmark_train.py's rows instead of
 #                                         --table4 (each row compiles on CUDA first: its time is recorded as first_step_s)
+#   TRAIN_ARGS="--models SiT-XL/2 --align vae-repa --batch-size 128 --ddp --compile-unit block"   the path train.py
+#                                         runs (each block compiled, DDP-wrapped with its options); the same with
+#                                         --compile-unit model is the whole-model compile that a101ca5 measured
 #
 # For a short lent GPU (15 device-minutes, start-up included), two calls, the measurements first:
 #   PARTS="sample train loader" DEADLINE_S=480 SAMPLE_VARIANTS="autocast bf16-weights compile" TRAIN_STEPS=20 \

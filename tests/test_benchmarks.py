@@ -1,6 +1,9 @@
 """scripts/benchmark_train.py on a tiny CPU configuration: the JSON it writes and FLOP counts against closed forms."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -220,3 +223,23 @@ def test_cuda_rows_have_memory_fits_profiles_and_the_attention_backend(tmp_path,
     row = reports["default"]["results"][-1]
     record_property("gpu measurement", f"tiny SiT batch 64 vae-repa: phases {row['phase_ms']}, "
                                        f"kernels {row['profile']['by_kind_ms']}")
+
+
+def test_ddp_rows_run_the_model_wrapped_as_train_py_wraps_it(tmp_path):
+    """--ddp times the step through DistributedDataParallel with train.py's options, in a process group of one (a
+    subprocess: the group would outlive the test); the rows count the same FLOPs as the bare model's and the JSON says
+    which path was measured."""
+    rows = {}
+    for ddp in ("--ddp", "--no-ddp"):
+        out = tmp_path / f"{ddp}.json"
+        r = subprocess.run([sys.executable, str(ROOT / "scripts/benchmark_train.py"), "--models", "SiT-S/2", "--align",
+                            "vae-repa", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--latent-size", "8",
+                            "--batch-size", "2", "--steps", "2", "--warmup", "1", "--precision", "fp32", ddp,
+                            "--out", str(out)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows[ddp] = json.loads(out.read_text())
+    assert rows["--ddp"]["ddp"] is True and rows["--no-ddp"]["ddp"] is False
+    wrapped, bare = rows["--ddp"]["results"][0], rows["--no-ddp"]["results"][0]
+    assert wrapped["train_gflops_per_image"] == bare["train_gflops_per_image"] > 0
+    assert wrapped["images_per_s"] > 0

@@ -22,7 +22,7 @@ import alignment
 from alignment import ARCH_KEYS, model_from_args
 from checkpoints import CHECKPOINT_FORMAT, DamagedCheckpointError, list_checkpoints, load_checkpoint, set_rng_state
 from cli import UsageError
-from devices import enable_deterministic_mode, gpu_launch_problem
+from devices import ddp_options, enable_deterministic_mode, gpu_launch_problem
 from integrity import write_text
 from training import guard
 
@@ -107,12 +107,9 @@ def make_accelerator(args: argparse.Namespace):
     # cpu=True without CUDA (or with --device cpu), so that torchrun's processes form a gloo group instead of running
     # alone. A long timeout: rank 0 writing an XL checkpoint to a slow file system keeps the others waiting.
     pg_kwargs = InitProcessGroupKwargs(timeout=datetime.timedelta(hours=1))
-    # Gradients live in DDP's buckets (no second copy: 2.8 GB at XL/2); no buffer is broadcast before each forward
-    # (the models' buffers, position embeddings and RoPE tables, never change).
     hook = {"fp32": DDPCommunicationHookType.NO, "bf16": DDPCommunicationHookType.BF16}[args.ddp_comm]
-    ddp_kwargs = DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=False,
-                                               bucket_cap_mb=args.ddp_bucket_cap_mb,
-                                               static_graph=args.ddp_static_graph, comm_hook=hook)
+    ddp_kwargs = DistributedDataParallelKwargs(**ddp_options(args.ddp_bucket_cap_mb, args.ddp_static_graph),
+                                               comm_hook=hook)
     use_cpu = args.device == "cpu" or not torch.cuda.is_available()
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=args.mixed_precision,
                               kwargs_handlers=[pg_kwargs, ddp_kwargs],
