@@ -16,7 +16,7 @@ from helpers_data import make_tiny_vae, write_latent_dataset
 import train
 from alignment import model_from_args
 from devices import resolve_compile
-from training import loop
+from training import checkpoint_writer, loop
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--vae-repa-depth", "1",
@@ -190,8 +190,8 @@ def test_compile_is_on_by_default_with_cuda_only_and_may_change_on_resume(tmp_pa
 
 
 def test_checkpoint_retention_rule():
-    assert loop.checkpoint_steps_to_keep([10, 20, 30, 40, 50], keep_last=2, keep_every=20) == {20, 40, 50}
-    assert loop.checkpoint_steps_to_keep([10, 20, 30], keep_last=0, keep_every=0) == set()
+    assert checkpoint_writer.checkpoint_steps_to_keep([10, 20, 30, 40, 50], keep_last=2, keep_every=20) == {20, 40, 50}
+    assert checkpoint_writer.checkpoint_steps_to_keep([10, 20, 30], keep_last=0, keep_every=0) == set()
 
 
 def test_ema_update_formula():

@@ -23,7 +23,6 @@ logger = logging.getLogger("train")
 # The longest a rank waits on its own work (the background data check) while the others wait in a collective; far
 # below any process-group timeout, so a slow check on a slow file system is many short waits, never one long one.
 POLL_SECONDS = 5.0
-checksum_sidecar = checksum_path
 
 # Settings a resumed run may change: how long it runs, what it logs, writes and keeps, where its files are, and how
 # it uses its hardware (the number of processes: --batch-size is split over them, so the global batch stays). The change
@@ -44,6 +43,10 @@ MAY_CHANGE = ("max_train_steps", "epochs", "resolution", "fused_attn", "resume_s
 
 class DataFault(UsageError):
     """The training data is damaged (a shard that differs from its checksum, non-finite values in a batch)."""
+
+
+class CheckpointWriteError(UsageError):
+    """The main process could not write a checkpoint (a full disk, failing storage); the earlier ones are intact."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,12 +165,14 @@ def start_data_verification(dataset, args: argparse.Namespace, is_main: bool) ->
 
 class Watch:
     """Faults that stop the run before any checkpoint is written: a damaged shard (the verifier), non-finite values
-    in a batch (the data is at fault) and a non-finite loss. Per step only device operations; the flags are read
-    where the loop synchronises anyway (logging and checkpoint steps) and, in a single process, the verifier's
-    verdict at every step."""
+    in a batch (the data is at fault), a non-finite loss, and a checkpoint the main process failed to write (the
+    background writer, training/checkpoint_writer.py). Per step only device operations; the flags are read where
+    the loop synchronises anyway (logging and checkpoint steps) and, in a single process, the verifier's and the
+    writer's verdicts at every step."""
 
-    def __init__(self, accelerator, dataset, verifier: ShardVerifier | None, run_dir: Path):
+    def __init__(self, accelerator, dataset, verifier: ShardVerifier | None, run_dir: Path, writer=None):
         self.accelerator, self.dataset, self.verifier, self.run_dir = accelerator, dataset, verifier, run_dir
+        self.writer = writer  # a CheckpointWriter (rank 0 writes; the others' stays idle), or None
         device = accelerator.device
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.bad_index = torch.full((), -1, dtype=torch.int64, device=device)
@@ -198,44 +203,80 @@ class Watch:
                         self.verifier.bytes / 1e6 / max(seconds, 1e-9))
         return problem, running
 
+    def _writer_state(self, wait: float = 0.0) -> tuple[str | None, bool]:
+        """(the failed checkpoint write's line or None, whether a write is in flight), after waiting at most `wait`
+        seconds for it; `in flight` is read first, as for the data check."""
+        if self.writer is None:
+            return None, False
+        if wait > 0:
+            self.writer.wait(wait)
+        in_flight = self.writer.in_flight
+        return self.writer.failure, in_flight
+
     def _gather(self, problem: str | None, running: bool) -> torch.Tensor:
-        """(processes, 4) per process: non-finite loss, damaged shard, first non-finite image index (-1: none), data
-        check still running. Every rank then decides from these same values."""
+        """(processes, 6) per process: non-finite loss, damaged shard, first non-finite image index (-1: none), data
+        check still running, checkpoint write failed, checkpoint write in flight. Every rank then decides from these
+        same values."""
         device = self.bad_index.device
-        local = torch.tensor([int(problem is not None), int(running)], device=device)
-        flags = torch.stack([self.nonfinite.long(), local[0], self.bad_index, local[1]])
-        return self.accelerator.gather(flags[None]).reshape(-1, 4)
+        failure, writing = self._writer_state()
+        local = torch.tensor([int(problem is not None), int(running), int(failure is not None), int(writing)],
+                             device=device)
+        flags = torch.stack([self.nonfinite.long(), local[0], self.bad_index, local[1], local[2], local[3]])
+        return self.accelerator.gather(flags[None]).reshape(-1, 6)
 
     @staticmethod
-    def _must_wait(flags: torch.Tensor, before_checkpoint: bool) -> bool:
+    def _must_wait_for_data(flags: torch.Tensor, before_checkpoint: bool) -> bool:
         """True while the data check runs, has found nothing yet, and its verdict decides what happens next: before a
         checkpoint (none is written from damaged data) or before stopping for non-finite values (a damaged shard is
         the better diagnosis)."""
         decides = before_checkpoint or int(flags[:, 0].max()) > 0 or int(flags[:, 2].max()) >= 0
         return decides and int(flags[:, 3].max()) > 0 and int(flags[:, 1].max()) == 0
 
+    @staticmethod
+    def _must_wait_for_write(flags: torch.Tensor, before_checkpoint: bool) -> bool:
+        """True while the previous checkpoint is still being written, before a checkpoint, an evaluation or the run's
+        end (at most one write in flight, its failure known to every rank before anything else happens) or before
+        stopping for damaged data or a non-finite loss (whose line names the last checkpoint written)."""
+        stopping = int(flags[:, 0].max()) > 0 or int(flags[:, 1].max()) > 0 or int(flags[:, 2].max()) >= 0
+        return (before_checkpoint or stopping) and int(flags[:, 5].max()) > 0
+
+    def _must_wait(self, flags: torch.Tensor, before_checkpoint: bool) -> bool:
+        return self._must_wait_for_data(flags, before_checkpoint) or self._must_wait_for_write(flags,
+                                                                                              before_checkpoint)
+
     def check(self, step: int, sync: bool, before_checkpoint: bool) -> None:
-        """Raise if the run must stop: DataFault (damaged shard, non-finite data) or FloatingPointError.
+        """Raise if the run must stop: DataFault (damaged shard, non-finite data), CheckpointWriteError or
+        FloatingPointError.
+
+        `before_checkpoint` (a checkpoint step, an evaluation, the run's end): also wait for the checkpoint write in
+        flight, and raise CheckpointWriteError on every rank if it failed.
 
         Every rank enters the same collectives and branches on gathered values only, and none waits on local work
-        for more than POLL_SECONDS while the others sit in a collective: waiting for the data check is a loop of
-        short waits and gathers, which every rank leaves at the same iteration."""
+        for more than POLL_SECONDS while the others sit in a collective: waiting for the data check or the
+        checkpoint write is a loop of short waits and gathers, which every rank leaves at the same iteration."""
         world = self.accelerator.num_processes
         problem, running = self._verifier_state()
         if world == 1 and problem:
             raise DataFault(f"stopped before step {step + 1}: {problem}")
+        if world == 1 and self._writer_state()[0]:
+            raise CheckpointWriteError(self._writer_state()[0])
         if not sync:
             return
         flags = self._gather(problem, running)
-        if self._must_wait(flags, before_checkpoint) and not self.logged_wait:
+        if self._must_wait_for_data(flags, before_checkpoint) and not self.logged_wait:
             self.logged_wait = True
             logger.info("data: waiting for the check of the shards against their checksums before going on")
         while self._must_wait(flags, before_checkpoint):
-            problem, running = self._verifier_state(wait=POLL_SECONDS)
+            for_data = self._must_wait_for_data(flags, before_checkpoint)
+            problem, running = self._verifier_state(wait=POLL_SECONDS if for_data else 0.0)
+            self._writer_state(wait=0.0 if for_data else POLL_SECONDS)
             flags = self._gather(problem, running)
         if int(flags[:, 1].max()) > 0:
             raise DataFault(f"stopped before step {step + 1}: " + (problem or "the main process found a damaged "
                                                                    "shard (see its log)"))
+        if int(flags[:, 4].max()) > 0:
+            raise CheckpointWriteError(self._writer_state()[0] or "the main process failed to write a checkpoint "
+                                       "(see its log)")
         bad = int(flags[:, 2].max())
         if bad >= 0:
             origin = ("The shards match their checksums, so preprocessing stored these values" if self.verifier

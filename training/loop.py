@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -17,13 +18,14 @@ import numpy as np
 import torch
 
 import alignment
-from checkpoints import CHECKPOINT_FORMAT, atomic_save, list_checkpoints, rng_state
+from checkpoints import CHECKPOINT_FORMAT, rng_state
 from cli import UsageError
 from devices import resolve_compile
 from integrity import atomic_write, worker_init
 from latent_codecs.autoencoder import decode_latents, load_vae
 from loss import LossConfig, training_loss
 from training import guard
+from training.checkpoint_writer import CheckpointWriter, prune_checkpoints
 from training.evaluation import make_evaluator
 from training.setup import (
     batches,
@@ -59,16 +61,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
-def checkpoint_steps_to_keep(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
-    """The retention rule: the newest `keep_last` checkpoints and every multiple of `keep_every` (the checkpoint
-    just written is always kept as well)."""
-    steps = sorted(steps)
-    keep = set(steps[-keep_last:]) if keep_last > 0 else set()
-    if keep_every > 0:
-        keep |= {s for s in steps if s % keep_every == 0}
-    return keep
-
-
 @torch.no_grad()
 def sample_grid(ema, vae, args: dict, device: torch.device, n: int, steps: int) -> torch.Tensor:
     """Images in [0, 1] from the EMA model: fixed noise and labels, Euler ODE, decoded by the VAE."""
@@ -82,8 +74,10 @@ def sample_grid(ema, vae, args: dict, device: torch.device, n: int, steps: int) 
     return ((images + 1) / 2).clamp(0, 1).cpu()
 
 
-def save_checkpoint(accelerator, state: dict, run_dir: Path, args: argparse.Namespace) -> None:
-    """Every rank's RNG state gathered, then rank 0 writes `state` atomically and prunes by the retention rule."""
+def save_checkpoint(accelerator, writer: CheckpointWriter, state: dict, run_dir: Path,
+                    args: argparse.Namespace) -> None:
+    """Every rank's RNG state gathered, then rank 0 hands the checkpoint to the background writer (a snapshot in CPU
+    memory: training goes on while it is written), which prunes by the retention rule once it is written."""
     device, world, step = accelerator.device, accelerator.num_processes, state["step"]
     rng_states = [rng_state(device)]
     if world > 1:
@@ -92,17 +86,12 @@ def save_checkpoint(accelerator, state: dict, run_dir: Path, args: argparse.Name
     if not accelerator.is_main_process:
         return
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-    # written, fsynced and read back against what was written (integrity.atomic_write) before any older one goes
-    atomic_save({"format": CHECKPOINT_FORMAT, **state, "rng": rng_states, "scaler": scaler},
-                run_dir / "checkpoints" / f"{step:07d}.pt", checksum=True)
-    existing = list_checkpoints(run_dir / "checkpoints")
-    keep = checkpoint_steps_to_keep(list(existing), args.keep_last, args.keep_every) | {step}
-    if getattr(args, "eval_every", 0) > 0:  # each logged metric stays reproducible from its checkpoint
-        keep |= {s for s in existing if s % args.eval_every == 0}
-    for s in set(existing) - keep:
-        existing[s].unlink()
-        guard.checksum_sidecar(existing[s]).unlink(missing_ok=True)
-    logger.info("saved checkpoint %s", run_dir / "checkpoints" / f"{step:07d}.pt")
+    folder = run_dir / "checkpoints"
+    # older ones go only once this one is written, fsynced and read back against what was written (integrity.py)
+    prune = functools.partial(prune_checkpoints, folder, step, args.keep_last, args.keep_every,
+                              getattr(args, "eval_every", 0))
+    writer.submit({"format": CHECKPOINT_FORMAT, **state, "rng": rng_states, "scaler": scaler},
+                  folder / f"{step:07d}.pt", after=prune)
 
 
 def save_sample_grid(ema, vae, run_args: dict, device, run_dir: Path, step: int, accelerator) -> None:
@@ -180,6 +169,7 @@ class Run:
     position: int
     vae: Any  # for the sample grids (rank 0, --sample-every > 0), else None
     watch: guard.Watch
+    writer: CheckpointWriter  # rank 0's background checkpoint writes (idle on the other ranks)
     evaluator: Any
     clock_start: float  # time.time() less the seconds trained before a resume
 
@@ -197,10 +187,13 @@ class LogWindow:
 def train(args: argparse.Namespace):
     """Run training; returns the (unwrapped) model and its EMA on this process."""
     run = set_up_run(args)
-    # a kill interrupted this step's evaluation: redo it
-    if run.evaluator is not None and run.evaluator.pending(run.step):
-        run.evaluator.run(run.ema, run.step, time.time() - run.clock_start)
-    run_steps(run)
+    with run.writer:  # however training ends, the checkpoint write in flight is waited for
+        # a kill interrupted this step's evaluation: redo it
+        if run.evaluator is not None and run.evaluator.pending(run.step):
+            run.evaluator.run(run.ema, run.step, time.time() - run.clock_start)
+        run_steps(run)
+        # the last write has ended, and every rank knows whether it failed
+        run.watch.check(run.step, sync=True, before_checkpoint=True)
     # leave together: a rank that exits while another is still in a collective (the last checkpoint's) can abort it
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
@@ -261,13 +254,14 @@ def set_up_run(args: argparse.Namespace) -> Run:
     vae = load_vae(run_args["vae"]).to(device) if args.sample_every > 0 and is_main else None
     init_trackers(accelerator, args, run_args, run_dir)
     log_summary(args, raw_model, methods, device, world, local_batch)
-    watch = guard.Watch(accelerator, dataset, guard.start_data_verification(dataset, args, is_main), run_dir)
+    writer = CheckpointWriter()
+    watch = guard.Watch(accelerator, dataset, guard.start_data_verification(dataset, args, is_main), run_dir, writer)
     args.created_run_dir = None  # set-up done: from here on the run directory is kept whatever happens
     evaluator = make_evaluator(args, run_args, run_dir, accelerator)  # the Inception network, loaded once
     clock_start = time.time() - (checkpoint.get("wall_seconds", 0.0) if checkpoint is not None else 0.0)
     return Run(args=args, accelerator=accelerator, run_dir=run_dir, run_args=run_args, methods=methods, needs=needs,
                loss_config=loss_config, raw_model=raw_model, model=model, ema=ema, optimizer=optimizer, data=data,
-               step=step, epoch=epoch, position=position, vae=vae, watch=watch, evaluator=evaluator,
+               step=step, epoch=epoch, position=position, vae=vae, watch=watch, writer=writer, evaluator=evaluator,
                clock_start=clock_start)
 
 
@@ -334,11 +328,14 @@ def run_steps(run: Run) -> None:
         if log_now:
             log_losses(run, window, progress)
         if ckpt_now:
-            save_checkpoint(accelerator, {"model": run.raw_model.state_dict(), "ema": run.ema.state_dict(),
-                                          "opt": run.optimizer.state_dict(), "step": step, "args": run.run_args,
-                                          "data": {"epoch": run.epoch, "position": run.position},
-                                          "wall_seconds": time.time() - run.clock_start}, run.run_dir, args)
+            save_checkpoint(accelerator, run.writer, {
+                "model": run.raw_model.state_dict(), "ema": run.ema.state_dict(), "opt": run.optimizer.state_dict(),
+                "step": step, "args": run.run_args, "data": {"epoch": run.epoch, "position": run.position},
+                "wall_seconds": time.time() - run.clock_start}, run.run_dir, args)
         if eval_now:
+            # the checkpoint of an evaluated step is on disk before its row is: a kill never leaves a row whose
+            # weights no checkpoint holds (all ranks wait together, in the guard's short slices)
+            run.watch.check(step, sync=True, before_checkpoint=True)
             run.evaluator.run(run.ema, step, time.time() - run.clock_start)
         if args.sample_every > 0 and (step % args.sample_every == 0 or step == args.max_train_steps):
             if accelerator.is_main_process:
