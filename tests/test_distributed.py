@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers_data import write_latent_dataset
 
 import integrity
@@ -99,23 +100,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(tmp_path: Path, script: Path, *argv: str) -> subprocess.CompletedProcess:
-    """Two gloo processes on this machine. Without TORCH_DISTRIBUTED_DEBUG=DETAIL (gloo's report of mismatched
+def torchrun(tmp_path: Path, script: Path, *argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`nproc` gloo processes on this machine. Without TORCH_DISTRIBUTED_DEBUG=DETAIL (gloo's report of mismatched
     collectives): with torch 2.14 on these CPUs DDP's constructor segfaults under it in many launches. A rank left
     behind in a collective still shows, as gloo's own errors (COLLECTIVE_ERRORS) or the subprocess timeout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "TORCH_DISTRIBUTED_DEBUG": "OFF"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(script), *argv], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), str(script), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
 
 
 def error_lines(stderr: str) -> list[str]:
     return [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]
 
 
-def test_a_damaged_shard_with_non_finite_data_ends_both_ranks_with_their_lines(tmp_path):
-    """Rank 0's check finds a damaged shard while both ranks see non-finite values: every rank takes the same branch
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_a_damaged_shard_with_non_finite_data_ends_every_rank_with_its_line(tmp_path, nproc):
+    """Rank 0's check finds a damaged shard while every rank sees non-finite values: every rank takes the same branch
     (it once skipped a gather that rank 1 entered, which died with "Connection closed by peer", its line lost)."""
     data = make_dataset(tmp_path / "data", nan_everywhere=True)
     shard = data / "std-00002.npy"
@@ -123,11 +125,13 @@ def test_a_damaged_shard_with_non_finite_data_ends_both_ranks_with_their_lines(t
     raw[-7] ^= 0xFF
     shard.write_bytes(bytes(raw))
     r = torchrun(tmp_path, ROOT / "train.py", "--data-dir", str(data), "--output-dir", str(tmp_path / "runs"), *TINY,
-                 "--max-train-steps", "6", "--logging-steps", "3", "--checkpointing-steps", "6", "--exp-name", "a")
+                 "--max-train-steps", "6", "--logging-steps", "3", "--checkpointing-steps", "6", "--exp-name", "a",
+                 "--batch-size", str(2 * nproc), nproc=nproc)
     assert r.returncode != 0
     lines = error_lines(r.stderr)
-    assert any("std-00002.npy is damaged" in line for line in lines), r.stderr[-3000:]  # rank 0, the check's rank
-    assert any("the main process found a damaged shard" in line for line in lines), r.stderr[-3000:]  # rank 1
+    assert sum("std-00002.npy is damaged" in line for line in lines) == 1, r.stderr[-3000:]  # rank 0, the check's
+    others = sum("the main process found a damaged shard" in line for line in lines)
+    assert others == nproc - 1, r.stderr[-3000:]  # every other rank, with its own line
     assert not [word for word in COLLECTIVE_ERRORS if word in r.stderr], r.stderr[-3000:]
     assert "std-00002.npy is damaged" in (tmp_path / "runs/a/log.txt").read_text()
     assert not list((tmp_path / "runs/a/checkpoints").glob("*.pt"))
