@@ -132,8 +132,8 @@ def prepare_folder(folder: Path, npz_path: Path, num: int, config: dict, sources
                 json.dump({"config": config, "sources": sources}, f, indent=2)
         except OSError as e:
             raise UsageError(f"--sample-dir {folder.parent}: cannot write to {folder} ({e.strerror or e})") from e
-    for stale in folder.glob(".*.tmp"):  # the folder is ours: anything temporary in it was left by a killed run
-        stale.unlink(missing_ok=True)
+    # what a killed run's atomic writes left: only temporaries of our own names (a user's other .tmp files stay)
+    remove_stale_temps(folder, re.compile(rf"(\d{{6}}\.png|{re.escape(CONFIG_NAME)})$"))
     remove_stale_temps(folder.parent, re.compile(re.escape(npz_path.name) + "$"))
     existing = {int(f[:6]) for f in os.listdir(folder) if PNG_NAME.match(f)}
     return [i for i in range(num) if i not in existing]

@@ -133,7 +133,9 @@ def test_killed_run_resumes_to_the_same_npz(assets, reference, tmp_path, capsys)
     shutil.copytree(reference["folder"], folder)  # a run killed after some PNGs, before the npz
     for i in (1, 4, 7):
         (folder / f"{i:06d}.png").unlink()
-    (folder / ".000004.png.999.tmp").write_bytes(b"half a png")
+    (folder / ".000004.png.3fa4b2c1.tmp").write_bytes(b"half a png")  # the atomic writer's temporary name
+    (folder / ".mine.tmp").write_bytes(b"a file of the user's")  # not ours: left alone
+    (folder / ".notes.txt.3fa4b2c1.tmp").write_bytes(b"a temporary of another name: not ours either")
     kept = {i: (folder / f"{i:06d}.png").stat().st_mtime_ns for i in (0, 2, 3, 5, 6)}
     capsys.readouterr()
 
@@ -144,7 +146,7 @@ def test_killed_run_resumes_to_the_same_npz(assets, reference, tmp_path, capsys)
     with zipfile.ZipFile(npz) as a, zipfile.ZipFile(reference["npz"]) as b:
         assert a.read("arr_0.npy") == b.read("arr_0.npy")
     assert {i: (folder / f"{i:06d}.png").stat().st_mtime_ns for i in kept} == kept  # not sampled again
-    assert not list(folder.glob("*.tmp"))
+    assert sorted(p.name for p in folder.glob(".*.tmp")) == [".mine.tmp", ".notes.txt.3fa4b2c1.tmp"]
 
     before = npz.stat().st_mtime_ns  # a finished run: nothing to do
     rc, _, _ = sample(assets["run"], tmp_path, *SETTINGS)
