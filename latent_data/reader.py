@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +66,16 @@ class LatentReader:
     def repair_command(self) -> str:
         """The preprocessing command that checks every shard and rewrites the damaged ones (from the manifest)."""
         m = self.manifest
-        parts = ["python -m preprocessing.encode", f"--source {m.get('source', '<images>')}", f"--dest {self.root}"]
+        parts = ["python", "-m", "preprocessing.encode", "--source", str(m.get("source", "<images>")), "--dest",
+                 str(self.root)]
         for key, flag in (("vae", "--vae"), ("resolution", "--resolution"), ("precision", "--precision"),
                           ("shard_size", "--shard-size"), ("scale", "--scale"), ("shift", "--shift"),
                           ("num_classes", "--num-classes")):
             if m.get(key) is not None:
-                parts.append(f"{flag} {m[key]}")
+                parts += [flag, str(m[key])]
         dtypes = {"float16": "fp16", "float32": "fp32"}
         if m.get("dtype") in dtypes:
-            parts.append(f"--dtype {dtypes[m['dtype']]}")
+            parts += ["--dtype", dtypes[m["dtype"]]]
         parts += [flag for key, flag in (("flip", "--flip"), ("images", "--save-images")) if m.get(key)]
-        return "`" + " ".join(parts) + "` (add --labels FILE if the dataset was made with one)"
+        # quoted: the manifest may come from someone else, and the user pastes this into a shell
+        return "`" + shlex.join(parts) + "` (add --labels FILE if the dataset was made with one)"

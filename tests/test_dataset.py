@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 
 import numpy as np
 import pytest
@@ -203,3 +204,20 @@ def test_errors_name_the_damaged_file(tmp_path):
     assert len(LatentDataset(d)) == N
     with pytest.raises(DatasetError, match="no manifest.json"):
         LatentDataset(tmp_path)
+
+
+def test_the_repair_command_quotes_what_the_manifest_says(tmp_path):
+    """The command printed for a damaged shard is pasted into a shell: a manifest made by someone else whose source
+    holds shell text must reach preprocessing as one argument, and run nothing."""
+    rng = np.random.default_rng(0)
+    mean = rng.standard_normal((4, 4, 8, 8)).astype(np.float32)
+    root = write_latent_dataset(tmp_path / "my data", mean, np.full_like(mean, 0.1), np.zeros(4, np.int64),
+                                shard_size=2, num_classes=1)
+    manifest = json.loads((root / "manifest.json").read_text())
+    hostile = "/data/x; touch /tmp/pwned $(id)"
+    manifest["source"] = hostile
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    command = LatentDataset(root).repair_command()
+    argv = shlex.split(command[command.index("`") + 1:command.rindex("`")])  # what a shell would pass
+    assert argv[:3] == ["python", "-m", "preprocessing.encode"]
+    assert argv[argv.index("--source") + 1] == hostile and argv[argv.index("--dest") + 1] == str(root)
