@@ -69,9 +69,20 @@ def _bool_flags(action: argparse.Action) -> tuple[str, str]:
     return on, off
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage error comes after a short usage line, not after the usage of every flag (60 lines
+    for train.py)."""
+
+    def error(self, message: str):
+        usage = self.format_usage()
+        if usage.count("\n") > 3:
+            usage = f"usage: {self.prog} [options] ...   ({self.prog} --help lists every flag and its default)\n"
+        self.exit(2, f"{usage}{self.prog}: error: {message}\n")
+
+
 def parser(description: str | None, **kwargs) -> argparse.ArgumentParser:
     """An ArgumentParser in the shared help style."""
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
+    return _Parser(description=description, formatter_class=HelpFormatter, **kwargs)
 
 
 def usable_cpus() -> int:

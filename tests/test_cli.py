@@ -112,3 +112,17 @@ def test_train_usage_errors_answer_before_torch():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and re.search(r"--logging-dir: .*run directory", proc.stderr)
     assert "torch" not in imported_modules(proc.stderr)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train.py", "--model", "SiT-XL2"], "argument --model: invalid choice: 'SiT-XL2'"),
+    (["generate.py", "--ckpt", "x", "--mode", "odd"], "argument --mode: invalid choice: 'odd'"),
+    (["-m", "preprocessing.encode", "--source", "s"], "the following arguments are required: --dest"),
+])
+def test_a_usage_error_is_a_short_usage_line_and_the_error(argv, says):
+    """A mistyped flag ends with two lines, the error last, not after the usage of every flag (60 lines)."""
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 2, proc.stderr
+    assert lines[0].startswith("usage: ") and "--help lists every flag" in lines[0]
+    assert ": error: " + says in lines[1]
