@@ -14,7 +14,7 @@ from alignment import model_from_args
 from checkpoints import check_integrity, list_checkpoints, load_checkpoint, sampling_weights
 from cli import PATH_TYPES, UsageError
 from latent_data.format import REPA_DEFAULTS
-from models import model_family
+from models import model_config, model_family
 from models.heads import strip_wrapper_prefixes
 from models.sit import SiT
 
@@ -106,6 +106,29 @@ def _projector_notes(args: argparse.Namespace, state: dict, ckpt_args: dict, our
     return [n + "; sampling does not run the projectors, so the images are the same" for n in notes]
 
 
+def _check_against_tensors(arch: dict, state: dict, ckpt: Path, fix_hint: str) -> None:
+    """The sizes that the architecture's arguments give the model (width, latent channels and grid, classes, blocks)
+    against the checkpoint's own tensors, before anything is allocated: a file whose metadata claims 10^9 classes
+    is refused here instead of building a 100 GB embedding table."""
+    keys = strip_wrapper_prefixes(state)
+    config = model_config(arch["model"])
+    hidden = arch.get("hidden_size") or config["hidden_size"]
+    depth = arch.get("depth") or config["depth"]
+    channels, side = arch["latent_shape"][0], arch["latent_shape"][1]
+    expected = {"x_embedder.proj.weight": lambda s: (s[0], s[1], s[2]) == (hidden, channels, config["patch_size"]),
+                "pos_embed": lambda s: (s[-2], s[-1]) == ((side // config["patch_size"]) ** 2, hidden),
+                "y_embedder.embedding_table.weight": lambda s: tuple(s) == (arch["num_classes"] + 1, hidden)}
+    wrong = [f"{k} {tuple(keys[k].shape)}" for k, fits in expected.items() if k in keys and not fits(keys[k].shape)]
+    blocks = len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
+    if blocks != depth:
+        wrong.append(f"{blocks} blocks")
+    if wrong:
+        latent = "x".join(map(str, arch["latent_shape"]))
+        raise UsageError(f"checkpoint {ckpt} does not fit {arch['model']} (hidden size {hidden}, {depth} blocks, "
+                         f"latent {latent}, {arch['num_classes']} classes): size mismatch with its tensors, which hold "
+                         f"{', '.join(wrong)}; {fix_hint}")
+
+
 def verify_checkpoint(ckpt: Path) -> None:
     """Refuse an empty checkpoint or one that differs from its sha256 sidecar (reads the whole file: rank 0 does it
     once, and the other processes load without it)."""
@@ -150,6 +173,7 @@ def load_model(args: argparse.Namespace, ckpt: Path, verify: bool = True) -> tup
         vae, scale, shift = REPA_DEFAULTS["vae"], REPA_DEFAULTS["scale"], REPA_DEFAULTS["shift"]
         fix_hint = "set --model / --resolution / --num-classes / --qk-norm to the architecture it was trained with"
     arch["latent_shape"] = [int(s) for s in arch["latent_shape"]]
+    _check_against_tensors(arch, state, ckpt, fix_hint)  # before anything is built from the (untrusted) args
     notes = _projector_notes(args, state, ckpt_args, ours, ckpt)
 
     try:

@@ -435,3 +435,20 @@ def test_repa_s_fused_attn_and_tf32_flags_say_what_they_do(assets, tmp_path, cap
     out = capsys.readouterr().out
     assert rc == 0 and "--no-fused-attn changes nothing" in out and "--tf32 changes nothing on the CPU" in out
     np.testing.assert_array_equal(arr_0(flagged), arr_0(plain))
+
+
+@pytest.mark.parametrize("lie", [{"num_classes": 10**9}, {"hidden_size": 10**6}, {"depth": 10**7},
+                                 {"latent_shape": [4, 10**5, 10**5]}])
+def test_architecture_claims_are_checked_against_the_tensors_before_anything_is_built(assets, tmp_path, capsys, lie):
+    """A safetensors export is safe to open, but its metadata chooses what gets built: 10^9 classes would allocate a
+    128 GB embedding table. The claims are compared with the file's own tensors first, and refused in one line."""
+    from checkpoints import write_safetensors
+
+    args = {**TINY_ARGS, "vae": str(assets["vae"])}
+    path = tmp_path / "lying.safetensors"
+    write_safetensors(random_state(args, seed=0, with_heads=False), {**args, **lie}, 1, path)
+    capsys.readouterr()
+    rc, _, _ = sample(path, tmp_path / "s", *SETTINGS)
+    assert rc == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"checkpoint {path} does not fit SiT-S/2" in line and "size mismatch with its tensors" in line
