@@ -303,13 +303,21 @@ def test_a_failed_write_stops_a_run_with_one_line_and_keeps_the_earlier_checkpoi
     assert issubclass(guard.CheckpointWriteError, train.UsageError)
 
 
-def test_an_error_during_training_waits_for_the_write_in_flight(tmp_path, monkeypatch):
-    data = make_dataset(tmp_path / "data")
-    real_write, real_loss, calls = checkpoint_writer.write_checkpoint, loop.training_loss, {"n": 0}
+@pytest.fixture
+def slow_writes(monkeypatch):
+    """Every checkpoint write takes 1.5 s longer: training goes on while one is in flight."""
+    real_write = checkpoint_writer.write_checkpoint
 
     def slow_write(state, path):
         time.sleep(1.5)
         real_write(state, path)
+
+    monkeypatch.setattr(checkpoint_writer, "write_checkpoint", slow_write)
+
+
+def test_an_error_during_training_waits_for_the_write_in_flight(tmp_path, monkeypatch, slow_writes):
+    data = make_dataset(tmp_path / "data")
+    real_loss, calls = loop.training_loss, {"n": 0}
 
     def failing_loss(*args, **kwargs):
         calls["n"] += 1
@@ -317,7 +325,6 @@ def test_an_error_during_training_waits_for_the_write_in_flight(tmp_path, monkey
             raise RuntimeError("a fault in step 3")
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_writer, "write_checkpoint", slow_write)
     monkeypatch.setattr(loop, "training_loss", failing_loss)
     with pytest.raises(RuntimeError, match="a fault in step 3"):
         run(tmp_path, data, "--exp-name", "a", "--max-train-steps", "6", "--checkpointing-steps", "2")
@@ -327,22 +334,17 @@ def test_an_error_during_training_waits_for_the_write_in_flight(tmp_path, monkey
     assert not [t for t in threading.enumerate() if t.name == "write-checkpoint"]
 
 
-def test_a_non_finite_loss_names_the_checkpoint_still_being_written(tmp_path, monkeypatch):
+def test_a_non_finite_loss_names_the_checkpoint_still_being_written(tmp_path, monkeypatch, slow_writes):
     """The loss turns non-finite while step 2's checkpoint is being written: the run waits for it, so that the line
     names it as the last good checkpoint."""
     data = make_dataset(tmp_path / "data")
-    real_write, real_loss, calls = checkpoint_writer.write_checkpoint, loop.training_loss, {"n": 0}
-
-    def slow_write(state, path):
-        time.sleep(1.5)
-        real_write(state, path)
+    real_loss, calls = loop.training_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         out = real_loss(*args, **kwargs)
         return {k: v * float("nan") for k, v in out.items()} if calls["n"] > 2 else out
 
-    monkeypatch.setattr(checkpoint_writer, "write_checkpoint", slow_write)
     monkeypatch.setattr(loop, "training_loss", poisoned)
     with pytest.raises(FloatingPointError, match="Last good checkpoint: .*0000002.pt"):
         run(tmp_path, data, "--exp-name", "a", "--max-train-steps", "6", "--checkpointing-steps", "2")

@@ -258,8 +258,9 @@ class Watch:
         problem, running = self._verifier_state()
         if world == 1 and problem:
             raise DataFault(f"stopped before step {step + 1}: {problem}")
-        if world == 1 and self._writer_state()[0]:
-            raise CheckpointWriteError(self._writer_state()[0])
+        failure = self._writer_state()[0]
+        if world == 1 and failure:
+            raise CheckpointWriteError(failure)
         if not sync:
             return
         flags = self._gather(problem, running)
