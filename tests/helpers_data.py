@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -142,3 +143,19 @@ def load_shards(dest: Path, kind: str) -> np.ndarray:
     """One array kind ("mean", "std", "flip-mean", "images", ...) of every shard of a dataset, in manifest order."""
     manifest = json.loads((dest / "manifest.json").read_text())
     return np.concatenate([np.load(dest / s["files"][kind]) for s in manifest["shards"]])
+
+
+def record_checksums(root: Path) -> Path:
+    """Record in manifest.json the sha256 of every shard file and of labels.npy, as preprocessing does."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        shard["sha256"] = {kind: hashlib.sha256((root / name).read_bytes()).hexdigest()
+                           for kind, name in shard["files"].items()}
+    manifest["labels_sha256"] = hashlib.sha256((root / "labels.npy").read_bytes()).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The error lines of a command's stderr (a progress bar may precede one on its line)."""
+    return [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]

@@ -4,7 +4,6 @@ keeps a rank waiting inside a collective."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_data import write_latent_dataset
+from helpers_data import error_lines, record_checksums, write_latent_dataset
 
 import integrity
 
@@ -61,13 +60,7 @@ def make_dataset(root: Path, n: int = 16, nan_everywhere: bool = False) -> Path:
     if nan_everywhere:
         mean[:, 1, 2, 3] = np.nan
     write_latent_dataset(root, mean, np.full_like(mean, 0.1), rng.integers(0, 3, n), shard_size=4, num_classes=3)
-    manifest = json.loads((root / "manifest.json").read_text())
-    for shard in manifest["shards"]:
-        shard["sha256"] = {kind: hashlib.sha256((root / name).read_bytes()).hexdigest()
-                           for kind, name in shard["files"].items()}
-    manifest["labels_sha256"] = hashlib.sha256((root / "labels.npy").read_bytes()).hexdigest()
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    return record_checksums(root)
 
 
 # Runs train.py's main with the write of checkpoint 0000004.pt failing half-way through: the disk is full.
@@ -109,10 +102,6 @@ def torchrun(tmp_path: Path, script: Path, *argv: str, nproc: int = 2) -> subpro
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), str(script), *argv]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]
 
 
 @pytest.mark.parametrize("nproc", [2, 3])

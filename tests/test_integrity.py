@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers_data import make_image_folder, write_latent_dataset
+from helpers_data import error_lines, make_image_folder, record_checksums, write_latent_dataset
 
 import integrity
 import train
@@ -34,11 +34,8 @@ def make_dataset(root: Path, n: int = 10, checksums: bool = True, nan_at: int | 
         mean[nan_at, 1, 2, 3] = np.nan
     write_latent_dataset(root, mean, np.full_like(mean, 0.1), rng.integers(0, 3, n), shard_size=4, num_classes=3)
     if checksums:  # as preprocessing records them: sha256 of every shard file and of labels.npy
+        record_checksums(root)
         manifest = json.loads((root / "manifest.json").read_text())
-        for shard in manifest["shards"]:
-            shard["sha256"] = {kind: hashlib.sha256((root / name).read_bytes()).hexdigest()
-                               for kind, name in shard["files"].items()}
-        manifest["labels_sha256"] = hashlib.sha256((root / "labels.npy").read_bytes()).hexdigest()
         manifest["source"] = "/data/imagenet/train"
         (root / "manifest.json").write_text(json.dumps(manifest))
     return root
@@ -56,11 +53,6 @@ def cli(tmp_path, capsys):
         return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
     return run
-
-
-def error_lines(stderr: str) -> list[str]:
-    """The error lines (a progress bar may precede one on its line)."""
-    return [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]
 
 
 def flip_byte(path: Path, offset_from_end: int = 7) -> None:
