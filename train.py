@@ -143,8 +143,9 @@ def _add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                    help="check every shard against the sha256 in manifest.json, in the background while training "
                         "starts; a damaged shard stops the run before the next step and any checkpoint "
                         "(--no-verify-data: skip)")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                   help="use the flipped-image latents (probability 0.5) when the dataset has them")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the flipped-image latents (probability 0.5) when the dataset has them. Default: on; off "
+                        "for a command recognised as REPA's or SRA's (their flags, no --align), whose code uses none")
 
 
 def _add_process_flags(p: argparse.ArgumentParser) -> None:

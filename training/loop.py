@@ -216,15 +216,21 @@ def set_up_run(args: argparse.Namespace) -> Run:
     args.compile = resolve_compile(args.compile, device, args.deterministic)
 
     run_dir, resume_from = locate_run(args)
-    methods = alignment.build_methods(vars(args))
-    needs = set().union(*(m.needs for m in methods))
+    needs = set().union(*(m.needs for m in alignment.build_methods(vars(args))))
     dataset = open_dataset(args, with_images="images" in needs)
     check_dataset_flags(args, dataset)
-    run_args = {k: v for k, v in vars(args).items() if k != "notes"}
+    run_args = {k: v for k, v in vars(args).items() if k not in alignment.peers.PARSE_ONLY}
     run_args.update(latent_shape=list(dataset.latent_shape), num_classes=dataset.num_classes, vae=dataset.vae,
                     latent_scale=dataset.scale, latent_shift=dataset.shift, world_size=world)
     # before anything is written: a checkpoint that is refused or does not fit leaves no run directory behind
     checkpoint = None if resume_from is None else open_resume_checkpoint(resume_from, args.trust_checkpoint, run_args)
+    # a peer's settings (flips, SRA's schedule and teacher): the dataset's resolution, or the run's own on a resume
+    args.notes += alignment.peers.settle(args, None if checkpoint is None else alignment.with_defaults(
+        checkpoint["args"]), dataset.manifest.get("resolution"), world)
+    run_args.update({k: getattr(args, k) for k in alignment.peers.SETTLED})
+    if dataset.use_flip != args.flip:  # a resumed run's own setting
+        dataset = open_dataset(args, with_images="images" in needs)
+    methods = alignment.build_methods(run_args)
     changed = {} if checkpoint is None else guard.compare_settings(
         alignment.with_defaults(checkpoint["args"]), run_args, resume_from)
     if len(dataset) // world < local_batch:
