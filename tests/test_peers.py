@@ -232,3 +232,51 @@ def test_sra_readme_command_two_steps_then_an_old_run_resumes_as_it_was(tmp_path
     assert (resumed["flip"], resumed["sra_teacher_precision"]) == (True, "autocast")
     assert load_checkpoint(run_dir / "checkpoints" / "0000003.pt")["args"]["sra_teacher_precision"] == "autocast"
     assert alignment.with_defaults(old)["sra_teacher_precision"] == "autocast"
+
+
+# ----------------------------------------------------------------------------------------------
+# REPA's --resume-step and our --format repa optimizer state
+
+
+class RepaOrder(torch.nn.Module):
+    """Our SiT's modules registered as REPA's models/sit.py SiT.__init__ registers them (sihyun-yu/REPA, models/sit.py,
+    class SiT): x_embedder, t_embedder, y_embedder, pos_embed = nn.Parameter(..., requires_grad=False), blocks,
+    projectors, final_layer. torch orders model.parameters() as REPA's model does: the root's own pos_embed first."""
+
+    def __init__(self, ours):
+        super().__init__()
+        self.x_embedder, self.t_embedder, self.y_embedder = ours.x_embedder, ours.t_embedder, ours.y_embedder
+        self.pos_embed = torch.nn.Parameter(ours.pos_embed.clone(), requires_grad=False)
+        self.blocks, self.projectors, self.final_layer = ours.blocks, ours.projectors, ours.final_layer
+
+
+def test_repa_export_optimizer_state_loads_into_repa_s_adamw_in_repa_s_order():
+    export = __import__("helpers_scripts").load_script("export")
+    # the issue's count for REPA's SiT-B/2 with one DINOv2 encoder: 138 parameter tensors, pos_embed among them
+    full = dict(model="SiT-B/2", num_classes=1000, latent_shape=[4, 32, 32], align=["repa"], enc_type="dinov2-vit-b",
+                encoder_depth=8)
+    with torch.device("meta"):
+        assert len(list(RepaOrder(model_from_args(full)).parameters())) == 138
+    args = dict(model="SiT-S/2", depth=2, hidden_size=32, num_heads=2, num_classes=3, latent_shape=[4, 4, 4],
+                align=["vae-repa", "repa", "sra"], vae_repa_depth=1, enc_type="dinov2-vit-s", encoder_depth=1,
+                sra_student_depth=1, sra_teacher_depth=2)
+    torch.manual_seed(0)
+    ours = model_from_args(args)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    for p in ours.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = export.repa_optimizer_state(opt.state_dict(), args)
+    repa = RepaOrder(ours)
+    repa_opt = torch.optim.AdamW(repa.parameters(), lr=1e-4)
+    repa_opt.load_state_dict(state)  # what REPA's --resume-step does with ckpt["opt"]
+    for name, p in repa.named_parameters():
+        if name == "pos_embed":
+            assert p not in repa_opt.state  # frozen: no state, as in REPA's own optimizer
+            continue
+        torch.testing.assert_close(repa_opt.state[p]["exp_avg"], opt.state[p]["exp_avg"], rtol=0, atol=0)
+        torch.testing.assert_close(repa_opt.state[p]["exp_avg_sq"], opt.state[p]["exp_avg_sq"], rtol=0, atol=0)
+    assert repa_opt.param_groups[0]["lr"] == 1e-3  # the run's hyperparameters travel with the state
+    no_repa = {**args, "align": ["vae-repa"]}
+    assert export.repa_optimizer_state(torch.optim.AdamW(model_from_args(no_repa).parameters()).state_dict(),
+                                       no_repa) is None
