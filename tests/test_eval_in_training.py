@@ -150,7 +150,8 @@ def test_two_gloo_processes_evaluate_together_as_one_generate_run(tmp_path, asse
         assert row[key] == pytest.approx(offline[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("mode", [["--eval-mode", "sde"], ["--eval-mode", "ode", "--eval-heun"]])
+@pytest.mark.parametrize("mode", [["--eval-mode", "sde"], ["--eval-mode", "ode", "--eval-heun"],
+                                  ["--eval-mode", "ode", "--eval-cfg-channels", "3"]])
 def test_evaluation_samples_with_the_settings_of_its_recorded_generate_command(tmp_path, assets, mode):
     """The evaluation's sampling settings are those generate.py parses from the flags the evaluation records (ODE too:
     it once lacked the time shift generate.py passes, so --eval-mode ode failed at the first evaluation)."""
@@ -160,3 +161,4 @@ def test_evaluation_samples_with_the_settings_of_its_recorded_generate_command(t
                              "2", *eval_flags(assets), "--eval-cfg-scale", "1.5", "--eval-seed", "7", *mode])
     recorded = generate.parse_args(["--ckpt", "checkpoint.pt", *evaluation.generate_flags(args)])
     assert evaluation.sampling_settings(args) == SamplingSettings.from_args(recorded)
+    assert recorded.cfg_channels == (3 if "--eval-cfg-channels" in mode else "all")
