@@ -309,6 +309,10 @@ def test_posterior_sample_stores_one_fp32_sample_per_image_and_flip_as_lightning
         stored = load_shards(dest, kind)
         assert stored.dtype == np.float32
         np.testing.assert_allclose(stored, ref_mean + ref_std * eps, rtol=1e-6, atol=1e-6)
+    from latent_data.shards import ShardsReader
+
+    repair = ShardsReader(dest, in_memory=False, use_flip=True, with_images=False).repair_command()
+    assert "--dtype fp32 --flip --save-images --posterior sample --posterior-seed 0" in repair
     ds = LatentDataset(dest, use_flip=False)
     first = [ds[i]["x"] for i in range(len(ds))]
     ds.set_epoch(1)
