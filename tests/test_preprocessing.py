@@ -319,3 +319,18 @@ def test_posterior_sample_stores_one_fp32_sample_per_image_and_flip_as_lightning
     for i, x in enumerate(first):
         assert torch.equal(ds[i]["x"], x) and torch.equal(x, ds[i]["target"])
         np.testing.assert_array_equal(x.numpy(), 0.18215 * load_shards(dest, "mean")[i])
+
+
+def test_posterior_storage_figures_against_closed_forms():
+    """scripts/measure_posterior_storage.py's figures on moments whose answers are known: means on fp16's grid
+    (no rounding), a std of 0.5 everywhere and means of variance 1 per channel, so the noise makes 0.25 / 1.25 of
+    the variance; a std that fp16 cannot hold (1/3) has a relative rounding below 2^-11."""
+    from helpers_scripts import load_script
+
+    measure = load_script("measure_posterior_storage").measure
+    mean = np.tile(np.array([-1.0, 1.0], dtype=np.float32), 8 * 2 * 4 * 2).reshape(8, 2, 4, 4)  # variance 1 per channel
+    figures = measure(mean, np.full_like(mean, 0.5), seed=0)
+    assert figures["fp16_mean_max_abs_error"] == 0 and figures["fp16_std_max_abs_error"] == 0
+    assert figures["noise_share_of_variance_median"] == pytest.approx(0.25 / 1.25, rel=1e-12)
+    figures = measure(mean, np.full_like(mean, 1 / 3), seed=0)
+    assert 0 < figures["fp16_std_relative_rms_error"] < 2**-11
