@@ -15,6 +15,7 @@ from helpers_data import make_tiny_vae, write_latent_dataset
 
 import generate
 import train
+from cli import UsageError
 from evaluations import evaluator, scoring
 from evaluations.inception import write_random_weights
 from training import evaluation
@@ -162,3 +163,11 @@ def test_evaluation_samples_with_the_settings_of_its_recorded_generate_command(t
     recorded = generate.parse_args(["--ckpt", "checkpoint.pt", *evaluation.generate_flags(args)])
     assert evaluation.sampling_settings(args) == SamplingSettings.from_args(recorded)
     assert recorded.cfg_channels == (3 if "--eval-cfg-channels" in mode else "all")
+
+
+def test_more_guided_channels_than_the_model_has_are_refused(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(eval_every=2, eval_cfg_channels=5)
+    with pytest.raises(UsageError, match="--eval-cfg-channels 5: the model has 4 latent channels"):
+        evaluation.make_evaluator(args, {"latent_shape": [4, 8, 8]}, tmp_path, accelerator=None)

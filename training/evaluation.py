@@ -191,6 +191,9 @@ def make_evaluator(args: argparse.Namespace, run_args: dict, run_dir: Path, acce
     """The evaluator when --eval-every is set (Inception weights that cannot be read are a usage error)."""
     if args.eval_every <= 0:
         return None
+    channels, guided = run_args["latent_shape"][0], getattr(args, "eval_cfg_channels", "all")
+    if guided != "all" and guided > channels:
+        raise UsageError(f"--eval-cfg-channels {guided}: the model has {channels} latent channels")
     from evaluations.data import EvaluationError
 
     try:
