@@ -47,7 +47,9 @@ def test_paper_launchers_pass_flags_train_accepts(tmp_path, script, env):
         train.parse_args(argv)  # exits with status 2 on an unknown flag or a bad value
 
 
-# LightningDiT's reproduction configs, read in hustvl/LightningDiT (configs/reproductions/), typed in by hand:
+# LightningDiT's reproduction configs, hustvl/LightningDiT configs/reproductions/, typed in by hand (read in two copies
+# of that repository, victories24/LightningDiT-An-Experimental-Evaluation-on-ImageNet-Generation- and
+# thiagoambiel/LightningDiTLoRA, whose config files agree line for line but for the paths):
 # lightningdit_xl_vavae_f16d32_64ep_cfg.yaml, line: value
 LDIT_64EP = {
     "model_type": "LightningDiT-XL/1",  # l.25
