@@ -77,5 +77,7 @@ class LatentReader:
         if m.get("dtype") in dtypes:
             parts += ["--dtype", dtypes[m["dtype"]]]
         parts += [flag for key, flag in (("flip", "--flip"), ("images", "--save-images")) if m.get(key)]
+        if m.get("posterior") == "sample":
+            parts += ["--posterior", "sample", "--posterior-seed", str(m.get("posterior_seed", 0))]
         # quoted: the manifest may come from someone else, and the user pastes this into a shell
         return "`" + shlex.join(parts) + "` (add --labels FILE if the dataset was made with one)"

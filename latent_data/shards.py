@@ -47,7 +47,9 @@ class ShardsReader(LatentReader):
     def __init__(self, root: Path, in_memory: bool, use_flip: bool, with_images: bool):
         path = root / MANIFEST
         m = read_manifest(path)
-        kinds = ["mean", "std"] + (["flip-mean", "flip-std"] if m.get("flip") and use_flip else [])
+        std = m.get("posterior", "moments") != "sample"  # a stored sample: "mean" holds it, its std is 0
+        kinds = ["mean"] + (["std"] if std else [])
+        kinds += (["flip-mean"] + (["flip-std"] if std else [])) if m.get("flip") and use_flip else []
         if with_images:
             if not m.get("images"):
                 raise DatasetError(f"{path}: the dataset holds no images, which REPA's encoder needs. Preprocess "
@@ -101,7 +103,9 @@ class ShardsReader(LatentReader):
     def moments(self, i: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
         k, j = self._row(i)
         shard, prefix = self._data[k], "flip-" if flip else ""
-        return shard[prefix + "mean"][j].astype(np.float32), shard[prefix + "std"][j].astype(np.float32)
+        mean = shard[prefix + "mean"][j].astype(np.float32)
+        std = shard.get(prefix + "std")
+        return mean, (np.zeros_like(mean) if std is None else std[j].astype(np.float32))
 
     def image(self, i: int, flip: bool) -> np.ndarray:
         k, j = self._row(i)

@@ -37,8 +37,8 @@ MAY_CHANGE = ("max_train_steps", "epochs", "resolution", "fused_attn", "resume_s
               "ddp_comm",
               # what the --eval-every evaluations sample and score (each metrics.jsonl row records its own protocol)
               "eval_ref", "eval_samples", "eval_mode", "eval_num_steps", "eval_heun", "eval_cfg_scale",
-              "eval_guidance_low", "eval_guidance_high", "eval_seed", "eval_label_sampling", "eval_pixel_rounding",
-              "eval_batch_size", "inception_weights")
+              "eval_cfg_channels", "eval_guidance_low", "eval_guidance_high", "eval_seed", "eval_label_sampling",
+              "eval_pixel_rounding", "eval_batch_size", "inception_weights")
 
 
 class DataFault(UsageError):
