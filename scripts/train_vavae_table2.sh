@@ -18,6 +18,9 @@
 # (download vavae-imagenet256-f16d32-dinov2.pt and latents_stats.pt from the Hugging Face repository
 # hustvl/vavae-imagenet256-f16d32-dinov2 into vae/). Resume an interrupted run by re-running this script.
 set -euo pipefail
+LAUNCHER_TOOL=train.py
+source "$(dirname "${BASH_SOURCE[0]}")/launcher_lib.sh"  # --help, run names, resuming
+launcher_help "$@"
 DATA=${DATA:-data/imagenet256-vavae}
 GPUS=${GPUS:-8}
 MODEL=${MODEL:-LightningDiT-XL/1}
@@ -29,8 +32,9 @@ case "$RECIPE" in
     sit) OBJECTIVE=(--weighting uniform --cos-loss-coeff 0 --adam-beta2 0.999 --learning-rate 1e-4) ;;
     *) echo "RECIPE must be lightningdit or sit, got $RECIPE" >&2; exit 2 ;;
 esac
-NAME=vavae-$(echo "$MODEL" | tr '/' '-' | tr 'A-Z' 'a-z')-$RECIPE-$(echo "$METHODS" | tr ',' '+')
+OLD_NAME=vavae-$(echo "$MODEL" | tr '/' '-' | tr 'A-Z' 'a-z')-$RECIPE-$(echo "$METHODS" | tr ',' '+')
+run_args "vavae-$RECIPE-$(default_name "$MODEL" "$METHODS")" "$OLD_NAME" "$@"
 
 accelerate launch --multi_gpu --num_processes "$GPUS" train.py --model "$MODEL" --data-dir "$DATA" \
     --align "$METHODS" "${OBJECTIVE[@]}" --max-grad-norm 1.0 --batch-size 256 --max-train-steps "$STEPS" \
-    --checkpointing-steps 100000 --keep-every 100000 --exp-name "$NAME" --resume latest
+    --checkpointing-steps 100000 --keep-every 100000 "${RUN_ARGS[@]}" "$@"
