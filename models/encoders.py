@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from hub_files import download_advice, hub_or_cache
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -116,12 +119,13 @@ def load_dinov2(spec: EncoderSpec, image_size: int, weights: str | None = None, 
         if not path.is_file():
             raise EncoderError(f"--enc-weights {weights}: no such file")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-    try:
-        vit = timm.create_model(f"{spec.timm_name}.lvd142m", pretrained=True, **kwargs)
-    except Exception as e:  # noqa: BLE001 - offline, missing or damaged weights all end here
-        raise EncoderError(
-            f"cannot load the DINOv2 weights for --enc-type {spec.name} ({type(e).__name__}: {str(e)[:200]}). "
-            f"Download timm/{spec.timm_name}.lvd142m once (e.g. `huggingface-cli download "
-            f"timm/{spec.timm_name}.lvd142m model.safetensors`; offline runs then use the cache with "
-            f"HF_HUB_OFFLINE=1), or pass the file with --enc-weights PATH/model.safetensors") from e
+    repo = f"timm/{spec.timm_name}.lvd142m"
+    with contextlib.nullcontext("") if weights is not None else hub_or_cache() as note:
+        try:
+            vit = timm.create_model(f"{spec.timm_name}.lvd142m", pretrained=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - offline, missing or damaged weights all end here
+            raise EncoderError(
+                f"cannot load the DINOv2 weights for --enc-type {spec.name} ({type(e).__name__}: {str(e)[:200]}). "
+                f"{note}{download_advice(repo, '--enc-weights', ('model.safetensors',), 'model.safetensors')}"
+            ) from e
     return FrozenEncoder(vit, image_size)

@@ -26,8 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from checkpoints import list_checkpoints  # noqa: E402
-from cli import CFG_CHANNELS_HELP, cfg_channels  # noqa: E402
+from cli import CFG_CHANNELS_HELP, cfg_channels  # noqa: E402  (torch-free)
 
 # VAE-REPA paper, Table 2: FID-50K on ImageNet 256x256, batch 256, no CFG; (model, method) -> {iterations: FID}.
 PAPER_TABLE2 = {
@@ -164,6 +163,7 @@ def evaluate_checkpoint(args: argparse.Namespace, run: Path, step: int, ckpt: Pa
 
 def collect(args: argparse.Namespace) -> list[dict]:
     """Table rows: each run's full-protocol results, its metrics.jsonl rows, and the paper's Table 2 points."""
+    from checkpoints import list_checkpoints  # imports torch: after parsing, so that --help answers at once
     from training.evaluation import read_rows
 
     rows, paper_done = [], set()

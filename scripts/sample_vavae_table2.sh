@@ -9,9 +9,12 @@
 #                     the first 3 latent channels (its forward_with_cfg) from interval start 0.10 (t <= 0.9 here),
 #                     DiT's pixel rounding. CFG=1 gives its figure without guidance (5.14 at 64 epochs).
 #   lightningdit-800ep the same with its 800-epoch config's guidance: CFG 6.7 from interval start 0.125.
-#   RUN=runs/vavae-lightningdit-xl-1-table2-vae-repa REF=VIRTUAL_imagenet256_labeled.npz \
+#   RUN=runs/vavae-table2-LightningDiT-XL-1-vae-repa REF=VIRTUAL_imagenet256_labeled.npz \
 #       bash scripts/sample_vavae_table2.sh
 set -euo pipefail
+LAUNCHER_TOOL=generate.py
+source "$(dirname "${BASH_SOURCE[0]}")/launcher_lib.sh"  # --help, run names, resuming
+launcher_help "$@"
 RUN=${RUN:?set RUN to a run directory of scripts/train_vavae_table2.sh}
 REF=${REF:?set REF to the ADM reference batch VIRTUAL_imagenet256_labeled.npz}
 GPUS=${GPUS:-8}
@@ -30,9 +33,9 @@ case "$PROTOCOL" in
 esac
 # The published figure for this run's row, protocol and guidance, and the step it was measured at
 case "$RUN:$PROTOCOL:$CFG" in
-    *-lightningdit-64ep-none:lightningdit:1 | *-lightningdit-64ep-none:lightningdit:1.0)
+    *-lightningdit-64ep-*-vanilla:lightningdit:1 | *-lightningdit-64ep-*-vanilla:lightningdit:1.0)
         ROW="LightningDiT-XL/1, 64 epochs"; PAPER="5.14 (LightningDiT's README, no guidance)"; AT=80000 ;;
-    *-lightningdit-64ep-none:lightningdit:10 | *-lightningdit-64ep-none:lightningdit:10.0)
+    *-lightningdit-64ep-*-vanilla:lightningdit:10 | *-lightningdit-64ep-*-vanilla:lightningdit:10.0)
         ROW="LightningDiT-XL/1, 64 epochs"; PAPER="2.11 (LightningDiT's README, CFG 10 on 3 channels)"; AT=80000 ;;
     *-lightningdit-64ep-*) ROW=$(basename "$RUN"); PAPER="- (no published figure)"; AT=none ;;
     *-vae-repa:repa:*) ROW="VAVAE + VAE-REPA"; PAPER="4.4 (paper, Table 2)"; AT=400000 ;;
@@ -44,7 +47,7 @@ for step in $STEPS; do
     ckpt=$(printf "%s/checkpoints/%07d.pt" "$RUN" "$step")
     [ -f "$ckpt" ] || { echo "step $step: no checkpoint $ckpt yet"; continue; }
     torchrun --nproc_per_node "$GPUS" generate.py --ckpt "$ckpt" "${SAMPLER[@]}" \
-        --num-fid-samples 50000 --per-proc-batch-size 128 --sample-dir samples | tee /dev/stderr |
+        --num-fid-samples 50000 --per-proc-batch-size 128 --sample-dir samples "$@" | tee /dev/stderr |
         grep -o '[^ ]*\.npz' | tail -1 > "$RUN/.last_npz"
     fid=$(python -m evaluations.evaluator "$REF" "$(cat "$RUN/.last_npz")" | awk '/^FID:/ {print $2}')
     paper="-"

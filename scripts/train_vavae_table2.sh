@@ -26,6 +26,9 @@
 # (download vavae-imagenet256-f16d32-dinov2.pt and latents_stats.pt from the Hugging Face repository
 # hustvl/vavae-imagenet256-f16d32-dinov2 into vae/). Resume an interrupted run by re-running this script.
 set -euo pipefail
+LAUNCHER_TOOL=train.py
+source "$(dirname "${BASH_SOURCE[0]}")/launcher_lib.sh"  # --help, run names, resuming
+launcher_help "$@"
 DATA=${DATA:-data/imagenet256-vavae}
 GPUS=${GPUS:-8}
 MODEL=${MODEL:-LightningDiT-XL/1}
@@ -54,17 +57,17 @@ case "$RECIPE" in
                       --keep-every 100000) ;;
     *) echo "RECIPE must be table2, lightningdit-64ep or sit, got $RECIPE" >&2; exit 2 ;;
 esac
-SLUG=$(echo "$MODEL" | tr '/' '-' | tr 'A-Z' 'a-z')
-NAME=vavae-$SLUG-$RECIPE-$(echo "$METHODS" | tr ',' '+')
-# Runs started before the table2 recipe had its name were called ...-lightningdit-... and clipped gradients at 1:
-# such a run resumes under its own name and settings.
-OLD_NAME=vavae-$SLUG-lightningdit-$(echo "$METHODS" | tr ',' '+')
-if [ "$RECIPE" = table2 ] && [ -d "runs/$OLD_NAME" ] && [ ! -d "runs/$NAME" ]; then
-    echo "note: resuming runs/$OLD_NAME, started by an earlier version of this script (RECIPE=table2 with" \
-         "gradient clipping at 1, which LightningDiT does not use); a new run would be runs/$NAME" >&2
-    NAME=$OLD_NAME
+# Runs are named as train.py names them (vavae-<recipe>-LightningDiT-XL-1-vae-repa). A run started by an earlier
+# version of this script keeps its lowercase name; RECIPE=table2 was then called lightningdit and clipped gradients
+# at 1, which LightningDiT does not: such a run resumes under its own name and settings.
+OLD_RECIPE=$RECIPE
+[ "$RECIPE" = table2 ] && OLD_RECIPE=lightningdit
+OLD_NAME=vavae-$(echo "$MODEL" | tr '/' '-' | tr 'A-Z' 'a-z')-$OLD_RECIPE-$(echo "$METHODS" | tr ',' '+')
+run_args "vavae-$RECIPE-$(default_name "$MODEL" "$METHODS")" "$OLD_NAME" "$@"
+if [ "$RECIPE" = table2 ] && [ "${RUN_ARGS[3]}" = "$OLD_NAME" ]; then
+    echo "note: $OLD_NAME was started by an earlier version of this script, with gradient clipping at 1: it keeps it" >&2
     RECIPE_FLAGS+=(--max-grad-norm 1.0)
 fi
 
 accelerate launch --multi_gpu --num_processes "$GPUS" train.py --model "$MODEL" --data-dir "$DATA" \
-    --align "$METHODS" "${RECIPE_FLAGS[@]}" --exp-name "$NAME" --resume latest
+    --align "$METHODS" "${RECIPE_FLAGS[@]}" "${RUN_ARGS[@]}" "$@"

@@ -3,12 +3,14 @@ each is run with `accelerate` / `torchrun` replaced by a stub that records the c
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+import generate
 import train
 from alignment import model_from_args
 
@@ -17,22 +19,41 @@ STUB = """#!/usr/bin/env python3
 import json, os, sys
 with open(os.environ["LAUNCH_LOG"], "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
+print("stub: samples/stub.npz")  # what generate.py's last line names, for sample_vavae_table2.sh's pipe
 """
+EVALUATOR_STUB = "#!/bin/sh\necho 'FID: 1.0'\n"  # `python -m evaluations.evaluator` in sample_vavae_table2.sh
+# Every launcher: the tool it runs and the variables it requires.
+LAUNCHERS = {
+    "train_b2_table1.sh": ("train.py", {}),
+    "train_l2_xl2_table2.sh": ("train.py", {}),
+    "train_vavae_table2.sh": ("train.py", {}),
+    "train_multinode.sh": ("train.py", {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "localhost"}),
+    "sample_xl2_table3.sh": ("generate.py", {"CKPT": "runs/x"}),
+    "sample_vavae_table2.sh": ("generate.py", {"RUN": "runs/x-vae-repa", "REF": "ref.npz", "STEPS": "100000"}),
+}
 
 
-def launches(tmp_path: Path, script: str, **env) -> list[list[str]]:
-    """train.py's arguments of every launch the script makes."""
+def run_launcher(tmp_path: Path, script: str, *args: str, **env) -> subprocess.CompletedProcess:
+    """The script run in tmp_path with `accelerate` and `torchrun` replaced by the stub (it logs to launches.jsonl)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name in ("accelerate", "torchrun"):
-        (bin_dir / name).write_text(STUB)
+    for name, text in (("accelerate", STUB), ("torchrun", STUB), ("python", EVALUATOR_STUB)):
+        (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "launches.jsonl"
     log.unlink(missing_ok=True)
     full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LAUNCH_LOG": str(log), **env}
-    subprocess.run(["bash", str(ROOT / "scripts" / script)], env=full_env, check=True, cwd=tmp_path)
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    return [argv[argv.index("train.py") + 1:] for argv in lines]
+    return subprocess.run(["bash", str(ROOT / "scripts" / script), *args], env=full_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+
+
+def launches(tmp_path: Path, script: str, *args: str, tool: str = "train.py", **env) -> list[list[str]]:
+    """train.py's (or generate.py's) arguments of every launch the script makes."""
+    proc = run_launcher(tmp_path, script, *args, **env)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, script, proc.stdout, proc.stderr)
+    lines = [json.loads(line) for line in (tmp_path / "launches.jsonl").read_text().splitlines()]
+    return [argv[argv.index(tool) + 1:] for argv in lines]
 
 
 @pytest.mark.parametrize("script, env", [
@@ -124,15 +145,17 @@ def test_lightningdit_64ep_recipe_is_lightningdits_config_value_by_value(tmp_pat
     assert args.cos_loss_coeff == 1.0 and LDIT_64EP["use_cosine_loss"]
     assert args.mixed_precision == "bf16" and args.flip
     assert args.align == ([] if methods == "none" else ["vae-repa"])  # VAE-REPA is the only difference
-    assert args.exp_name == f"vavae-lightningdit-xl-1-lightningdit-64ep-{methods}"
+    assert args.exp_name == f"vavae-lightningdit-64ep-LightningDiT-XL-1-{'vanilla' if methods == 'none' else methods}"
 
 
-def test_a_table2_run_started_before_the_recipe_had_its_name_resumes_as_it_was(tmp_path, capfd):
+def test_a_table2_run_started_before_the_recipe_had_its_name_resumes_as_it_was(tmp_path):
     (tmp_path / "runs" / "vavae-lightningdit-xl-1-lightningdit-vae-repa").mkdir(parents=True)
+    proc = run_launcher(tmp_path, "train_vavae_table2.sh")
+    assert proc.returncode == 0, proc.stderr
     (argv,) = launches(tmp_path, "train_vavae_table2.sh")
     args = train.parse_args(argv)
     assert args.exp_name == "vavae-lightningdit-xl-1-lightningdit-vae-repa" and args.max_grad_norm == 1.0
-    assert "earlier version of this script" in capfd.readouterr().err
+    assert "earlier version of this script" in proc.stderr
 
 
 def test_vavae_launcher_refuses_an_unknown_recipe(tmp_path):
@@ -167,7 +190,7 @@ def sampling_launches(tmp_path: Path, run_name: str, steps: list[int], **env) ->
 def test_lightningdits_fid_protocol_is_its_sample_config(tmp_path, protocol, config):
     import generate
 
-    (argv,), out = sampling_launches(tmp_path, "vavae-lightningdit-xl-1-lightningdit-64ep-none", [80_000],
+    (argv,), out = sampling_launches(tmp_path, "vavae-lightningdit-64ep-LightningDiT-XL-1-vanilla", [80_000],
                                      PROTOCOL=protocol)
     args = generate.parse_args(argv)
     assert args.mode == LDIT_64EP["mode"].lower() and not args.heun  # euler
@@ -184,7 +207,7 @@ def test_lightningdits_fid_protocol_is_its_sample_config(tmp_path, protocol, con
 def test_lightningdits_protocol_without_guidance_keeps_its_time_shift(tmp_path):
     import generate
 
-    (argv,), out = sampling_launches(tmp_path, "vavae-lightningdit-xl-1-lightningdit-64ep-none", [80_000], CFG="1")
+    (argv,), out = sampling_launches(tmp_path, "vavae-lightningdit-64ep-LightningDiT-XL-1-vanilla", [80_000], CFG="1")
     args = generate.parse_args(argv)
     assert args.cfg_scale == 1.0 and args.time_shift == 1 / LDIT_64EP["timestep_shift"] and args.mode == "ode"
     assert "| 5.14" in out
@@ -193,9 +216,86 @@ def test_lightningdits_protocol_without_guidance_keeps_its_time_shift(tmp_path):
 def test_table2_runs_are_sampled_with_repas_protocol_by_default(tmp_path):
     import generate
 
-    runs, out = sampling_launches(tmp_path, "vavae-lightningdit-xl-1-table2-vae-repa", [100_000, 400_000])
+    runs, out = sampling_launches(tmp_path, "vavae-table2-LightningDiT-XL-1-vae-repa", [100_000, 400_000])
     for argv in runs:
         args = generate.parse_args(argv)
         assert (args.mode, args.num_steps, args.cfg_scale, args.time_shift, args.pixel_rounding) == (
             "sde", 250, 1.0, 1.0, "repa")
     assert "400K iterations, repa protocol, CFG 1.0: FID 1.0 (ours) | 4.4 (paper, Table 2)" in out
+
+
+def checkpoint(run: Path, step: int) -> None:
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / f"{step:07d}.pt").write_bytes(b"")
+
+
+def test_every_launcher_is_covered():
+    found = {p.name for p in (ROOT / "scripts").glob("*.sh")} - {"gpu_check.sh", "launcher_lib.sh"}
+    assert found == set(LAUNCHERS)
+
+
+@pytest.mark.parametrize("script", sorted(LAUNCHERS))
+def test_launcher_answers_help_and_launches_nothing(tmp_path, script):
+    tool, _ = LAUNCHERS[script]
+    proc = run_launcher(tmp_path, script, "--help")  # without its required variables: help needs none
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "launches.jsonl").exists() and not (tmp_path / "runs").exists()
+    text = (ROOT / "scripts" / script).read_text()
+    variables = re.findall(r"^([A-Z_]+)=\$\{\1:[-?]", text, re.M)
+    assert variables and all(f"  {name} (" in proc.stdout for name in variables), proc.stdout
+    assert f"Extra arguments are passed to {tool}" in proc.stdout
+    assert text.splitlines()[1].removeprefix("# ") in proc.stdout  # what it runs: its header comment
+
+
+@pytest.mark.parametrize("script", sorted(LAUNCHERS))
+def test_launcher_passes_extra_arguments_through(tmp_path, script):
+    tool, env = LAUNCHERS[script]
+    if script == "sample_vavae_table2.sh":
+        checkpoint(tmp_path / "runs/x-vae-repa", 100_000)
+    extra = ["--global-seed", "7"] if tool == "generate.py" else ["--seed", "7", "--max-train-steps", "10"]
+    runs = launches(tmp_path, script, *extra, tool=tool, **env)
+    assert runs
+    for argv in runs:
+        assert argv[-len(extra):] == extra
+        if tool == "train.py":
+            assert (train.parse_args(argv).seed, train.parse_args(argv).max_train_steps) == (7, 10)
+        else:
+            assert generate.parse_args(argv).global_seed == 7
+
+
+@pytest.mark.parametrize("methods, readme_name", [("vae-repa", "SiT-XL-2-vae-repa"), ("none", "SiT-XL-2-vanilla"),
+                                                  ("repa,vae-repa", "SiT-XL-2-vae-repa+repa"), ("sra", "SiT-XL-2-sra")])
+def test_runs_are_named_as_the_readme_and_train_py_name_them(tmp_path, methods, readme_name):
+    (argv,) = launches(tmp_path, "train_l2_xl2_table2.sh", METHODS=methods)
+    args = train.parse_args(argv)
+    assert (args.exp_name, args.output_dir, args.resume) == (readme_name, "runs", None)  # README: runs/SiT-XL-2-...
+    i = argv.index("--exp-name")
+    assert train.parse_args(argv[:i] + argv[i + 2:]).exp_name == readme_name  # train.py's own default name
+
+
+def test_launchers_resume_runs_and_find_them_under_their_old_names(tmp_path):
+    new = launches(tmp_path, "train_b2_table1.sh")
+    assert [train.parse_args(a).exp_name for a in new] == ["SiT-B-2-vanilla", "SiT-B-2-vae-repa"]
+    assert all(train.parse_args(a).resume is None for a in new)  # nothing to resume yet
+
+    checkpoint(tmp_path / "runs/SiT-B-2-vanilla", 100_000)
+    checkpoint(tmp_path / "runs/sit-b2-vae-repa", 50_000)  # started under the launcher's earlier name
+    proc = run_launcher(tmp_path, "train_b2_table1.sh")
+    assert proc.returncode == 0, proc.stderr
+    runs = [train.parse_args(a) for a in launches(tmp_path, "train_b2_table1.sh")]
+    assert [(a.exp_name, a.resume) for a in runs] == [("SiT-B-2-vanilla", "latest"), ("sit-b2-vae-repa", "latest")]
+    assert "runs/sit-b2-vae-repa exists (this launcher's earlier name for runs/SiT-B-2-vae-repa)" in proc.stderr
+
+    checkpoint(tmp_path / "runs/sit-xl-2-vae-repa", 50_000)  # train_l2_xl2_table2.sh lowercased names before
+    (argv,) = launches(tmp_path, "train_l2_xl2_table2.sh")
+    assert (train.parse_args(argv).exp_name, train.parse_args(argv).resume) == ("sit-xl-2-vae-repa", "latest")
+    (argv,) = launches(tmp_path, "train_l2_xl2_table2.sh", "--exp-name", "mine")  # the user's name wins
+    assert (train.parse_args(argv).exp_name, train.parse_args(argv).resume) == ("mine", None)
+
+
+def test_one_exp_name_for_two_runs_is_refused(tmp_path):
+    proc = run_launcher(tmp_path, "train_b2_table1.sh", "--exp-name", "d4", "--vae-repa-depth", "4")
+    assert proc.returncode == 2 and "RUNS=vae-repa" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "launches.jsonl").exists()
+    (argv,) = launches(tmp_path, "train_b2_table1.sh", "--exp-name", "d4", "--vae-repa-depth", "4", RUNS="vae-repa")
+    assert (train.parse_args(argv).exp_name, train.parse_args(argv).vae_repa_depth) == ("d4", 4)

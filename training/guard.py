@@ -34,7 +34,7 @@ MAY_CHANGE = ("max_train_steps", "epochs", "resolution", "fused_attn", "resume_s
               "sample_grid_steps", "eval_every", "num_workers", "in_memory", "report_to", "resume",
               "trust_checkpoint", "output_dir", "exp_name", "data_dir", "enc_weights", "compile", "device",
               "allow_tf32", "deterministic", "world_size", "verify_data", "ddp_bucket_cap_mb", "ddp_static_graph",
-              "ddp_comm",
+              "ddp_comm", "tracker_project_name",
               # what the --eval-every evaluations sample and score (each metrics.jsonl row records its own protocol)
               "eval_ref", "eval_samples", "eval_mode", "eval_num_steps", "eval_heun", "eval_cfg_scale",
               "eval_cfg_channels", "eval_guidance_low", "eval_guidance_high", "eval_seed", "eval_label_sampling",
