@@ -137,6 +137,22 @@ def verify_file(path: str | os.PathLike) -> bool | None:
     return sha256_file(path) == expected
 
 
+def inside(folder: str | os.PathLike, name: Any) -> Path | None:
+    """`folder / name` for a path read from a file (a manifest, a labels file, a sidecar), or None when it leaves
+    the folder: an absolute path, `..`, or a symbolic link leading out (both resolved, links followed). A name
+    that is not a non-empty string is None too."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return None
+    folder = Path(folder)
+    path = folder / name
+    try:
+        if not path.resolve().is_relative_to(folder.resolve()):
+            return None
+    except (OSError, RuntimeError):  # a loop of links
+        return None
+    return path
+
+
 def remove_stale_temps(folder: str | os.PathLike, names: re.Pattern | None = None) -> list[Path]:
     """Delete the temporary files that interrupted atomic writes left in `folder` (TEMP_NAME; when `names` is
     given, only those whose final name it matches). Call it where no other process of ours writes into the folder
