@@ -131,8 +131,10 @@ def test_enc_weights_plain_torch_file_loads_as_the_safetensors_file_does(tmp_pat
 
     torch.save(vit_s_state, tmp_path / "dinov2.pt")
     save_file(vit_s_state, str(tmp_path / "model.safetensors"))
+    # DINOv2's own layout (dinov2_vits14_pretrain.pth) carries its masked-modelling token, which timm drops
+    torch.save({**vit_s_state, "mask_token": torch.zeros(1, 384)}, tmp_path / "dinov2_vits14_pretrain.pth")
     spec = parse_enc_type("dinov2-vit-s")[0]
-    for name in ("dinov2.pt", "model.safetensors"):
+    for name in ("dinov2.pt", "model.safetensors", "dinov2_vits14_pretrain.pth"):
         state = load_dinov2(spec, 256, weights=str(tmp_path / name)).vit.state_dict()
         # the released 37 x 37 grid resampled to REPA's 16 x 16, the rest unchanged
         assert torch.equal(state["pos_embed"], resample_abs_pos_embed(vit_s_state["pos_embed"], [16, 16]))
