@@ -221,6 +221,23 @@ def test_manifest_entries_leaving_the_data_dir_are_refused_unread(tmp_path, entr
     assert not (tmp_path / "runs" / "p").exists()
 
 
+def test_the_fast_check_of_many_paths_refuses_what_the_single_check_refuses(tmp_path):
+    from integrity import inside, leaving
+
+    folder = tmp_path / "src"
+    (folder / "a" / "b").mkdir(parents=True)
+    (tmp_path / "secret.png").write_bytes(b"x")
+    (folder / "a" / "link.png").symlink_to(tmp_path / "secret.png")
+    (folder / "out").symlink_to(tmp_path)  # a directory link leading out
+    (folder / "a" / "ok.png").symlink_to(folder / "a" / "b")  # a link that stays inside
+    names = ["a/b/x.png", "x.png", "a/../a/b/x.png", "a/ok.png", ".", "a/..",  # inside
+             "../x.png", "/etc/passwd", "//etc/passwd", "a/../../x.png", "a/link.png", "out/secret.png", "..", "",
+             "a/b/../../../x.png", 3]
+    expected_refused = names[6:]
+    assert [n for n in names if inside(folder, n) is None] == expected_refused
+    assert leaving(folder, names) == expected_refused
+
+
 def test_labels_entries_outside_the_source_are_refused_unread(tmp_path, opened, capsys):
     src = make_image_folder(tmp_path / "src")
     outside = tmp_path / "elsewhere" / "x.png"
