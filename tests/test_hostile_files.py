@@ -188,6 +188,22 @@ def test_statistics_pickle_is_refused_by_preprocessing_and_generate(tmp_path, ca
     assert_live(stats, marker)
 
 
+def test_plain_loader_refuses_old_format_pickles_and_empty_files_in_one_line(tmp_path):
+    from checkpoints import load_plain_file
+
+    marker = tmp_path / "marker"
+    old = tmp_path / "old.pt"
+    torch.save({"mean": RunsCode(marker)}, old, _use_new_zipfile_serialization=False)  # torch's pre-1.6 format
+    (tmp_path / "empty.pt").write_bytes(b"")
+    # torch names the global "exec" in the old format ("builtins.exec" in the zip format)
+    for path, reason in ((old, "holds exec: reading it would run code"), (tmp_path / "empty.pt", "is an empty file")):
+        with pytest.raises(ValueError) as e:
+            load_plain_file(path, "statistics")
+        assert str(e.value).startswith(f"{path} {reason}") and "\n" not in str(e.value)
+        assert str(e.value).endswith("expected statistics") and not marker.exists()
+    assert_live(old, marker)
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Paths that leave their folder
 
