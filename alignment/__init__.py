@@ -85,7 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="REPA's encoder widths, comma-separated (e.g. 768); checked against --enc-type "
                         "(default: taken from --enc-type)")
     g.add_argument("--enc-weights", default=None,
-                   help="local weights file(s) of the encoder(s), comma-separated (timm's model.safetensors); "
+                   help="local weights file(s) of the encoder(s), comma-separated (timm's model.safetensors, or a "
+                        ".pt/.pth of tensors only, e.g. DINOv2's own; read without running code from them); "
                         "default: the Hugging Face hub cache, downloaded once")
     g.add_argument("--enc-source", choices=("timm", "hub"), default=d["enc_source"],
                    help="timm: timm's DINOv2 and its safetensors weights; hub: torch.hub's facebookresearch/dinov2 "

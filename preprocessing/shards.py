@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import UsageError
-from integrity import atomic_write, remove_stale_temps, sha256_file, write_text
+from integrity import atomic_write, inside, remove_stale_temps, sha256_file, write_text
 from latent_data.format import FORMAT, MANIFEST
 from preprocessing.normalization import channel_moments, final_normalization
 
@@ -154,6 +154,20 @@ def open_destination(dest: Path, base: dict, overwrite: bool, resumed: bool) -> 
         write_text(dest / MANIFEST, json_text(base))
 
 
+def sidecar_files(dest: Path, side: Path, info: dict) -> dict[str, Path]:
+    """A sidecar's shard files as paths in --dest; UsageError naming the entry when one leads out of it."""
+    files = {}
+    for kind, name in info["files"].items():
+        path = inside(dest, name)
+        if path is None:
+            raise UsageError(f"{side}: its {kind!r} file {name!r} is not a file name inside --dest {dest} (an absolute "
+                             "path, '..' or a link leading out of it); a shard's sidecar names only the files beside "
+                             f"it, so nothing was read. Delete {side.name} (the shard is then encoded again) or pass "
+                             "--overwrite")
+        files[kind] = path
+    return files
+
+
 def shard_is_done(dest: Path, k: int, config: dict, latent_shape: list[int]) -> bool:
     """True when shard k's sidecar exists, matches this run and every file matches its checksum."""
     side = sidecar_path(dest, k)
@@ -162,9 +176,11 @@ def shard_is_done(dest: Path, k: int, config: dict, latent_shape: list[int]) -> 
     try:
         info = json.loads(side.read_text())
         ok = info["config"] == config and info["latent_shape"] == latent_shape
-        for kind, name in info["files"].items():
-            ok = ok and (dest / name).is_file() and sha256_file(dest / name) == info["sha256"][kind]
-    except (OSError, ValueError, KeyError, TypeError):
+        for kind, path in sidecar_files(dest, side, info).items():
+            ok = ok and path.is_file() and sha256_file(path) == info["sha256"][kind]
+    except UsageError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         print(f"warning: shard {k} does not match {side.name} (damaged or changed); encoding it again",
@@ -214,6 +230,7 @@ def finalize(dest: Path, base: dict, num_shards: int, world_size: int) -> dict:
                 "to encode the missing shards (finished shards are kept)."
             )
         info = read_json(side)
+        sidecar_files(dest, side, info)
         shards.append({"count": info["count"], "files": info["files"], "sha256": info["sha256"]})
         labels += info["labels"]
         skipped += info["skipped"]

@@ -45,6 +45,20 @@ class DataFault(UsageError):
     """The training data is damaged (a shard that differs from its checksum, non-finite values in a batch)."""
 
 
+def data_errors(stream):
+    """The batches of `stream`; a damaged data file met while training (DatasetError, in this process or a loader
+    worker, whose re-raised message is the worker's whole traceback) ends the run as a DataFault of one line."""
+    from dataset import DatasetError
+
+    try:
+        yield from stream
+    except DatasetError as e:
+        text = str(e).strip()
+        if "Original Traceback" in text:  # torch's DataLoader: "Caught DatasetError in ...\nOriginal Traceback..."
+            text = text.splitlines()[-1].split("DatasetError: ", 1)[-1]
+        raise DataFault(f"damaged training data: {text}") from e
+
+
 class CheckpointWriteError(UsageError):
     """The main process could not write a checkpoint (a full disk, failing storage); the earlier ones are intact."""
 
@@ -121,15 +135,32 @@ def compare_settings(saved: dict, now: dict, source: Path) -> dict[str, list]:
     return changed
 
 
+def read_args_json(path: Path) -> dict:
+    """A run's args.json as a dict; UsageError naming it when it is not a JSON object with a list as its history
+    (resuming rewrites it, and its history would be lost)."""
+    import shlex
+
+    try:
+        old = json.loads(path.read_text())
+        problem = None if isinstance(old, dict) else f"a JSON {type(old).__name__}, not an object"
+        if problem is None and not isinstance(old.get("history", []), list):
+            problem = "its 'history' is not a list"
+    except (OSError, ValueError) as e:
+        problem = " ".join(str(e).split())
+    if problem is not None:
+        move = shlex.join(["mv", str(path), f"{path}.bad"])
+        raise UsageError(f"{path}: expected the run's settings as a JSON object ({problem}). The checkpoint holds "
+                         f"them, and a resume rewrites this file: move it away (`{move}`) and run the same command "
+                         "again")
+    return old
+
+
 def record_args(run_dir: Path, run_args: dict, changed: dict, step: int) -> None:
     """Write args.json: this run's settings; on a resume that changed some, the new values and a history entry."""
     path = run_dir / "args.json"
     record = dict(run_args)
     if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = {}
+        old = read_args_json(path)
         if not changed and {k: v for k, v in old.items() if k != "history"} == _plain(run_args):
             return
         record["history"] = old.get("history", [])

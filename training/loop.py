@@ -233,6 +233,8 @@ def set_up_run(args: argparse.Namespace) -> Run:
     methods = alignment.build_methods(run_args)
     changed = {} if checkpoint is None else guard.compare_settings(
         alignment.with_defaults(checkpoint["args"]), run_args, resume_from)
+    if checkpoint is not None and (run_dir / "args.json").is_file():
+        guard.read_args_json(run_dir / "args.json")  # a malformed one is refused before anything is written
     if len(dataset) // world < local_batch:
         raise UsageError(f"--data-dir {args.data_dir} holds {len(dataset)} latents: too few for --batch-size "
                          f"{args.batch_size} (a per-process batch of {local_batch} on {world} processes)")
@@ -281,7 +283,7 @@ def open_loader(args: argparse.Namespace, dataset, accelerator, local_batch: int
                                           shuffle=True, drop_last=True)
     loader_kwargs = dict(batch_size=local_batch, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                          persistent_workers=False, worker_init_fn=worker_init() if args.num_workers > 0 else None)
-    data = batches(dataset, sampler, loader_kwargs, epoch, position)
+    data = guard.data_errors(batches(dataset, sampler, loader_kwargs, epoch, position))
     if getattr(args, "epochs", None) is not None:
         limit = epoch_step_limit(args, sampler.per_rank, local_batch)
         logger.info("--epochs %d: the data passes end at step %d; training stops at step %d", args.epochs, limit,
