@@ -280,3 +280,70 @@ def test_repa_export_optimizer_state_loads_into_repa_s_adamw_in_repa_s_order():
     no_repa = {**args, "align": ["vae-repa"]}
     assert export.repa_optimizer_state(torch.optim.AdamW(model_from_args(no_repa).parameters()).state_dict(),
                                        no_repa) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Two steps of REPA's command
+
+
+# REPA's train.py (sihyun-yu/REPA, the stored copy at 2b8c181; lines as counted there): parse_args defaults the README
+# command relies on -- l.402 --batch-size 256, l.406 --mixed-precision "fp16" (the README passes fp16 too), l.413
+# --learning-rate 1e-4, l.414-417 AdamW betas (0.9, 0.999), weight decay 0, epsilon 1e-8, l.418 --max-grad-norm 1.0,
+# l.429 --cfg-prob 0.1; main(): l.210 the batch is split over the processes (global), l.311 clip_grad_norm_ at
+# --max-grad-norm every step, l.80 update_ema decay 0.9999. dataset.py l.58-74 (CustomDataset.__getitem__): the
+# stored image and latent as they are, no flip.
+REPA_CODE = {"batch_size": 256, "mixed_precision": "fp16", "learning_rate": 1e-4, "adam_beta1": 0.9,
+             "adam_beta2": 0.999, "adam_weight_decay": 0.0, "adam_epsilon": 1e-8, "max_grad_norm": 1.0,
+             "cfg_prob": 0.1, "ema_decay": 0.9999, "flip": False}
+
+
+@pytest.fixture(scope="module")
+def repa_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny REPA dataset (SD-VAE-shaped 4 x 32 x 32 latents with 256 px images beside them, as --save-images
+    stores them; flips stored, so that only --flip decides) and random weights of timm's DINOv2 ViT-S/14 at its
+    released 518 px as a local safetensors file: REPA's smallest encoder, dinov2-vit-s."""
+    import timm
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("repa")
+    rng = np.random.default_rng(0)
+    mean = rng.standard_normal((4, 4, 32, 32)).astype(np.float32)
+    images = rng.integers(0, 256, (4, 256, 256, 3), dtype=np.uint8)
+    data = write_latent_dataset(root / "data", mean, np.full_like(mean, 0.1), rng.integers(0, 3, 4),
+                                mean[..., ::-1].copy(), np.full_like(mean, 0.1), num_classes=3, images=images)
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0)
+    weights = root / "dinov2-vit-s.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(weights))
+    return data, weights
+
+
+def test_repa_readme_command_two_steps_trains_repa_as_repa_s_code_would(tmp_path, repa_inputs):
+    data, weights = repa_inputs
+    readme = parse(*REPA_README)  # the command as typed: REPA's batch, precision, clipping and optimizer
+    for key, value in REPA_CODE.items():
+        assert getattr(readme, key) == value, key
+    # Tiny stand-ins, each said here: REPA's smallest encoder (random weights, read from a local file) tapped after
+    # block 1 of a 2-block, 32-wide SiT-XL/2, and a global batch of 2 (REPA's 256 images through DINOv2 would take
+    # minutes on a CPU). Nothing else changes: REPA's fp16 autocast runs on the CPU too.
+    tiny = ["--enc-type=dinov2-vit-s", "--encoder-depth=1", "--enc-weights", str(weights), "--depth", "2",
+            "--hidden-size", "32", "--num-heads", "2", "--batch-size", "2",
+            "--num-workers", "0", "--sample-every", "0", "--logging-steps", "1", "--max-train-steps", "2",
+            "--device", "cpu", "--no-compile"]
+    command = [*REPA_README, "--data-dir", str(data), "--output-dir", str(tmp_path / "exps"), *tiny]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *command], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "exps" / "linear-dinov2-b-enc8"
+    log = (run_dir / "log.txt").read_text()
+    for text in ("training REPA alone", "alignment: REPA: dinov2-vit-s", "after block 1, negative cosine, "
+                 "coefficient 0.5", "horizontal flips off", "effective global batch 2 images", "step 2: total_loss="):
+        assert text in log, text
+        assert text in proc.stdout, text  # on the console too
+    assert " proj_loss=" in log and " sra_loss=" not in log and " vae_repa_loss=" not in log
+    saved = json.loads((run_dir / "args.json").read_text())
+    assert saved["align"] == ["repa"] and (saved["enc_type"], saved["proj_coeff"]) == ("dinov2-vit-s", 0.5)
+    assert saved["batch_size"] == 2  # the stand-in above, as recorded
+    for key, value in REPA_CODE.items():
+        if key != "batch_size":
+            assert saved[key] == value, key
