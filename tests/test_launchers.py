@@ -7,8 +7,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from helpers_data import write_latent_dataset
 
 import generate
 import train
@@ -146,6 +148,57 @@ def test_lightningdit_64ep_recipe_is_lightningdits_config_value_by_value(tmp_pat
     assert args.mixed_precision == "bf16" and args.flip
     assert args.align == ([] if methods == "none" else ["vae-repa"])  # VAE-REPA is the only difference
     assert args.exp_name == f"vavae-lightningdit-64ep-LightningDiT-XL-1-{'vanilla' if methods == 'none' else methods}"
+
+
+@pytest.fixture(scope="module")
+def vavae_latents(tmp_path_factory) -> Path:
+    """A tiny VA-VAE-shaped dataset: 8 latents of 32 x 4 x 4 (LightningDiT-XL/1's patch 1: 16 tokens), 3 classes,
+    their flips stored, so that only --flip decides whether a flip is drawn."""
+    rng = np.random.default_rng(0)
+    mean = rng.standard_normal((8, 32, 4, 4)).astype(np.float32)
+    std = np.full_like(mean, 0.1)
+    return write_latent_dataset(tmp_path_factory.mktemp("vavae") / "data", mean, std, rng.integers(0, 3, 8),
+                                mean[..., ::-1].copy(), std, num_classes=3)
+
+
+# Stand-ins appended to the launcher's command (pass-through arguments, the last value wins), each a size only: a
+# 2-block, 32-wide LightningDiT-XL/1 (VAE-REPA's head after block 1, as block 8 does not exist) and a global batch of
+# 4 instead of the recipe's 256 / 1024 (8 latents); two steps on the CPU.
+TINY_RECIPE = ["--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--vae-repa-depth", "1", "--batch-size", "4",
+               "--max-train-steps", "2", "--device", "cpu", "--no-compile", "--num-workers", "0", "--sample-every", "0",
+               "--logging-steps", "1"]
+
+
+@pytest.mark.parametrize("recipe", ["table2", "lightningdit-64ep"])
+@pytest.mark.parametrize("methods", ["none", "vae-repa"])
+def test_lightningdit_recipes_train_two_steps_with_lightningdits_settings(tmp_path, monkeypatch, vavae_latents,
+                                                                         recipe, methods):
+    (argv,) = launches(tmp_path, "train_vavae_table2.sh", *TINY_RECIPE, METHODS=methods, RECIPE=recipe,
+                       DATA=str(vavae_latents))
+    monkeypatch.chdir(tmp_path)  # the launcher's runs/ is relative to where it runs
+    args = train.parse_args(argv)
+    train.train(args)
+    run_dir = tmp_path / "runs" / args.exp_name
+    log = (run_dir / "log.txt").read_text()
+    assert "model LightningDiT-XL/1" in log and "effective global batch 4 images" in log and "step 2:" in log
+    if methods == "none":
+        assert "alignment: none (vanilla" in log and " vae_repa_loss=" not in log
+    else:
+        assert "alignment: VAE-REPA: " in log and " vae_repa_loss=" in log and "REPA: dinov2" not in log
+    assert " proj_loss=" not in log and " sra_loss=" not in log  # VAE-REPA is the only alignment, if any
+    assert " cos_loss=" in log  # LightningDiT's velocity cosine term
+    saved = json.loads((run_dir / "args.json").read_text())
+    assert saved["align"] == ([] if methods == "none" else ["vae-repa"]) and saved["batch_size"] == 4
+    assert saved["max_grad_norm"] == 0  # no LightningDiT config sets max_grad_norm: no clipping
+    assert saved["flip"] is True  # LightningDiT's img_latent_dataset.py: the latents or their flip, probability 0.5
+    assert saved["mixed_precision"] == "bf16"  # LightningDiT's docs/tutorial.md
+    assert (saved["learning_rate"], saved["adam_beta1"], saved["adam_beta2"], saved["adam_weight_decay"]) == (
+        LDIT_64EP["lr"], LDIT_CODE["beta1"], LDIT_64EP["beta2"], LDIT_CODE["weight_decay"])
+    assert (saved["ema_decay"], saved["cfg_prob"]) == (LDIT_CODE["ema_decay"], LDIT_CODE["class_dropout"])
+    assert (saved["weighting"], saved["cos_loss_coeff"], saved["path_type"]) == (
+        "logit-normal", 1.0, LDIT_64EP["path_type"].lower())
+    if recipe == "lightningdit-64ep":
+        assert saved["seed"] == LDIT_64EP["global_seed"] and saved["qk_norm"] == LDIT_64EP["use_qknorm"]
 
 
 def test_a_table2_run_started_before_the_recipe_had_its_name_resumes_as_it_was(tmp_path):
