@@ -18,6 +18,9 @@ step (`phase_ms`: forward with the loss terms, backward, clipping, optimizer, EM
 torch.profiler summary (`profile`: kernel time by kind, top kernels, the GPU's busy fraction; profiling.py). Several
 --batch-size values fit peak memory to a line (`memory_fits`: the largest batch the GPU holds); a batch that runs out
 of memory is listed in `failures` and larger ones of its methods are skipped. The JSON is rewritten after each row.
+A method set with SRA is timed once per SRA teacher precision (--sra-teacher-precision, default both: fp32, SRA's own
+and train.py's default, and autocast, the teacher under --precision as runs before that flag had it); each row's
+`methods` names it, e.g. `sra (teacher fp32)`, beside `align` (the set, as train.py's --align).
 
 Each method row also has `flop_overhead` (its forward + backward FLOPs over the same model's vanilla ones, minus 1)
 beside `time_overhead` (its step time over vanilla's, minus 1). The FLOP overhead is what the step time grows by when
@@ -59,6 +62,7 @@ PAPER_TABLE4 = {"none": (0, 0, 8.1, 114.46, 18.05), "repa": (303, 8, 5.4, 194.50
 TABLE4_SETS = ["none", "repa", "sra", "vae-repa", "repa,vae-repa"]
 VAVAE_MODELS = ["SiT-XL/2", "LightningDiT-XL/1"]  # Table 2's VAVAE rows beside the SD-VAE model
 SDPA_BACKEND_NAMES = ("cudnn", "default", "efficient", "flash", "math")  # benchmark_train_step.SDPA_BACKENDS' keys
+TEACHER_PRECISIONS = ("fp32", "autocast")  # alignment.peers.TEACHER_PRECISIONS (tests/test_benchmarks.py checks)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vavae-rows", action="store_true",
                    help=f"Table 2's VAVAE rows: {' and '.join(VAVAE_MODELS)} (on VA-VAE latents, with LightningDiT's "
                         "objective), each vanilla and with VAE-REPA, batch 32 per GPU")
+    p.add_argument("--sra-teacher-precision", nargs="+", choices=TEACHER_PRECISIONS, default=list(TEACHER_PRECISIONS),
+                   metavar="P", help="SRA's EMA teacher precision (train.py's --sra-teacher-precision): a set with SRA "
+                                     "is timed once per value, its rows labelled 'sra (teacher fp32)' etc. (default: "
+                                     "both; fp32 is SRA's own and train.py's default, autocast runs the teacher "
+                                     "under --precision)")
     p.add_argument("--enc-type", default="dinov2-vit-b", help="REPA's encoder (Table 4: dinov2-vit-l)")
     p.add_argument("--enc-weights", default=None, help="REPA's encoder weights file (default: random weights)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[256], metavar="B",
@@ -136,6 +145,18 @@ from profiling import PhaseTimer, git_commit, profile_steps  # noqa: E402
 FAKE_VANILLA_GFLOPS: dict[tuple, float] = {}
 
 
+def configurations(args) -> list[tuple[str, str | None]]:
+    """(method set, SRA teacher precision) of each row per model and batch: a set with SRA once per
+    --sra-teacher-precision value, any other set once (None)."""
+    return [(align, precision) for align in args.align
+            for precision in (args.sra_teacher_precision if "sra" in align.split(",") else [None])]
+
+
+def label(align: str, precision: str | None) -> str:
+    """A row's methods as reported: the --align set, and SRA's teacher precision where the set has SRA."""
+    return align if precision is None else f"{align} (teacher {precision})"
+
+
 def add_overheads(results: list[dict], args) -> None:
     """Each row's `flop_overhead` (train FLOPs / the same model's vanilla ones - 1: the floor) and `time_overhead`
     (vanilla images/s / the row's - 1: what the step costs more), against the run's vanilla row of that model and
@@ -162,16 +183,18 @@ def largest_batches(results: list[dict], memory_gb: float) -> list[dict]:
     groups: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for r in results:
         if r.get("peak_memory_gb") is not None:
-            groups.setdefault((r["model"], r["align"]), []).append((r["batch_size"], r["peak_memory_gb"]))
+            key = (r["model"], r.get("methods", r["align"]))
+            groups.setdefault(key, []).append((r["batch_size"], r["peak_memory_gb"]))
     fits = []
-    for (model, align), points in groups.items():
+    for (model, methods), points in groups.items():
         if len({b for b, _ in points}) < 2:
             continue
         mean_b = statistics.fmean(b for b, _ in points)
         mean_m = statistics.fmean(m for _, m in points)
         slope = (sum((b - mean_b) * (m - mean_m) for b, m in points) / sum((b - mean_b) ** 2 for b, _ in points))
         fixed = mean_m - slope * mean_b
-        fits.append({"model": model, "align": align, "fixed_gb": fixed, "gb_per_image": slope,
+        fits.append({"model": model, "align": methods.split(" ")[0], "methods": methods, "fixed_gb": fixed,
+                     "gb_per_image": slope,
                      "device_memory_gb": memory_gb, "batch_sizes": sorted(b for b, _ in points),
                      "largest_batch": int((memory_gb - fixed) // slope) if slope > 0 else None})
     return fits
@@ -242,9 +265,9 @@ def profile_row(step: TrainStep, name: str, align: str, b: int, args, device: to
     return profile
 
 
-def time_config(name: str, align: str, b: int, args, device: torch.device) -> dict:
-    """One row: `name` with the method set `align` at per-GPU batch `b`."""
-    step = TrainStep(name, align, b, args, device)
+def time_config(name: str, align: str, b: int, args, device: torch.device, precision: str | None = None) -> dict:
+    """One row: `name` with the method set `align` at per-GPU batch `b` (SRA's teacher in `precision`)."""
+    step = TrainStep(name, align, b, args, device, precision)
     forward_flops, train_flops = step.flops_per_image()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     first_step_s = warm_up(step, args.warmup, sync)
@@ -252,7 +275,8 @@ def time_config(name: str, align: str, b: int, args, device: torch.device) -> di
     times, timer = timed_steps(step, args.steps, device, sync)
     total = sum(times)
     prefixes = step.model.head_state_prefixes()
-    result = {"model": name, "align": align, "batch_size": b, "steps": args.steps,
+    result = {"model": name, "align": align, "methods": label(align, precision), "sra_teacher_precision": precision,
+              "batch_size": b, "steps": args.steps,
               "images_per_s": b * args.steps / total, "steps_per_s": args.steps / total, "step_times_s": times,
               "external_params_m": sum(m.external_parameters() for m in step.methods) / 1e6,
               "head_params_m": sum(p.numel() for n, p in step.model.named_parameters()
@@ -264,7 +288,7 @@ def time_config(name: str, align: str, b: int, args, device: torch.device) -> di
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     if args.profile_steps:
-        result["profile"] = profile_row(step, name, align, b, args, device, times)
+        result["profile"] = profile_row(step, name, result["methods"], b, args, device, times)
     return result
 
 
@@ -280,7 +304,7 @@ def table(results: list[dict], with_paper: bool) -> str:
     for r in results:
         ref = base.get((r["model"], r["batch_size"]))
         rel = (f" ({100 * (r['images_per_s'] / ref['images_per_s'] - 1):+.0f}%)" if ref and r is not ref else "")
-        line = (f"{r['model']:17s} {r['align']:14s} {r['batch_size']:5d} {r['external_params_m']:6.0f} + "
+        line = (f"{r['model']:17s} {r['methods']:14s} {r['batch_size']:5d} {r['external_params_m']:6.0f} + "
                 f"{r['head_params_m']:4.1f} "
                 f"{r['images_per_s']:10.1f} {r['derived_iters_per_s_batch256_8gpus']:11.2f}{rel:7s} "
                 f"{r['forward_gmacs_per_image']:9.2f} {r['train_gflops_per_image']:13.1f} "
@@ -329,24 +353,25 @@ def main(argv=None) -> int:
 
     for name in args.models:
         for b in sorted(args.batch_size):
-            for align in args.align:
-                if any(f["model"] == name and f["align"] == align and f["batch_size"] < b for f in failures):
-                    print(f"{name} {align} batch {b}: skipped (a smaller batch ran out of memory)", flush=True)
+            for align, precision in configurations(args):
+                methods = label(align, precision)
+                if any(f["model"] == name and f["methods"] == methods and f["batch_size"] < b for f in failures):
+                    print(f"{name} {methods} batch {b}: skipped (a smaller batch ran out of memory)", flush=True)
                     continue
                 try:
-                    results.append(time_config(name, align, b, args, device))
+                    results.append(time_config(name, align, b, args, device, precision))
                 except torch.OutOfMemoryError as e:  # a batch too large: recorded, and the other rows still run
-                    failures.append({"model": name, "align": align, "batch_size": b,
+                    failures.append({"model": name, "align": align, "methods": methods, "batch_size": b,
                                      "error": f"{type(e).__name__}: {e}"[:300]})
-                    print(f"{name} {align} batch {b}: out of memory", flush=True)
+                    print(f"{name} {methods} batch {b}: out of memory", flush=True)
                 else:
-                    print(f"{name} {align} batch {b}: {results[-1]['images_per_s']:.1f} images/s", flush=True)
+                    print(f"{name} {methods} batch {b}: {results[-1]['images_per_s']:.1f} images/s", flush=True)
                 free_memory()  # here, once a failed row's frames and their tensors are gone
                 report()
     final = report()
     print(table(results, with_paper=args.table4))
     for r in results:
-        print(f"{r['model']} {r['align']} batch {r['batch_size']}, median ms per phase: "
+        print(f"{r['model']} {r['methods']} batch {r['batch_size']}, median ms per phase: "
               + ", ".join(f"{k} {v:.1f}" for k, v in r["phase_ms"].items()))
         if "by_kind_ms" in r.get("profile", {}):
             prof = r["profile"]
@@ -354,7 +379,7 @@ def main(argv=None) -> int:
             print(f"  profiled {'kernel' if device.type == 'cuda' else 'operator'} time {prof['busy_ms_per_step']:.1f} "
                   f"ms per step{busy}: " + ", ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms"].items()))
     for f in final["memory_fits"]:
-        print(f"{f['model']} {f['align']}: peak memory {f['fixed_gb']:.1f} GB + {f['gb_per_image']:.3f} GB per image "
+        print(f"{f['model']} {f['methods']}: peak memory {f['fixed_gb']:.1f} GB + {f['gb_per_image']:.3f} GB per image "
               f"(fit over batches {f['batch_sizes']}): the largest batch for {f['device_memory_gb']:.0f} GB is about "
               f"{f['largest_batch']}")
     if args.out:

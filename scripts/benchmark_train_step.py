@@ -40,21 +40,23 @@ def loss_config(name: str) -> LossConfig:
     return LossConfig()
 
 
-def config_args(name: str, align: str, args) -> dict:
-    """The run arguments (as train.py records them) of one configuration."""
+def config_args(name: str, align: str, args, sra_teacher_precision: str | None = None) -> dict:
+    """The run arguments (as train.py records them) of one configuration; `sra_teacher_precision` (fp32 or autocast)
+    for a set with SRA (None: train.py's default, fp32)."""
     names = [] if align == "none" else align.split(",")
     run_args = dict(model=name, depth=args.depth, hidden_size=args.hidden_size, num_heads=args.num_heads,
                     num_classes=1000, latent_shape=latent_shape(name, args), align=names,
-                    enc_type=args.enc_type, enc_weights=args.enc_weights)
+                    enc_type=args.enc_type, enc_weights=args.enc_weights,
+                    sra_teacher_precision=sra_teacher_precision or "fp32")
     if args.depth is not None:  # a shrunk model: keep every method's block inside it
         run_args.update(encoder_depth=min(8, args.depth), vae_repa_depth=min(2, args.depth),
                         sra_student_depth=min(4, args.depth), sra_teacher_depth=args.depth)
     return run_args
 
 
-def build(name: str, align: str, args, device: torch.device):
+def build(name: str, align: str, args, device: torch.device, sra_teacher_precision: str | None = None):
     """Model, EMA and the methods, set up as train.py does (REPA's encoder random unless --enc-weights)."""
-    run_args = config_args(name, align, args)
+    run_args = config_args(name, align, args, sra_teacher_precision)
     torch.manual_seed(0)
     model = model_from_args(run_args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -103,10 +105,12 @@ def fake_train_flops(name: str, align: str, args, batch: int = 2) -> float:
 
 class TrainStep:
     """`name` with the method set `align` at per-GPU batch `b`: what train.py does per optimizer step (autocast forward
-    with the methods' terms, backward, clipping, fused AdamW on CUDA, EMA) on one fixed synthetic batch."""
+    with the methods' terms, backward, clipping, fused AdamW on CUDA, EMA) on one fixed synthetic batch; SRA's teacher
+    in `sra_teacher_precision` (train.py's --sra-teacher-precision; None: its default, fp32)."""
 
-    def __init__(self, name: str, align: str, b: int, args, device: torch.device):
-        self.model, self.ema, self.methods = build(name, align, args, device)
+    def __init__(self, name: str, align: str, b: int, args, device: torch.device,
+                 sra_teacher_precision: str | None = None):
+        self.model, self.ema, self.methods = build(name, align, args, device, sra_teacher_precision)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
         self.net = self.model
         if args.compile and args.compile_unit == "block":  # as train.py: each block and head, before DDP

@@ -61,14 +61,15 @@ def baseline_rows(d: dict, name: str) -> list[dict]:
 
 def train_rows(d: dict, name: str) -> list[dict]:
     return [{"device": d["device"], "torch": d["torch"], "commit": short(d.get("commit")), "model": r["model"],
-             "methods": r["align"], "batch": r["batch_size"], "precision": d.get("precision", ""),
+             "methods": r.get("methods", r["align"]), "batch": r["batch_size"], "precision": d.get("precision", ""),
              "compile": compiled(d), "img/s": num(r["images_per_s"], 4),
              "peak GB": num(r.get("peak_memory_gb")), "fwd GMAC/img": num(r.get("forward_gmacs_per_image"), 4),
              "+FLOPs": percent(r.get("flop_overhead")), "+time": percent(r.get("time_overhead")),
              "first step s": num(r.get("first_step_s")), "command": code(d.get("command")), "file": name}
             for r in d["results"]] + [
         {"device": d["device"], "torch": d["torch"], "commit": short(d.get("commit")), "model": f["model"],
-         "methods": f["align"], "batch": f["batch_size"], "precision": d.get("precision", ""), "compile": compiled(d),
+         "methods": f.get("methods", f["align"]), "batch": f["batch_size"], "precision": d.get("precision", ""),
+         "compile": compiled(d),
          "img/s": f"failed: {f['error'].split(':')[0]}", "command": code(d.get("command")), "file": name}
         for f in d.get("failures", [])]
 
@@ -91,7 +92,7 @@ def step_rows(d: dict, name: str) -> list[dict]:
         kinds = prof.get("by_kind_ms", {})
         busy = prof.get("busy_ms_per_step")
         rows.append({"device": d["device"], "torch": d["torch"], "commit": short(d.get("commit")), "model": r["model"],
-                     "methods": r["align"], "batch": r["batch_size"], "compile": compiled(d),
+                     "methods": r.get("methods", r["align"]), "batch": r["batch_size"], "compile": compiled(d),
                      "attention": d.get("sdpa_backend", "default"),
                      "step ms (median)": num(1000 * statistics.median(r["step_times_s"])),
                      "phases ms": ", ".join(f"{k} {num(v)}" for k, v in r["phase_ms"].items()),
@@ -104,7 +105,7 @@ def step_rows(d: dict, name: str) -> list[dict]:
 
 def memory_rows(d: dict, name: str) -> list[dict]:
     return [{"device": d["device"], "torch": d["torch"], "commit": short(d.get("commit")), "model": f["model"],
-             "methods": f["align"], "compile": compiled(d),
+             "methods": f.get("methods", f["align"]), "compile": compiled(d),
              "batches measured": " ".join(map(str, f["batch_sizes"])), "fixed GB": num(f["fixed_gb"]),
              "GB per image": num(f["gb_per_image"]), "device GB": num(f["device_memory_gb"]),
              "largest batch (fit)": f["largest_batch"], "command": code(d.get("command")), "file": name}
@@ -192,7 +193,8 @@ KINDS: list[tuple[str, str, Callable[[dict], bool], Callable[[dict, str], list[d
      "The figures to beat, transcribed by hand from the H100 run at commit a101ca5 recorded in shared/PERF-BASELINE.md "
      "(not produced by a script in this form; the exact commands were not recorded).",
      lambda d: d.get("kind") == "transcribed-baseline", baseline_rows),
-    ("Training", "`scripts/benchmark_train.py`: optimizer steps on synthetic latents, after warm-up.",
+    ("Training", "`scripts/benchmark_train.py`: optimizer steps on synthetic latents, after warm-up; a method set with "
+     "SRA once per SRA teacher precision (`sra (teacher fp32)`, SRA's own, and `sra (teacher autocast)`).",
      lambda d: "images_per_s" in first_row(d, "results") or "align" in first_row(d, "failures"), train_rows),
     ("Training: where the step time goes",
      "`scripts/benchmark_train.py`: each phase's median time over the timed steps (on CUDA, between events in the "

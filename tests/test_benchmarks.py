@@ -26,7 +26,7 @@ def test_table4_harness_counts_flops_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench.main(["--models", "SiT-S/2", "--align", "none", "vae-repa", "sra", "--depth", "3", "--hidden-size",
                      "32", "--num-heads", "2", "--latent-size", "8", "--batch-size", "2", "--steps", "1",
-                     "--warmup", "0", "--precision", "fp32", "--out", str(out)])
+                     "--warmup", "0", "--precision", "fp32", "--sra-teacher-precision", "fp32", "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert {"device", "torch", "commit", "results"} <= set(report)
@@ -47,6 +47,35 @@ def test_table4_harness_counts_flops_and_writes_json(tmp_path, capsys):
     for r in rows.values():
         assert r["images_per_s"] > 0 and len(r["step_times_s"]) == 1 and r["train_gflops_per_image"] > 0
     assert "derived: 8 x images/s per GPU / 256" in capsys.readouterr().out
+
+
+def test_the_sra_row_is_timed_with_each_teacher_precision(tmp_path, capsys):
+    """Issue 26: the SRA row measures SRA's fp32 teacher and the autocast one, each row labelled; the teacher's matrix
+    products run in the precision the row names (bf16 autocast on the CPU)."""
+    from alignment import peers
+
+    bench, train_step = load_script("benchmark_train"), load_script("benchmark_train_step")
+    assert tuple(bench.TEACHER_PRECISIONS) == peers.TEACHER_PRECISIONS
+    tiny = ["--models", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--latent-size", "8",
+            "--batch-size", "2", "--steps", "1", "--warmup", "0", "--precision", "bf16"]
+    out = tmp_path / "bench.json"
+    assert bench.main([*tiny, "--align", "none", "sra", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["align"], r["methods"], r["sra_teacher_precision"]) for r in rows] == [
+        ("none", "none", None), ("sra", "sra (teacher fp32)", "fp32"), ("sra", "sra (teacher autocast)", "autocast")]
+    assert all(r["images_per_s"] > 0 and r["time_overhead"] is not None for r in rows)
+    printed = capsys.readouterr().out
+    assert "sra (teacher fp32)" in printed and "sra (teacher autocast)" in printed
+    assert bench.parse_args(["--sra-teacher-precision", "autocast"]).sra_teacher_precision == ["autocast"]
+
+    args = bench.parse_args(tiny)
+    for precision, dtype in (("fp32", torch.float32), ("autocast", torch.bfloat16)):
+        step = train_step.TrainStep("SiT-S/2", "sra", 2, args, torch.device("cpu"), precision)
+        seen: list[torch.dtype] = []
+        hook = step.ema.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
+        step.forward()
+        hook.remove()
+        assert seen == [dtype], precision  # the teacher (the EMA model) ran once, in that precision
 
 
 def test_table4_preset_is_the_paper_s_setting():
@@ -169,13 +198,13 @@ def test_a_row_out_of_memory_is_recorded_and_each_row_is_written_when_done(tmp_p
     out = tmp_path / "bench.json"
     real, calls = bench.time_config, []
 
-    def time_config(name, align, b, args, device):
+    def time_config(name, align, b, args, device, precision=None):
         calls.append((align, b))
         if (align, b) == ("none", 4):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if (align, b) == ("vae-repa", 6):
             raise KeyboardInterrupt
-        return real(name, align, b, args, device)
+        return real(name, align, b, args, device, precision)
 
     monkeypatch.setattr(bench, "time_config", time_config)
     argv = ["--models", "SiT-S/2", "--align", "none", "vae-repa", "--depth", "2", "--hidden-size", "32",
