@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,38 @@ def _load_pickled(path: Path, trust: bool, flag: str) -> Any:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
+
+
+def load_plain_file(path: str | os.PathLike, expected: str) -> Any:
+    """A weights or statistics file read without running code from it: a `.safetensors` file, or any other through
+    `torch.load(weights_only=True)` with no allowlist (tensors and plain types only). Anything else (a pickle that
+    names functions or classes, a damaged file) is a ValueError of one line naming the file and `expected`."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path} is an empty file (0 bytes); expected {expected}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: one line naming the file
+            raise ValueError(f"{path} could not be read as safetensors ({_first_line(e)}); expected {expected}") from e
+    try:
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it was not written with: not ours to show
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"{path} could not be read (UnpicklingError: {_first_line(e)}); expected {expected}") \
+                from e
+        found = ", ".join(_unsafe_globals(path, str(e)))
+        if not found:
+            raise ValueError(f"{path} could not be read as plain data ({_reason(str(e))}); expected {expected}") from e
+        raise ValueError(f"{path} holds {found}: reading it would run code from the file, so it was not opened; "
+                         f"expected {expected}") from e
+    except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (not a torch file), ...: one line naming the file
+        raise ValueError(f"{path} could not be read ({type(e).__name__}: {_first_line(e)}); expected {expected}") \
+            from e
 
 
 class DamagedCheckpointError(ValueError):

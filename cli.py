@@ -28,6 +28,26 @@ SRA_DEFAULT_BLOCKS = {"S": (4, 8), "B": (4, 8), "L": (8, 20), "XL": (8, 20)}
 # "dit": uint8(clamp(127.5 x + 128)), DiT's and SiT's sample_ddp.py: about half of all pixels one level brighter.
 PIXEL_ROUNDINGS = ("repa", "dit")
 
+# Classifier-free guidance on all latent channels (REPA's sampler) or on the first N only: LightningDiT's
+# forward_with_cfg guides 3 (kept from DiT), the others take the conditional output.
+CFG_CHANNELS_HELP = ("latent channels classifier-free guidance applies to: all (REPA's sampler), or N: only channels "
+                     "0..N-1 are guided and the others take the conditional output (LightningDiT's forward_with_cfg "
+                     "guides 3, as DiT did). Changes nothing without guidance")
+
+
+def cfg_channels(text: str) -> str | int:
+    """The value of a --cfg-channels flag: "all" or a positive channel count."""
+    if text == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected all or a positive number of channels, got {text!r}")
+    return value
+
+
 TRUST_FLAG = "--trust-checkpoint"
 TRUST_HELP = ("also open a checkpoint that holds Python objects other than tensors and plain values (refused by "
               "default). Reading such an object RUNS CODE FROM THE FILE, as the person who made it chose: pass this "

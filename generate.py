@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import cli
-from cli import MODEL_NAMES, PATH_TYPES, PIXEL_ROUNDINGS, TRUST_FLAG, TRUST_HELP
+from cli import CFG_CHANNELS_HELP, MODEL_NAMES, PATH_TYPES, PIXEL_ROUNDINGS, TRUST_FLAG, TRUST_HELP, cfg_channels
 from latent_data.format import REPA_DEFAULTS  # torch-free
 
 
@@ -81,8 +81,10 @@ def _sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="ODE only: Heun's second-order corrector")
     g.add_argument("--time-shift", type=float, default=1.0,
                    help="ODE only: timestep shift of the grid, t' = s t / (1 + (s - 1) t) (1: uniform; > 1: more "
-                        "steps near the noise). LightningDiT's timestep_shift a is 1/a here (its 0.3: 3.33)")
+                        "steps near the noise). LightningDiT's timestep_shift a is 1/a here (its 0.3: 1/0.3 = "
+                        "3.3333333333333335; 3.33 is another grid)")
     g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: no guidance)")
+    g.add_argument("--cfg-channels", type=cfg_channels, default="all", metavar="all|N", help=CFG_CHANNELS_HELP)
     g.add_argument("--guidance-low", "--guidance_low", type=float, default=0.0,
                    help="guidance applies at times t >= this (t = 1 is noise)")
     g.add_argument("--guidance-high", "--guidance_high", type=float, default=1.0,
@@ -223,6 +225,9 @@ def _load(args: argparse.Namespace, rank: int, world: int, log) -> tuple[Path, t
     if vae.config.latent_channels != info["arch"]["latent_shape"][0]:
         raise UsageError(f"--vae {info['vae']}: {vae.config.latent_channels} latent channels, the model "
                          f"expects {info['arch']['latent_shape'][0]}")
+    channels = info["arch"]["latent_shape"][0]
+    if args.cfg_channels != "all" and args.cfg_channels > channels:
+        raise UsageError(f"--cfg-channels {args.cfg_channels}: the model has {channels} latent channels")
     if info["format"] == "vae-repa" and args.resolution not in (None, info["image_size"]):
         raise UsageError(f"--resolution {args.resolution} contradicts checkpoint {ckpt}, whose images are "
                          f"{info['image_size']} px; drop the flag (it is only for REPA-format checkpoints)")

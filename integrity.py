@@ -137,6 +137,45 @@ def verify_file(path: str | os.PathLike) -> bool | None:
     return sha256_file(path) == expected
 
 
+def inside(folder: str | os.PathLike, name: Any) -> Path | None:
+    """`folder / name` for a path read from a file (a manifest, a labels file, a sidecar), or None when it leaves
+    the folder: an absolute path, `..`, or a symbolic link leading out (both resolved, links followed). A name
+    that is not a non-empty string is None too."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return None
+    folder = Path(folder)
+    path = folder / name
+    try:
+        if not path.resolve().is_relative_to(folder.resolve()):
+            return None
+    except (OSError, RuntimeError):  # a loop of links
+        return None
+    return path
+
+
+def leaving(folder: str | os.PathLike, names: Iterable[Any]) -> list[Any]:
+    """The names among `names` that `inside` refuses, with one resolve per directory (a million image paths of a
+    labels file take seconds, not minutes): a file's own name is resolved only when it is a symbolic link."""
+    folder = Path(folder)
+    directories: dict[str, bool] = {}
+    refused = []
+    for name in names:
+        if not isinstance(name, str) or not name or "\0" in name:
+            refused.append(name)
+            continue
+        head, _, tail = name.rpartition("/")
+        if tail in ("", ".", "..") or not head and name.startswith("/"):
+            ok = inside(folder, name) is not None
+        else:
+            if head not in directories:
+                directories[head] = inside(folder, head or ".") is not None
+            link = os.path.islink(os.path.join(folder, name))
+            ok = directories[head] and (not link or inside(folder, name) is not None)
+        if not ok:
+            refused.append(name)
+    return refused
+
+
 def remove_stale_temps(folder: str | os.PathLike, names: re.Pattern | None = None) -> list[Path]:
     """Delete the temporary files that interrupted atomic writes left in `folder` (TEMP_NAME; when `names` is
     given, only those whose final name it matches). Call it where no other process of ours writes into the folder

@@ -3,7 +3,8 @@
 Integration runs in float64 from t = 1 (noise) to t = 0 (data). Calls follow REPA's `euler_sampler` /
 `euler_maruyama_sampler` (model, latents, y, num_steps, heun, cfg_scale, guidance_low, guidance_high,
 path_type); the model is called as `model(x, t, y=y)[0]` in the dtype of `latents`. Classifier-free
-guidance doubles the batch only for grid times t with guidance_low <= t <= guidance_high.
+guidance doubles the batch only for grid times t with guidance_low <= t <= guidance_high; `cfg_channels` N guides
+only channels 0..N-1, the others take the conditional output (LightningDiT's forward_with_cfg, N = 3).
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, path_
 class _GuidedVelocity:
     """Velocity (or any drift built from it) with classifier-free guidance inside a time interval."""
 
-    def __init__(self, model, y, cfg_scale, guidance_low, guidance_high, dtype, null_class):
+    def __init__(self, model, y, cfg_scale, guidance_low, guidance_high, dtype, null_class, cfg_channels=None):
         self.model, self.y, self.cfg_scale, self.dtype = model, y, cfg_scale, dtype
-        self.low, self.high = guidance_low, guidance_high
+        self.low, self.high, self.channels = guidance_low, guidance_high, cfg_channels
         if cfg_scale > 1.0:
             self.y_null = torch.full_like(y, null_class_of(model) if null_class is None else null_class)
 
@@ -79,7 +80,12 @@ class _GuidedVelocity:
             out = drift(out, x_in, t_in)
         if guided:
             cond, uncond = out.chunk(2)
-            out = uncond + self.cfg_scale * (cond - uncond)
+            if self.channels is None:
+                out = uncond + self.cfg_scale * (cond - uncond)
+            else:
+                n = self.channels
+                guided = uncond[:, :n] + self.cfg_scale * (cond[:, :n] - uncond[:, :n])
+                out = torch.cat([guided, cond[:, n:]], dim=1)
         return out
 
 
@@ -125,7 +131,7 @@ def sampling_model(model: torch.nn.Module, precision: str, compile: bool = False
 def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
     """Timestep shift of a time grid: t' = shift t / (1 + (shift - 1) t), which keeps 0 and 1 and, for shift > 1,
     spends more steps near the noise (t = 1). LightningDiT's `timestep_shift` a (its time s = 1 - t runs towards
-    the data) is shift = 1 / a here: its 0.3 is 3.33."""
+    the data) is shift = 1 / a here: its 0.3 is 1 / 0.3 (3.3333333333333335 as a float, not 3.33)."""
     return shift * t / (1 + (shift - 1) * t)
 
 
@@ -142,11 +148,13 @@ def euler_sampler(
     path_type: str = "linear",
     null_class: int | None = None,
     time_shift: float = 1.0,
+    cfg_channels: int | None = None,
 ) -> torch.Tensor:
     """Probability-flow ODE dx/dt = v(x, t) from t = 1 to 0 on a uniform grid (shifted by `shift_times` when
     `time_shift` != 1); Heun adds a corrector (skipped on the last step, which lands on t = 0). `path_type` is
-    unused: the ODE is the same."""
-    velocity = _GuidedVelocity(model, y, cfg_scale, guidance_low, guidance_high, latents.dtype, null_class)
+    unused: the ODE is the same. `cfg_channels`: guide channels 0..N-1 only (None: all)."""
+    velocity = _GuidedVelocity(model, y, cfg_scale, guidance_low, guidance_high, latents.dtype, null_class,
+                               cfg_channels)
     t_steps = shift_times(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), time_shift).tolist()
     x = latents.to(torch.float64)
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -172,15 +180,18 @@ def euler_maruyama_sampler(
     path_type: str = "linear",
     null_class: int | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    cfg_channels: int | None = None,
 ) -> torch.Tensor:
     """Reverse SDE dx = [v - w/2 * score] dt + sqrt(w) dW with w(t) = 2t (REPA's sampler).
 
     Time grid: `num_steps` points from 1 to 0.04, then 0; the last step (0.04 -> 0) is deterministic
     (mean only). `heun` is accepted for signature compatibility and unused. Noise comes from
     `generator` when given: one generator on the latents' device, or one per sample (see `randn`).
+    `cfg_channels`: guide channels 0..N-1 of the drift only (None: all).
     """
     del heun
-    velocity = _GuidedVelocity(model, y, cfg_scale, guidance_low, guidance_high, latents.dtype, null_class)
+    velocity = _GuidedVelocity(model, y, cfg_scale, guidance_low, guidance_high, latents.dtype, null_class,
+                               cfg_channels)
     t_steps = torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64).tolist() + [0.0]
     x = latents.to(torch.float64)
 

@@ -62,6 +62,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="global seed (model init, data order, noise)")
     g.add_argument("--report-to", choices=("none", "wandb", "tensorboard"), default="none",
                    help="experiment tracker; wandb honours WANDB_MODE=offline and needs no account then")
+    g.add_argument("--tracker-project-name", default=None,
+                   help="the tracker's project: wandb's project, TensorBoard's folder in the run directory (default: "
+                        "$WANDB_PROJECT for wandb, else vae-repa)")
     g.add_argument("--logging-steps", type=int, default=100, help="log losses, grad norm and throughput every N steps")
     g.add_argument("--checkpointing-steps", type=int, default=10000, help="write a checkpoint every N steps")
     g.add_argument("--keep-last", type=int, default=2, help="retain the newest N checkpoints ...")
@@ -143,8 +146,9 @@ def _add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                    help="check every shard against the sha256 in manifest.json, in the background while training "
                         "starts; a damaged shard stops the run before the next step and any checkpoint "
                         "(--no-verify-data: skip)")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                   help="use the flipped-image latents (probability 0.5) when the dataset has them")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the flipped-image latents (probability 0.5) when the dataset has them. Default: on; off "
+                        "for a command recognised as REPA's or SRA's (their flags, no --align), whose code uses none")
 
 
 def _add_process_flags(p: argparse.ArgumentParser) -> None:

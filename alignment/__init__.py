@@ -15,6 +15,7 @@ import importlib
 import sys
 from typing import TYPE_CHECKING
 
+from alignment import peers
 from cli import ALIGN_OBJECTIVES, SRA_DEFAULT_BLOCKS, VAE_REPA_TARGETS
 from models.registry import model_config, model_size  # torch-free
 
@@ -31,19 +32,20 @@ DEPRECATED = {"--align-loss": "--vae-repa-loss", "--align-beta": "--vae-repa-bet
               "--align-t-range": "--vae-repa-t-range", "--align-target": "--vae-repa-target",
               "--head-layers": "--vae-repa-head-layers", "--head-width": "--vae-repa-head-width"}
 
-# Every method flag's default that does not depend on the model. REPA's flags stay None on the parser (so that
-# giving one can be told apart, see resolve_args); the others are the parser's defaults.
+# Every method flag's default that does not depend on the model, which is also what a run whose arguments lack the key
+# did. REPA's flags stay None on the parser (so that giving one can be told apart, see resolve_args), and so do SRA's
+# settings that depend on the command, the dataset or the run (peers.SETTLED: a new run's values come from there).
 DEFAULTS = {
     "enc_type": "dinov2-vit-b", "encoder_depth": 8, "proj_coeff": 0.5, "enc_weights": None, "enc_source": "timm",
     "vae_repa_coeff": 1.0, "vae_repa_loss": "smooth_l1", "vae_repa_beta": 0.05, "vae_repa_t_range": (0.0, 1.0),
     "vae_repa_target": "latent", "vae_repa_head_layers": 5, "vae_repa_head_width": None,
     "sra_t_max": 0.2, "sra_coeff": 0.2, "sra_decay_after": 149, "sra_decay_epochs": 1000, "sra_loss": "smooth_l1",
-    "sra_beta": 0.05,
+    "sra_beta": 0.05, "sra_teacher_precision": "autocast",
 }
 # Keys that build_methods has always read with `or`: in a run's arguments 0 or "" also means the default.
 EMPTY_MEANS_DEFAULT = ("enc_type", "encoder_depth", "vae_repa_depth", "sra_student_depth", "sra_teacher_depth")
 
-__all__ = ["AlignmentMethod", "StepInputs", "METHOD_NAMES", "DEFAULTS", "add_arguments", "resolve_args",
+__all__ = ["AlignmentMethod", "StepInputs", "METHOD_NAMES", "DEFAULTS", "add_arguments", "resolve_args", "peers",
            "method_defaults", "build_methods", "head_specs", "upgrade_run_args", "ARCH_KEYS", "model_from_args"]
 
 
@@ -83,7 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="REPA's encoder widths, comma-separated (e.g. 768); checked against --enc-type "
                         "(default: taken from --enc-type)")
     g.add_argument("--enc-weights", default=None,
-                   help="local weights file(s) of the encoder(s), comma-separated (timm's model.safetensors); "
+                   help="local weights file(s) of the encoder(s), comma-separated (timm's model.safetensors, or a "
+                        ".pt/.pth of tensors only, e.g. DINOv2's own; read without running code from them); "
                         "default: the Hugging Face hub cache, downloaded once")
     g.add_argument("--enc-source", choices=("timm", "hub"), default=d["enc_source"],
                    help="timm: timm's DINOv2 and its safetensors weights; hub: torch.hub's facebookresearch/dinov2 "
@@ -109,22 +112,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae-repa-head-width", "--head-width", dest="vae_repa_head_width", type=int, default=None,
                    help="VAE-REPA head width (default: 2 x hidden size)")
 
-    g = p.add_argument_group("SRA (SRA's flag names are accepted too)")
+    g = p.add_argument_group("SRA (SRA's flag names are accepted too; SRA's own switch SRA on without --align)")
     g.add_argument("--sra-student-depth", "--block-out-s", dest="sra_student_depth", type=int, default=None,
                    help="student block whose tokens go through SRA's head (default: 4 for S and B, 8 for L and XL)")
     g.add_argument("--sra-teacher-depth", "--block-out-t", dest="sra_teacher_depth", type=int, default=None,
                    help="EMA teacher block aligned to (default: 8 for S and B, 20 for L and XL)")
     g.add_argument("--sra-t-max", "--t-max", dest="sra_t_max", type=float, default=d["sra_t_max"],
                    help="teacher time = student time - U[0, 1) x this (a cleaner input)")
-    g.add_argument("--sra-coeff", type=float, default=d["sra_coeff"],
-                   help="weight of SRA's loss (SRA: 2 x 0.1 for its smooth-L1 loss); 0 turns SRA off")
-    g.add_argument("--sra-decay-after", type=int, default=d["sra_decay_after"],
-                   help="epoch after which SRA's weight decays (SRA at 256 px: 149; at 512 px: 99)")
-    g.add_argument("--sra-decay-epochs", type=int, default=d["sra_decay_epochs"],
-                   help="the weight shrinks tenfold every this many epochs after that (SRA: 1000 at 256 px, 800 at "
-                        "512 px; 0: constant)")
-    g.add_argument("--sra-loss", choices=ALIGN_OBJECTIVES, default=d["sra_loss"], help="SRA's objective")
+    g.add_argument("--sra-loss", choices=peers.SRA_OBJECTIVES, default=None,
+                   help="SRA's objective: smooth_l1 (SRA's paper), l1, l2, cosine (1 - cos per token, averaged), or "
+                        "cos (SRA's --loss-type cos: 1 - cos over the token axis, averaged over features). Default: "
+                        "smooth_l1; cos for a command recognised as SRA's (its flags, no --align), as SRA's train.py")
+    g.add_argument("--loss-type", dest="sra_loss", choices=tuple(peers.SRA_LOSS_TYPES), action=peers.SraLossType,
+                   default=None,
+                   help="SRA's flag, SRA's names: sml1 = --sra-loss smooth_l1, l1, l2, cos = --sra-loss cos")
+    g.add_argument("--sra-coeff", type=float, default=None,
+                   help="weight of SRA's loss; 0 turns SRA off. Default: as SRA's train.py, 0.2 (2 x 0.1) for "
+                        "smooth-L1, l1, l2, and 0.5 for cos")
+    g.add_argument("--sra-decay-after", type=int, default=None,
+                   help="epoch after which SRA's weight decays (default: as SRA's train.py, 149 at 256 px, 99 at "
+                        "512 px; the dataset's resolution decides)")
+    g.add_argument("--sra-decay-epochs", type=int, default=None,
+                   help="the weight shrinks tenfold every this many epochs after that; 0: constant (default: as SRA's "
+                        "train.py, 1000 at 256 px, 800 at 512 px, 0 for cos)")
     g.add_argument("--sra-beta", type=float, default=d["sra_beta"], help="smooth-L1 threshold beta of SRA's loss")
+    g.add_argument("--sra-teacher-precision", choices=peers.TEACHER_PRECISIONS, default=None,
+                   help="precision of the EMA teacher's forward: fp32, as SRA's code (its EMA model never runs under "
+                        "autocast), or autocast (--mixed-precision, as runs before this flag). Default: fp32; a run "
+                        "whose args.json lacks it resumes with autocast")
 
 
 def _deprecation_notes(argv: list[str]) -> list[str]:
@@ -140,17 +155,25 @@ def resolve_args(args: argparse.Namespace, argv: list[str] | None, error) -> lis
     argv = sys.argv[1:] if argv is None else argv
     notes = _deprecation_notes(argv)
     repa_flags = [f"--{k.replace('_', '-')}" for k in REPA_FLAGS if getattr(args, k) is not None]
+    sra_flags = peers.sra_flags_given(argv)
+    peer = []  # the peers whose own flags, without --align, name the methods (their code's settings follow)
     if args.align is None:
-        args.align = "repa" if repa_flags else "vae-repa"
-        if repa_flags:
-            notes.append(f"{', '.join(repa_flags)} without --align: training REPA alone, as REPA's train.py would; "
-                         "pass --align repa,vae-repa to add VAE-REPA")
+        peer = [name for name, flags in (("repa", repa_flags), ("sra", sra_flags)) if flags]
+        args.align = ",".join(peer) or "vae-repa"
+        if peer:
+            alone = f"{peer[0].upper()} alone, as {peer[0].upper()}'s train.py would" if len(peer) == 1 else \
+                "REPA and SRA, as their flags ask"
+            notes.append(f"{', '.join(repa_flags + sra_flags)} without --align: training {alone}; pass --align "
+                         f"{args.align},vae-repa to add VAE-REPA")
     names = [] if args.align.strip() == "none" else [n.strip() for n in args.align.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHOD_NAMES]
     if unknown or not names and args.align.strip() != "none":
         error(f"--align {args.align}: expected a comma-separated set of {', '.join(METHOD_NAMES)}, or none")
     if repa_flags and "repa" not in names:
         error(f"{', '.join(repa_flags)} configure REPA, which --align {args.align} does not include")
+    if sra_flags and "sra" not in names:
+        error(f"{', '.join(sra_flags)} configure SRA, which --align {args.align} does not include")
+    notes += peers.resolve(args, peer)
 
     from alignment.repa import Repa
 
@@ -220,7 +243,8 @@ def build_methods(run_args: dict) -> list[AlignmentMethod]:
                                 enc_source=a["enc_source"]))
         elif name == "sra":
             methods.append(Sra(a["sra_student_depth"], a["sra_teacher_depth"], a["sra_t_max"], a["sra_coeff"],
-                               a["sra_decay_after"], a["sra_decay_epochs"], a["sra_loss"], a["sra_beta"]))
+                               a["sra_decay_after"], a["sra_decay_epochs"], a["sra_loss"], a["sra_beta"],
+                               a["sra_teacher_precision"]))
         else:
             raise ValueError(f"unknown alignment method {name!r} in the run's arguments")
     return methods

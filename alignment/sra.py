@@ -1,13 +1,18 @@
 """SRA (Jiang et al., self-representation alignment): a student block's tokens, through a 2-layer head, aligned
-with smooth-L1 to the EMA model's tokens at a later block and a lower noise level."""
+with smooth-L1 (the paper) or SRA's token-axis cosine (its code's default) to the EMA model's tokens at a later block
+and a lower noise level."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from alignment.base import AlignmentMethod
-from loss import ALIGN_OBJECTIVES, StepInputs, alignment_loss, interpolant
+from alignment.peers import SRA_OBJECTIVES, TEACHER_PRECISIONS
+from loss import StepInputs, alignment_loss, interpolant
 from models.heads import HeadSpec
 
 
@@ -30,20 +35,30 @@ def teacher_times(t: torch.Tensor, t_max: float, u: torch.Tensor) -> torch.Tenso
     return (t - t_max * u).clamp(0, 1)
 
 
+def token_axis_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SRA's `--loss-type cos`, per sample: 1 - the cosine between pred[n, :, d] and target[n, :, d] (the cosine runs
+    over dim 1 of the (N, T, D) tokens, the token axis, not over features), averaged over d; in fp32."""
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        return (1 - F.cosine_similarity(pred.float(), target.float(), dim=1)).mean(dim=1)
+
+
 class Sra(AlignmentMethod):
     name = "sra"
     log_name = "sra_loss"
     needs = frozenset({"teacher"})
 
     def __init__(self, student_depth: int, teacher_depth: int, t_max: float = 0.2, coeff: float = 0.2,
-                 decay_after: int = 149, decay_epochs: int = 1000, objective: str = "smooth_l1", beta: float = 0.05):
-        if objective not in ALIGN_OBJECTIVES:
-            raise ValueError(f"SRA objective must be one of {ALIGN_OBJECTIVES}, got {objective!r}")
+                 decay_after: int = 149, decay_epochs: int = 1000, objective: str = "smooth_l1", beta: float = 0.05,
+                 teacher_precision: str = "fp32"):
+        if objective not in SRA_OBJECTIVES:
+            raise ValueError(f"SRA objective must be one of {SRA_OBJECTIVES}, got {objective!r}")
+        if teacher_precision not in TEACHER_PRECISIONS:
+            raise ValueError(f"SRA teacher precision must be one of {TEACHER_PRECISIONS}, got {teacher_precision!r}")
         if not 0 <= t_max <= 1:
             raise ValueError(f"SRA t_max must be in [0, 1], got {t_max}")
         self.student_depth, self.teacher_depth, self.t_max = student_depth, teacher_depth, t_max
         self.coeff, self.decay_after, self.decay_epochs = coeff, decay_after, decay_epochs
-        self.objective, self.beta = objective, beta
+        self.objective, self.beta, self.teacher_precision = objective, beta, teacher_precision
         self.teacher_params = 0
 
     def head_specs(self, hidden_size: int, patch_size: int, channels: int, depth: int) -> list[HeadSpec]:
@@ -73,13 +88,22 @@ class Sra(AlignmentMethod):
         n = step.x.shape[0]
         t_teacher = teacher_times(step.t, self.t_max, torch.rand(step.t.shape, device=step.t.device))
         alpha, sigma, _, _ = (a.view(n, 1, 1, 1).to(step.x.dtype) for a in interpolant(t_teacher, step.path_type))
-        with torch.no_grad():  # the same clean latent, noise and (dropped) label as the student
-            target = step.teacher.forward_tokens(alpha * step.x + sigma * step.noise, t_teacher, step.y,
-                                                 self.teacher_depth)
-        return alignment_loss(self.head_output(step, "sra"), target, self.objective, self.beta).mean()
+        x_teacher = alpha * step.x + sigma * step.noise  # the same clean latent, noise and (dropped) label
+        fp32 = self.teacher_precision == "fp32"  # as SRA's code: its EMA model is never under autocast
+        no_autocast = torch.autocast(device_type=step.x.device.type, enabled=False)
+        with torch.no_grad(), no_autocast if fp32 else contextlib.nullcontext():
+            if fp32:
+                x_teacher, t_teacher = x_teacher.float(), t_teacher.float()
+            target = step.teacher.forward_tokens(x_teacher, t_teacher, step.y, self.teacher_depth)
+        pred = self.head_output(step, "sra")
+        if self.objective == "cos":
+            return token_axis_cosine(pred, target).mean()
+        return alignment_loss(pred, target, self.objective, self.beta).mean()
 
     def describe(self) -> str:
         decay = (f", x0.1 per {self.decay_epochs} epochs after epoch {self.decay_after}" if self.decay_epochs > 0
                  else "")
-        return (f"SRA: student block {self.student_depth} (2-layer head) -> EMA teacher block {self.teacher_depth}, "
-                f"teacher t = t - U * {self.t_max}, {self.objective}, coefficient {self.coeff}{decay}")
+        objective = "cos (SRA's, over the token axis)" if self.objective == "cos" else self.objective
+        return (f"SRA: student block {self.student_depth} (2-layer head) -> EMA teacher block {self.teacher_depth} "
+                f"(run in {'fp32' if self.teacher_precision == 'fp32' else 'autocast'}), teacher t = t - U * "
+                f"{self.t_max}, {objective}, coefficient {self.coeff}{decay}")

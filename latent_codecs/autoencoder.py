@@ -3,11 +3,13 @@ and the decoding of diffusion-space latents back to images."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from cli import UsageError
+from hub_files import download_advice, hub_or_cache
 
 
 def load_vae(name: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -33,18 +35,13 @@ def load_vae(name: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
             "is owner/name). Pass a hub id (e.g. stabilityai/sd-vae-ft-ema), a folder written by "
             "AutoencoderKL.save_pretrained() or an LDM-format weights file."
         )
-    try:
-        vae = AutoencoderKL.from_pretrained(str(local) if local.is_dir() else name, torch_dtype=dtype)
-    except Exception as e:  # network, missing files, wrong format: all end with the same advice
-        short = name.rstrip("/").split("/")[-1]
-        raise UsageError(
-            f"VAE {name} ({where}): cannot load an AutoencoderKL ({type(e).__name__}: {e}).\n"
-            "If this machine has no network access, download the VAE on one that has, for example\n"
-            f"  python -c \"from diffusers import AutoencoderKL; "
-            f"AutoencoderKL.from_pretrained('{name}').save_pretrained('vae/{short}')\"\n"
-            f"(or: huggingface-cli download {name} --local-dir vae/{short}), copy the folder here and pass "
-            f"--vae vae/{short}"
-        ) from e
+    with contextlib.nullcontext("") if local.is_dir() else hub_or_cache() as note:
+        try:
+            vae = AutoencoderKL.from_pretrained(str(local) if local.is_dir() else name, torch_dtype=dtype)
+        except Exception as e:  # network, missing files, wrong format: all end with the same advice
+            advice = "" if local.is_dir() else f" {note}{download_advice(name, '--vae')}"
+            raise UsageError(f"VAE {name} ({where}): cannot load an AutoencoderKL ({type(e).__name__}: {e}).{advice}"
+                             ) from e
     return vae.eval()
 
 

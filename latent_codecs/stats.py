@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from checkpoints import load_plain_file
+
 
 class LatentStats:
     """Per-channel mean and standard deviation over batches of latents (N, C, H, W), accumulated in float64.
@@ -73,14 +75,15 @@ def stats_beside(vae: str | Path) -> str | None:
 
 
 def read_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std), each (1, C, 1, 1), from a latents_stats.pt ({'mean', 'std'}), loaded with weights_only=True."""
+    """(mean, std), each (1, C, 1, 1), from a latents_stats.pt ({'mean', 'std'}), read without running code from it
+    (ValueError naming the file for one that holds anything but tensors and plain values)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"latent statistics not found at {path} (LightningDiT publishes latents_stats.pt "
                                 "beside the VA-VAE weights, or compute them with latent_codecs.LatentStats)")
-    stats = torch.load(path, map_location="cpu", weights_only=True)
+    stats = load_plain_file(path, "a latent statistics file: {'mean', 'std'} tensors saved with torch.save")
     if not isinstance(stats, dict) or not {"mean", "std"} <= stats.keys():
-        raise KeyError(f"{path} is not a latent statistics file: expected a dict with 'mean' and 'std'")
+        raise ValueError(f"{path} is not a latent statistics file: expected a dict with 'mean' and 'std'")
     mean, std = (torch.as_tensor(stats[k]).float() for k in ("mean", "std"))
     if mean.ndim == 1:
         mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)

@@ -16,11 +16,14 @@ from pathlib import Path
 
 import torch
 
+from hub_files import download_advice
+
 # The LDM ddconfig of vavae-imagenet256-f16d32-dinov2 (LightningDiT's tokenizer/configs/vavae_f16d32.yaml).
 VAVAE_F16D32 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=32,
                     resolution=256)
 VAVAE_FILE = "vavae-imagenet256-f16d32-dinov2.pt"
-VAVAE_SOURCE = "the Hugging Face repository hustvl/vavae-imagenet256-f16d32-dinov2 (linked from hustvl/LightningDiT)"
+VAVAE_REPO = "hustvl/vavae-imagenet256-f16d32-dinov2"
+VAVAE_SOURCE = f"the Hugging Face repository {VAVAE_REPO} (linked from hustvl/LightningDiT)"
 AUTOENCODER_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 _RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
@@ -180,8 +183,9 @@ def load_vavae(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"VA-VAE weights not found at {path}. Download {VAVAE_FILE} from {VAVAE_SOURCE} (the folder also "
-            f"holds latents_stats.pt, LightningDiT's latent mean and std) and give its path.")
+            f"VA-VAE weights not found at {path}: {VAVAE_FILE} is in {VAVAE_SOURCE}, beside latents_stats.pt "
+            "(LightningDiT's latent mean and std). " + download_advice(
+                VAVAE_REPO, "--vae", (VAVAE_FILE, "latents_stats.pt"), VAVAE_FILE))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted, mmap=True)
     except pickle.UnpicklingError as err:

@@ -12,17 +12,23 @@ class DatasetError(ValueError):
     """A latent dataset on disk that is missing, damaged, or disagrees with its manifest."""
 
 
-def load_npy(path: Path, shape: tuple | None, dtype: str | None, mmap: bool) -> np.ndarray:
-    """np.load with the failure modes of a damaged dataset turned into DatasetError."""
+REPAIR = ("Running the same preprocessing command again checks every shard against its checksum and rewrites damaged "
+          "ones.")
+
+
+def load_npy(path: Path, shape: tuple | None, dtype: str | None, mmap: bool, repair: str = REPAIR) -> np.ndarray:
+    """np.load with the failure modes of a damaged dataset turned into DatasetError; `repair`: what to do about a
+    damaged file (for our layout, the preprocessing command again)."""
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None)
     except FileNotFoundError as e:
         raise DatasetError(f"{path}: missing") from e
     except (OSError, ValueError, EOFError) as e:
-        raise DatasetError(
-            f"{path}: cannot be read as .npy ({e}): the file is truncated or damaged. Running the same "
-            "preprocessing command again checks every shard against its checksum and rewrites damaged ones."
-        ) from e
+        raise DatasetError(f"{path}: cannot be read as .npy ({e}): the file is truncated or damaged. {repair}") from e
+    if not isinstance(arr, np.ndarray):  # np.load opens any zip archive as an .npz (torch.save writes zips too)
+        arr.close()
+        raise DatasetError(f"{path}: is a zip archive (an .npz, or a torch.save file), not the single .npy array "
+                           f"expected there. {repair}")
     if (shape is not None and arr.shape != tuple(shape)) or (dtype is not None and arr.dtype != dtype):
         raise DatasetError(f"{path}: holds a {arr.dtype} array of shape {arr.shape}, but the manifest says "
                            f"{dtype or arr.dtype} {tuple(shape) if shape is not None else arr.shape}")
@@ -77,5 +83,7 @@ class LatentReader:
         if m.get("dtype") in dtypes:
             parts += ["--dtype", dtypes[m["dtype"]]]
         parts += [flag for key, flag in (("flip", "--flip"), ("images", "--save-images")) if m.get(key)]
+        if m.get("posterior") == "sample":
+            parts += ["--posterior", "sample", "--posterior-seed", str(m.get("posterior_seed", 0))]
         # quoted: the manifest may come from someone else, and the user pastes this into a shell
         return "`" + shlex.join(parts) + "` (add --labels FILE if the dataset was made with one)"

@@ -10,6 +10,11 @@ import numpy as np
 from latent_data.format import REPA_DEFAULTS
 from latent_data.reader import DatasetError, LatentReader, load_npy
 
+# REPA's layout records no checksums, and our preprocessing does not write it.
+REPAIR = ("REPA's layout records no checksums: restore the file from your copy of the dataset, or encode the images "
+          "again (REPA's preprocessing, or python -m preprocessing.encode into a new folder, whose shards are "
+          "checksummed)")
+
 
 def list_repa_images(folder: Path, count: int) -> list[Path]:
     """REPA's images/ folder: PNGs (any PIL format) in sorted order, one per latent file."""
@@ -44,7 +49,7 @@ class RepaReader(LatentReader):
             raise DatasetError(f"{meta_path}: no label for {vae_dir / missing[0]} ({len(missing)} files without one)")
         if len(table) != len(files):
             raise DatasetError(f"{meta_path}: lists {len(table)} files but {vae_dir} holds {len(files)} .npy files")
-        first = load_npy(vae_dir / files[0], None, None, mmap=True)
+        first = load_npy(vae_dir / files[0], None, None, mmap=True, repair=REPAIR)
         shape = first.shape[1:] if first.ndim == 4 and first.shape[0] == 1 else first.shape
         if len(shape) != 3 or shape[0] % 2:
             raise DatasetError(f"{vae_dir / files[0]}: expected a (2C, H, W) array (mean and std), got {first.shape}")
@@ -77,7 +82,7 @@ class RepaReader(LatentReader):
 
     def _read(self, i: int) -> np.ndarray:
         path = self._files[i]
-        arr = load_npy(path, None, None, mmap=False)
+        arr = load_npy(path, None, None, mmap=False, repair=REPAIR)
         c, h, w = self.manifest["latent_shape"]
         if arr.shape not in ((2 * c, h, w), (1, 2 * c, h, w)):
             raise DatasetError(f"{path}: expected an array of shape {(2 * c, h, w)}, got {arr.shape}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from integrity import inside
 from latent_data.format import FORMAT, MANIFEST
 from latent_data.reader import DatasetError, LatentReader, load_npy
 
@@ -41,13 +42,25 @@ def read_manifest(path: Path) -> dict:
     return m
 
 
+def _inside(root: Path, name: object, what: str, manifest: Path) -> Path:
+    """root / name, refused (DatasetError naming the entry) when the manifest's entry leads out of the folder."""
+    path = inside(root, name)
+    if path is None:
+        raise DatasetError(f"{manifest}: its {what} {name!r} is not a file name inside {root} (an absolute path, "
+                           "'..' or a link leading out of the folder); a manifest names only files in its own "
+                           "folder, so nothing was read")
+    return path
+
+
 class ShardsReader(LatentReader):
     """Our shards: per shard, `count` rows of mean and std (and flip-mean, flip-std; images with --save-images)."""
 
     def __init__(self, root: Path, in_memory: bool, use_flip: bool, with_images: bool):
         path = root / MANIFEST
         m = read_manifest(path)
-        kinds = ["mean", "std"] + (["flip-mean", "flip-std"] if m.get("flip") and use_flip else [])
+        std = m.get("posterior", "moments") != "sample"  # a stored sample: "mean" holds it, its std is 0
+        kinds = ["mean"] + (["std"] if std else [])
+        kinds += (["flip-mean"] + (["flip-std"] if std else [])) if m.get("flip") and use_flip else []
         if with_images:
             if not m.get("images"):
                 raise DatasetError(f"{path}: the dataset holds no images, which REPA's encoder needs. Preprocess "
@@ -55,8 +68,11 @@ class ShardsReader(LatentReader):
             kinds.append("images")
         try:
             counts = [int(shard["count"]) for shard in m["shards"]]
-            self._shard_files = [{kind: root / shard["files"][kind] for kind in kinds} for shard in m["shards"]]
-        except (KeyError, TypeError, ValueError) as e:
+            self._shard_files = [{kind: _inside(root, shard["files"][kind], f"shard {k}'s {kind!r} file", path)
+                                  for kind in kinds} for k, shard in enumerate(m["shards"])]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, DatasetError):
+                raise
             raise DatasetError(f"{path}: every entry of 'shards' needs a count and the files {kinds} ({e!r})") from e
         if sum(counts) != m["num_images"]:
             raise DatasetError(f"{path}: the shards hold {sum(counts)} images in all but num_images is "
@@ -65,7 +81,7 @@ class ShardsReader(LatentReader):
         self.flip = "flip-mean" in kinds
         self._offsets = np.cumsum([0] + counts)
         self._data: list[dict[str, np.ndarray]] | None = None
-        self.labels_source = root / m.get("labels", "labels.npy")
+        self.labels_source = _inside(root, m.get("labels", "labels.npy"), "labels file", path)
         self.labels = load_npy(self.labels_source, (m["num_images"],), None, mmap=False)
 
     def open(self) -> None:
@@ -101,7 +117,9 @@ class ShardsReader(LatentReader):
     def moments(self, i: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
         k, j = self._row(i)
         shard, prefix = self._data[k], "flip-" if flip else ""
-        return shard[prefix + "mean"][j].astype(np.float32), shard[prefix + "std"][j].astype(np.float32)
+        mean = shard[prefix + "mean"][j].astype(np.float32)
+        std = shard.get(prefix + "std")
+        return mean, (np.zeros_like(mean) if std is None else std[j].astype(np.float32))
 
     def image(self, i: int, flip: bool) -> np.ndarray:
         k, j = self._row(i)

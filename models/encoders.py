@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hub_files import download_advice, hub_or_cache
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # REPA's --enc-type size letter -> (timm architecture without registers, embedding width)
@@ -88,15 +90,50 @@ class FrozenEncoder(nn.Module):
         return out[:, self.vit.num_prefix_tokens:]
 
 
+def _check_image_size(spec: EncoderSpec, image_size: int) -> None:
+    """REPA resizes 256 * k pixel images to 224 * k for DINOv2; anything smaller has no grid to resize to."""
+    if image_size < 256:
+        raise EncoderError(f"--enc-type {spec.name}: the dataset's images are {image_size} x {image_size} pixels, "
+                           "smaller than the 256 x 256 that REPA's encoders take (resized to DINOv2's 224 x 224 "
+                           "input); preprocess the images at --resolution 256 (or 512) with --save-images")
+    if image_size % 256:
+        raise EncoderError(f"--enc-type {spec.name}: the dataset's images are {image_size} x {image_size} pixels; "
+                           "REPA's encoders take 256 * k pixel images (resized to 224 * k for DINOv2's patch 14)")
+
+
+def read_encoder_weights(path: Path, vit: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of a DINOv2 weights file for `vit`, read without running code from it (safetensors, or a
+    plain torch file of tensors): timm's layout or DINOv2's own (dinov2_vit*14_pretrain.pth), converted and its
+    position embedding resampled to `vit`'s grid by timm's filter for ViT checkpoints."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from checkpoints import load_plain_file
+
+    expected = "DINOv2 weights (timm's model.safetensors, or a file of tensors only)"
+    try:
+        state = load_plain_file(path, expected)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in
+                                                  state.get("model", state.get("state_dict", state)).values()):
+            raise ValueError(f"{path}: holds a {type(state).__name__} that is not a dict of tensors; expected "
+                             f"{expected}")
+        return checkpoint_filter_fn(state, vit)
+    except ValueError as e:
+        raise EncoderError(f"--enc-weights {e}") from e
+    except Exception as e:  # noqa: BLE001 - a key layout timm's filter does not know: one line naming the file
+        raise EncoderError(f"--enc-weights {path}: not {expected} ({type(e).__name__}: {str(e)[:200]})") from e
+
+
 def load_dinov2(spec: EncoderSpec, image_size: int, weights: str | None = None, source: str = "timm") -> FrozenEncoder:
     """DINOv2 with its position embedding resampled to the 16 x 16 (k = 1) grid, as REPA does.
 
-    source 'timm' (default): timm's architecture and its safetensors weights, from `weights` (a local file) or
-    the Hugging Face hub cache/download. source 'hub': torch.hub's facebookresearch/dinov2, REPA's own path,
-    which runs that repository's code; its position embedding is resampled with timm's function, as REPA does.
+    source 'timm' (default): timm's architecture and its safetensors weights, from `weights` (a local file, read
+    here without running code from it; timm is given the tensors) or the Hugging Face hub cache/download. source
+    'hub': torch.hub's facebookresearch/dinov2, REPA's own path, which runs that repository's code; its position
+    embedding is resampled with timm's function, as REPA does.
     """
     import timm
 
+    _check_image_size(spec, image_size)
     grid = (224 * (image_size // 256)) // 14
     if source == "hub":
         from timm.layers import resample_abs_pos_embed
@@ -115,13 +152,21 @@ def load_dinov2(spec: EncoderSpec, image_size: int, weights: str | None = None, 
         path = Path(weights).expanduser()
         if not path.is_file():
             raise EncoderError(f"--enc-weights {weights}: no such file")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-    try:
-        vit = timm.create_model(f"{spec.timm_name}.lvd142m", pretrained=True, **kwargs)
-    except Exception as e:  # noqa: BLE001 - offline, missing or damaged weights all end here
-        raise EncoderError(
-            f"cannot load the DINOv2 weights for --enc-type {spec.name} ({type(e).__name__}: {str(e)[:200]}). "
-            f"Download timm/{spec.timm_name}.lvd142m once (e.g. `huggingface-cli download "
-            f"timm/{spec.timm_name}.lvd142m model.safetensors`; offline runs then use the cache with "
-            f"HF_HUB_OFFLINE=1), or pass the file with --enc-weights PATH/model.safetensors") from e
+        vit = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+        state = read_encoder_weights(path, vit)
+        try:
+            vit.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise EncoderError(f"--enc-weights {path}: not the weights of {spec.timm_name} (--enc-type {spec.name}): "
+                               f"{' '.join(str(e).split())[:300]}") from e
+        return FrozenEncoder(vit, image_size)
+    repo = f"timm/{spec.timm_name}.lvd142m"
+    with hub_or_cache() as note:
+        try:
+            vit = timm.create_model(f"{spec.timm_name}.lvd142m", pretrained=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - offline, missing or damaged weights all end here
+            raise EncoderError(
+                f"cannot load the DINOv2 weights for --enc-type {spec.name} ({type(e).__name__}: {str(e)[:200]}). "
+                f"{note}{download_advice(repo, '--enc-weights', ('model.safetensors',), 'model.safetensors')}"
+            ) from e
     return FrozenEncoder(vit, image_size)

@@ -41,7 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=REPA_DEFAULTS["vae"],
                    help="diffusers AutoencoderKL: Hugging Face hub id or local folder (save_pretrained format)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="VAE compute precision")
-    p.add_argument("--dtype", choices=list(NP_DTYPES), default="fp16", help="storage type of the mean and std")
+    p.add_argument("--dtype", choices=list(NP_DTYPES), default=None,
+                   help="storage type of the stored latents (default: fp16 for --posterior moments, fp32 for sample)")
+    p.add_argument("--posterior", choices=["moments", "sample"], default="moments",
+                   help="moments: store the posterior mean and std, and training draws a new sample z = mean + std "
+                        "eps each epoch (ours); sample: store one sample per image (and one per flip), drawn once "
+                        "from (--posterior-seed, image index), and train on it every epoch (LightningDiT's "
+                        "extract_features.py). With sample, VAE-REPA's --vae-repa-target mean sees the sample")
+    p.add_argument("--posterior-seed", type=int, default=0,
+                   help="--posterior sample: image i's noise comes from this seed and i, so a resumed or "
+                        "multi-process encode stores the same samples")
     p.add_argument("--flip", action="store_true", help="also store the latents of the horizontally flipped image")
     p.add_argument("--save-images", action="store_true",
                    help="also store the center-cropped uint8 images (N, H, W, 3): 196 KB per image at 256 px, and "
@@ -97,6 +106,7 @@ from preprocessing.shards import (
     finalize,
     open_destination,
     read_json,
+    sample_posterior,
     shard_files,
     shard_is_done,
     write_shard,
@@ -138,7 +148,7 @@ def dataset_config(args: argparse.Namespace, paths: list[str], labels: list[int]
         "vae": args.vae,
         "resolution": args.resolution,
         "precision": args.precision,
-        "dtype": NP_DTYPES[args.dtype],
+        "dtype": NP_DTYPES[args.dtype or ("fp32" if args.posterior == "sample" else "fp16")],
         "flip": args.flip,
         "images": args.save_images,
         "shard_size": args.shard_size,
@@ -146,6 +156,8 @@ def dataset_config(args: argparse.Namespace, paths: list[str], labels: list[int]
         "shift": args.shift,
         "num_classes": num_classes,
         "source_sha256": sha256_hex([listing.encode()]),
+        # older datasets lack the key: they hold moments
+        **({"posterior": "sample", "posterior_seed": args.posterior_seed} if args.posterior == "sample" else {}),
     }
 
 
@@ -206,7 +218,7 @@ def manifest_base(config: dict, latent_shape: list[int], normalisation: dict, cl
         "complete": False,
         **config,
         "latent_shape": latent_shape,
-        "stored": list(shard_files(0, config["flip"], config["images"])),
+        "stored": list(shard_files(0, config["flip"], config["images"], config.get("posterior") != "sample")),
         "latent": "x = (z + shift) * scale with z = mean + std * eps; target = (mean + shift) * scale",
         "normalization": normalisation,
         "pixels": "ADM center crop, RGB, x / 127.5 - 1",
@@ -334,7 +346,10 @@ def encode_shards(vae, dtype: torch.dtype, source: Path, dest: Path, shards: lis
         if good:
             kept += [i for i, _ in good]
             images = np.stack([img for _, img in good])
-            latents = [a.astype(config["dtype"]) for a in encode_batch(vae, images, args.flip, dtype)]
+            latents = encode_batch(vae, images, args.flip, dtype)
+            if config.get("posterior") == "sample":
+                latents = sample_posterior(latents, [i for i, _ in good], config["posterior_seed"])
+            latents = [a.astype(config["dtype"]) for a in latents]
             if latents[0].shape[1:] != tuple(latent_shape):
                 raise UsageError(f"--vae {args.vae}: gives latents of shape {list(latents[0].shape[1:])}, but its "
                                  f"config implies {latent_shape}; this VAE architecture is not supported")

@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from cli import UsageError
+from integrity import leaving
 
 # torchvision's ImageFolder extensions, so that the file list and the labels are the ones ImageFolder gives.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -86,6 +87,11 @@ def list_images(source: Path, labels_file: Path | None = None) -> tuple[list[str
     if labels_file is not None:
         table = read_labels_file(labels_file)
         paths = sorted(table)
+        outside = leaving(source, paths)
+        if outside:
+            raise UsageError(f"--labels {labels_file}: its entry {outside[0]!r} is not a path inside --source {source} "
+                             f"(an absolute path, '..' or a link leading out of it; {len(outside)} such entries); "
+                             "entries are image paths relative to --source, so nothing was encoded")
         return paths, [table[p] for p in paths], None
     classes = sorted(entry.name for entry in os.scandir(source) if entry.is_dir())
     paths, labels = [], []

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import UsageError
-from integrity import atomic_write, remove_stale_temps, sha256_file, write_text
+from integrity import atomic_write, inside, remove_stale_temps, sha256_file, write_text
 from latent_data.format import FORMAT, MANIFEST
 from preprocessing.normalization import channel_moments, final_normalization
 
@@ -30,6 +30,8 @@ CONFIG_FLAGS = {
     "latent_stats": "--latent-stats",
     "latent_multiplier": "--latent-multiplier",
     "num_classes": "--num-classes",
+    "posterior": "--posterior",
+    "posterior_seed": "--posterior-seed",
     "source_sha256": "--source/--labels (the list of image files and their labels)",
 }
 # The files of a latent dataset, the only ones --overwrite deletes (and their temporary names of older versions).
@@ -58,10 +60,26 @@ def save_npy(path: Path, arr: np.ndarray) -> str:
     return sha256_file(path)
 
 
-def shard_files(k: int, flip: bool, images: bool) -> dict[str, str]:
-    """File name of each array of shard k, by kind."""
-    kinds = ["mean", "std"] + (["flip-mean", "flip-std"] if flip else []) + (["images"] if images else [])
+def shard_files(k: int, flip: bool, images: bool, std: bool = True) -> dict[str, str]:
+    """File name of each array of shard k, by kind (without std: --posterior sample, "mean" holds the sample)."""
+    kinds = ["mean"] + (["std"] if std else []) + (["flip-mean"] + (["flip-std"] if std else []) if flip else [])
+    kinds += ["images"] if images else []
     return {kind: f"{kind}-{k:05d}.npy" for kind in kinds}
+
+
+def posterior_noise(seed: int, index: int, flipped: bool, shape: tuple[int, ...]) -> np.ndarray:
+    """The standard normal noise of image `index`'s stored posterior sample (--posterior sample), float32."""
+    return np.random.default_rng([seed, index, int(flipped)]).standard_normal(shape, dtype=np.float32)
+
+
+def sample_posterior(moments: list[np.ndarray], indices: list[int], seed: int) -> list[np.ndarray]:
+    """One posterior sample z = mean + std eps per image (and per flipped image), float32, from encode_batch's
+    [mean, std(, flip-mean, flip-std)]."""
+    samples = []
+    for flipped, (mean, std) in enumerate(zip(moments[::2], moments[1::2])):
+        eps = np.stack([posterior_noise(seed, i, bool(flipped), mean.shape[1:]) for i in indices])
+        samples.append(mean + std * eps)
+    return samples
 
 
 def sidecar_path(dest: Path, k: int) -> Path:
@@ -136,6 +154,20 @@ def open_destination(dest: Path, base: dict, overwrite: bool, resumed: bool) -> 
         write_text(dest / MANIFEST, json_text(base))
 
 
+def sidecar_files(dest: Path, side: Path, info: dict) -> dict[str, Path]:
+    """A sidecar's shard files as paths in --dest; UsageError naming the entry when one leads out of it."""
+    files = {}
+    for kind, name in info["files"].items():
+        path = inside(dest, name)
+        if path is None:
+            raise UsageError(f"{side}: its {kind!r} file {name!r} is not a file name inside --dest {dest} (an absolute "
+                             "path, '..' or a link leading out of it); a shard's sidecar names only the files beside "
+                             f"it, so nothing was read. Delete {side.name} (the shard is then encoded again) or pass "
+                             "--overwrite")
+        files[kind] = path
+    return files
+
+
 def shard_is_done(dest: Path, k: int, config: dict, latent_shape: list[int]) -> bool:
     """True when shard k's sidecar exists, matches this run and every file matches its checksum."""
     side = sidecar_path(dest, k)
@@ -144,9 +176,11 @@ def shard_is_done(dest: Path, k: int, config: dict, latent_shape: list[int]) -> 
     try:
         info = json.loads(side.read_text())
         ok = info["config"] == config and info["latent_shape"] == latent_shape
-        for kind, name in info["files"].items():
-            ok = ok and (dest / name).is_file() and sha256_file(dest / name) == info["sha256"][kind]
-    except (OSError, ValueError, KeyError, TypeError):
+        for kind, path in sidecar_files(dest, side, info).items():
+            ok = ok and path.is_file() and sha256_file(path) == info["sha256"][kind]
+    except UsageError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         print(f"warning: shard {k} does not match {side.name} (damaged or changed); encoding it again",
@@ -158,7 +192,7 @@ def write_shard(dest: Path, k: int, parts: list[list[np.ndarray]], kept: list[in
                 paths: list[str], labels: list[int], config: dict, latent_shape: list[int]) -> None:
     """Write shard k's arrays (`parts`: per batch, the arrays of shard_files' kinds, in order; `kept`: the indices
     of their images), then its sidecar JSON: the sidecar's presence marks the shard complete."""
-    names = shard_files(k, config["flip"], config["images"])
+    names = shard_files(k, config["flip"], config["images"], config.get("posterior") != "sample")
     empty = {"images": (0, config["resolution"], config["resolution"], 3)}
     sha, stored = {}, {}
     for j, kind in enumerate(names):
@@ -180,7 +214,8 @@ def write_shard(dest: Path, k: int, parts: list[list[np.ndarray]], kept: list[in
         "labels": [labels[i] for i in kept],
         "paths": [paths[i] for i in kept],
         "skipped": skipped,
-        "moments": channel_moments(stored["mean"], stored["std"]),  # of the stored values, which training reads
+        # of the stored values, which training reads (a stored sample has no spread of its own)
+        "moments": channel_moments(stored["mean"], stored.get("std", np.zeros_like(stored["mean"]))),
     }))
 
 
@@ -195,6 +230,7 @@ def finalize(dest: Path, base: dict, num_shards: int, world_size: int) -> dict:
                 "to encode the missing shards (finished shards are kept)."
             )
         info = read_json(side)
+        sidecar_files(dest, side, info)
         shards.append({"count": info["count"], "files": info["files"], "sha256": info["sha256"]})
         labels += info["labels"]
         skipped += info["skipped"]

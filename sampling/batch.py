@@ -24,6 +24,7 @@ class SamplingSettings:
     heun: bool = False
     time_shift: float = 1.0
     cfg_scale: float = 1.0
+    cfg_channels: str | int = "all"  # "all", or N: guide latent channels 0..N-1 only (LightningDiT: 3)
     guidance_low: float = 0.0
     guidance_high: float = 1.0
     global_seed: int = 0
@@ -36,6 +37,11 @@ class SamplingSettings:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
+def guided_channels(cfg_channels: str | int) -> int | None:
+    """The samplers' `cfg_channels` of a --cfg-channels value: None for all channels."""
+    return None if cfg_channels == "all" else int(cfg_channels)
+
+
 @torch.inference_mode()
 def sample_batch(model: torch.nn.Module, vae: torch.nn.Module, indices: list[int], settings: SamplingSettings,
                  info: dict, device: torch.device, precision: str) -> np.ndarray:
@@ -46,7 +52,8 @@ def sample_batch(model: torch.nn.Module, vae: torch.nn.Module, indices: list[int
     y = sample_labels(indices, model.num_classes, settings.label_sampling, settings.global_seed).to(device)
     kwargs = dict(model=model, latents=z, y=y, num_steps=settings.num_steps, heun=settings.heun,
                   cfg_scale=settings.cfg_scale, guidance_low=settings.guidance_low,
-                  guidance_high=settings.guidance_high, path_type=info["path_type"])
+                  guidance_high=settings.guidance_high, path_type=info["path_type"],
+                  cfg_channels=guided_channels(getattr(settings, "cfg_channels", "all")))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
         if settings.mode == "ode":
             x = samplers.euler_sampler(**kwargs, time_shift=settings.time_shift)

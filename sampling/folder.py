@@ -28,6 +28,8 @@ from sampling.images import read_png
 
 CONFIG_NAME = "config.json"
 PNG_NAME = re.compile(r"^\d{6}\.png$")
+# Keys of config.json that folders sampled before the key existed lack, with the value those folders had.
+OLD_FOLDER_DEFAULTS = {"cfg_channels": "all"}
 
 
 def npz_count(path: Path) -> int | None:
@@ -65,6 +67,14 @@ def write_npz(folder: Path, num: int, npz_path: Path, show_progress: bool = True
     return (num, *first.shape)
 
 
+def guided_channels(args: argparse.Namespace, info: dict) -> str | int:
+    """--cfg-channels as it acts: "all" without guidance or when N covers every latent channel (the same images)."""
+    n = getattr(args, "cfg_channels", "all")
+    if args.cfg_scale <= 1 or n == "all" or n >= info["arch"]["latent_shape"][0]:
+        return "all"
+    return n
+
+
 def folder_name(args: argparse.Namespace, ckpt: Path, info: dict, image_size: int, precision: str) -> str:
     """REPA's naming (model-ckpt-size-vae-cfg-seed-mode) plus every other setting that changes the images."""
     ckpt_name = ckpt.stem if ckpt.parent.name != "checkpoints" else f"{ckpt.parent.parent.name}-{ckpt.stem}"
@@ -74,6 +84,8 @@ def folder_name(args: argparse.Namespace, ckpt: Path, info: dict, image_size: in
     ]
     if args.cfg_scale > 1 and (args.guidance_low, args.guidance_high) != (0.0, 1.0):
         parts.append(f"interval-{args.guidance_low}-{args.guidance_high}")
+    if guided_channels(args, info) != "all":
+        parts.append(f"cfg-channels-{guided_channels(args, info)}")
     parts += [f"seed-{args.global_seed}", args.mode + ("-heun" if args.heun and args.mode == "ode" else ""),
               f"{args.num_steps}steps", info["path_type"], f"{args.label_sampling}-labels", precision]
     if args.time_shift != 1:
@@ -97,6 +109,7 @@ def sampling_config(args: argparse.Namespace, info: dict, model: torch.nn.Module
         "num_steps": args.num_steps,
         "heun": bool(args.heun and args.mode == "ode"),
         "cfg_scale": args.cfg_scale,
+        "cfg_channels": guided_channels(args, info),
         "guidance_low": args.guidance_low,
         "guidance_high": args.guidance_high,
         "path_type": info["path_type"],
@@ -114,6 +127,7 @@ def prepare_folder(folder: Path, npz_path: Path, num: int, config: dict, sources
     config_path = folder / CONFIG_NAME
     if config_path.is_file():
         stored = json.loads(config_path.read_text()).get("config") or {}
+        stored = {**OLD_FOLDER_DEFAULTS, **stored}  # an older folder: the behaviour it was sampled with
         if stored != json.loads(json.dumps(config)):
             keys = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
             raise UsageError(

@@ -10,6 +10,7 @@ inside). Use a few thousand --images on a 16-core machine, so that the start-up 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,14 +20,47 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import cli  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = cli.parser(__doc__)
+    p.add_argument("--vae", default="tiny",
+                   help="'tiny', 'tiny-f8' or 'sd-random' (random weights, timing only), or a hub id / local folder")
+    p.add_argument("--resolution", type=int, default=256, help="image side")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="VAE compute precision")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
+    p.add_argument("--batches", type=int, default=5, help="timed VAE batches (after one warm-up batch)")
+    p.add_argument("--flip", action="store_true", help="also encode the mirrored images (as encode --flip)")
+    p.add_argument("--images", type=int, default=200,
+                   help="JPEGs for the decode, whole-CLI and --loader-ranks measurements (for --loader-ranks on a "
+                   "16-core machine: a few thousand)")
+    p.add_argument("--jpeg-size", default="500x375", help="size of the synthetic JPEGs (ImageNet's median)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="decoding processes of the CLI run, and per rank of --loader-ranks (encode's default: CPU "
+                   "cores / ranks - 1, at most 16)")
+    p.add_argument("--skip-cli", action="store_true", help="skip the whole-CLI measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--loader-ranks", type=int, nargs="+", default=None, metavar="R",
+                   help="instead of the VAE and CLI parts: time R ranks' data loading at once, for each R given "
+                   "(e.g. 1 2 4 8; include 1 for the scaling efficiency)")
+    p.add_argument("--loader-rank", nargs=2, default=None, metavar=("SOURCE", "DIR"),
+                   help="internal, started by --loader-ranks: be one loader rank (LOCAL_RANK, LOCAL_WORLD_SIZE from "
+                   "the environment) reading SOURCE, synchronised through files in DIR")
+    p.add_argument("--out", default=None, help="JSON file to append this run to (machine description included)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below (main parses again)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
 from integrity import as_list, atomic_write, worker_init  # noqa: E402
 from latent_codecs.autoencoder import load_vae  # noqa: E402
 from preprocessing import encode  # noqa: E402
@@ -191,31 +225,7 @@ def vae_and_cli(args, tmp: Path, device: torch.device, dtype: torch.dtype, recor
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.parser(__doc__)
-    p.add_argument("--vae", default="tiny",
-                   help="'tiny', 'tiny-f8' or 'sd-random' (random weights, timing only), or a hub id / local folder")
-    p.add_argument("--resolution", type=int, default=256, help="image side")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="VAE compute precision")
-    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
-    p.add_argument("--batches", type=int, default=5, help="timed VAE batches (after one warm-up batch)")
-    p.add_argument("--flip", action="store_true", help="also encode the mirrored images (as encode --flip)")
-    p.add_argument("--images", type=int, default=200,
-                   help="JPEGs for the decode, whole-CLI and --loader-ranks measurements (for --loader-ranks on a "
-                   "16-core machine: a few thousand)")
-    p.add_argument("--jpeg-size", default="500x375", help="size of the synthetic JPEGs (ImageNet's median)")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="decoding processes of the CLI run, and per rank of --loader-ranks (encode's default: CPU "
-                   "cores / ranks - 1, at most 16)")
-    p.add_argument("--skip-cli", action="store_true", help="skip the whole-CLI measurement")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--loader-ranks", type=int, nargs="+", default=None, metavar="R",
-                   help="instead of the VAE and CLI parts: time R ranks' data loading at once, for each R given "
-                   "(e.g. 1 2 4 8; include 1 for the scaling efficiency)")
-    p.add_argument("--loader-rank", nargs=2, default=None, metavar=("SOURCE", "DIR"),
-                   help="internal, started by --loader-ranks: be one loader rank (LOCAL_RANK, LOCAL_WORLD_SIZE from "
-                   "the environment) reading SOURCE, synchronised through files in DIR")
-    p.add_argument("--out", default=None, help="JSON file to append this run to (machine description included)")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     if args.loader_rank:
         loader_rank(Path(args.loader_rank[0]), Path(args.loader_rank[1]), args.resolution, args.batch_size,
                     args.num_workers)

@@ -20,22 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import scipy
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli  # noqa: E402
-from evaluations.data import open_images  # noqa: E402
-from evaluations.inception import (  # noqa: E402
-    InceptionFeatures,
-    default_device,
-    extract_features,
-    resolve_weights,
-    write_random_weights,
-)
-from evaluations.metrics import FIDStatistics, frechet_distance, precision_recall  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +43,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inception-weights", default=None, help="weights file (default: see above)")
     parser.add_argument("--out", default=None, help="append the result to this JSON file (default: print only)")
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below (main parses again)
+
+import numpy as np  # noqa: E402
+import scipy  # noqa: E402
+import torch  # noqa: E402
+
+from evaluations.data import open_images  # noqa: E402
+from evaluations.inception import (  # noqa: E402
+    InceptionFeatures,
+    default_device,
+    extract_features,
+    resolve_weights,
+    write_random_weights,
+)
+from evaluations.metrics import FIDStatistics, frechet_distance, precision_recall  # noqa: E402
 
 
 def machine_info() -> dict:

@@ -29,13 +29,10 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli  # noqa: E402
 from integrity import atomic_write  # noqa: E402
-from profiling import git_commit  # noqa: E402
 
 VARIANTS = ("fp32", "autocast", "bf16-weights", "compile", "compile-cudagraphs")
 DEFAULT_VARIANTS = ("autocast", "bf16-weights", "compile", "compile-cudagraphs")
@@ -82,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sampler_steps = args.sampler_steps or args.num_steps
     return args
 
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below (main parses again)
+
+import torch  # noqa: E402
+
+from profiling import git_commit  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Models and the calls the sampler makes

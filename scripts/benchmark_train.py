@@ -45,18 +45,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark_train_step import SDPA_BACKENDS, TrainStep, fake_train_flops  # noqa: E402
-
 import cli  # noqa: E402
-from devices import resolve_compile  # noqa: E402
+from cli import MODEL_NAMES  # noqa: E402
 from integrity import atomic_write  # noqa: E402
-from models import MODEL_NAMES  # noqa: E402
-from profiling import PhaseTimer, git_commit, profile_steps  # noqa: E402
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
 # The paper's Table 4 (SiT-XL/2, H100, batch 256): EFP in M (external + head), iterations/s, GFLOPs, latency ms.
@@ -64,6 +58,7 @@ PAPER_TABLE4 = {"none": (0, 0, 8.1, 114.46, 18.05), "repa": (303, 8, 5.4, 194.50
                 "sra": (481, 2, 5.1, 197.57, 30.90), "vae-repa": (0, 18, 7.2, 118.55, 19.20)}
 TABLE4_SETS = ["none", "repa", "sra", "vae-repa", "repa,vae-repa"]
 VAVAE_MODELS = ["SiT-XL/2", "LightningDiT-XL/1"]  # Table 2's VAVAE rows beside the SD-VAE model
+SDPA_BACKEND_NAMES = ("cudnn", "default", "efficient", "flash", "math")  # benchmark_train_step.SDPA_BACKENDS' keys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile's mode when compiling (train.py uses 'default'; 'reduce-overhead' adds CUDA "
                         "graphs, the max-autotune modes search kernel configurations: slow to compile)")
-    p.add_argument("--sdpa-backend", choices=sorted(SDPA_BACKENDS), default="default",
+    p.add_argument("--sdpa-backend", choices=SDPA_BACKEND_NAMES, default="default",
                    help="attention kernel for the timed steps (default: torch's choice, flash attention on an H100; "
                         "'cudnn' is cuDNN's attention on Hopper)")
     p.add_argument("--profile-steps", type=int, default=0,
@@ -128,6 +123,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--trace-dir needs --profile-steps N (N > 0)")
     return args
 
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below (main parses again)
+
+import torch  # noqa: E402
+from benchmark_train_step import TrainStep, fake_train_flops  # noqa: E402
+
+from devices import resolve_compile  # noqa: E402
+from profiling import PhaseTimer, git_commit, profile_steps  # noqa: E402
 
 FAKE_VANILLA_GFLOPS: dict[tuple, float] = {}
 

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from checkpoints import list_checkpoints  # noqa: E402
+from cli import CFG_CHANNELS_HELP, cfg_channels  # noqa: E402  (torch-free)
 
 # VAE-REPA paper, Table 2: FID-50K on ImageNet 256x256, batch 256, no CFG; (model, method) -> {iterations: FID}.
 PAPER_TABLE2 = {
@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num-steps", type=int, default=250, help="sampler steps (default: %(default)s)")
     g.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (default: %(default)s, none)")
     g.add_argument("--guidance-high", type=float, default=1.0, help="guidance applies at t <= this (default: 1)")
+    g.add_argument("--cfg-channels", type=cfg_channels, default="all", metavar="all|N",
+                   help=f"as generate.py --cfg-channels: {CFG_CHANNELS_HELP} (default: %(default)s)")
     g.add_argument("--global-seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g = p.add_argument_group("hardware")
     g.add_argument("--nproc-per-node", type=int, default=1,
@@ -74,11 +76,15 @@ def protocol_tag(args: argparse.Namespace) -> str:
     tag = f"{args.num_samples}-{args.mode}-{args.num_steps}steps-cfg{args.cfg_scale}"
     if args.cfg_scale > 1 and args.guidance_high != 1.0:
         tag += f"-high{args.guidance_high}"
+    if args.cfg_scale > 1 and args.cfg_channels != "all":
+        tag += f"-ch{args.cfg_channels}"
     return tag + f"-seed{args.global_seed}" + (f"-ref-{Path(args.ref).stem}" if args.ref else "")
 
 
 def protocol_caption(args: argparse.Namespace) -> str:
     guidance = "no guidance" if args.cfg_scale == 1 else f"CFG {args.cfg_scale} for t <= {args.guidance_high}"
+    if args.cfg_scale > 1:
+        guidance += " on all channels" if args.cfg_channels == "all" else f" on channels 0-{args.cfg_channels - 1}"
     return (f"{args.num_samples:,} samples per checkpoint, {args.mode.upper()} sampler with {args.num_steps} steps, "
             f"{guidance}, random labels, EMA weights; reference: {Path(args.ref).name if args.ref else '?'}")
 
@@ -130,7 +136,8 @@ def evaluate_checkpoint(args: argparse.Namespace, run: Path, step: int, ckpt: Pa
         # generate.py keeps the PNGs a killed attempt wrote and only samples the missing ones
         gen = [str(ROOT / "generate.py"), "--ckpt", str(ckpt), "--sample-dir", str(sample_dir), "--num-fid-samples",
                str(args.num_samples), "--mode", args.mode, "--num-steps", str(args.num_steps), "--cfg-scale",
-               str(args.cfg_scale), "--guidance-high", str(args.guidance_high), "--global-seed",
+               str(args.cfg_scale), "--cfg-channels", str(args.cfg_channels), "--guidance-high",
+               str(args.guidance_high), "--global-seed",
                str(args.global_seed), "--per-proc-batch-size", str(args.per_proc_batch_size)]
         run_tool(gen + (["--device", args.device] if args.device else []), args.nproc_per_node)
         npzs = sorted(sample_dir.glob("*.npz"))
@@ -156,6 +163,7 @@ def evaluate_checkpoint(args: argparse.Namespace, run: Path, step: int, ckpt: Pa
 
 def collect(args: argparse.Namespace) -> list[dict]:
     """Table rows: each run's full-protocol results, its metrics.jsonl rows, and the paper's Table 2 points."""
+    from checkpoints import list_checkpoints  # imports torch: after parsing, so that --help answers at once
     from training.evaluation import read_rows
 
     rows, paper_done = [], set()

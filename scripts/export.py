@@ -7,6 +7,9 @@ safetensors: the EMA weights (heads included), and the run's arguments as JSON i
 all `generate.py --ckpt FILE.safetensors` needs. The format holds tensors only, so opening it runs nothing.
 repa: REPA's layout {"model", "ema", "opt", "args", "steps"}, read by REPA's scripts (`ckpt["ema"]`) and by
 generate.py. Weights keep the names REPA's SiT has (backbone, REPA projectors); our VAE-REPA and SRA heads are left out.
+The optimizer state is renumbered in the order of REPA's parameters (its frozen position embedding first, its
+projectors before the final layer), so that REPA's `--resume-step` loads it; a run without REPA's projectors has no
+state REPA's model could take (REPA's SiT always has them), and its export holds no "opt".
 """
 
 from __future__ import annotations
@@ -79,11 +82,45 @@ def repa_layout(checkpoint: dict) -> dict:
     def weights(state: dict) -> dict:
         return {k: v for k, v in state.items() if not k.startswith(REPA_DROP)}
 
-    return {"model": weights(checkpoint["model"]), "ema": weights(checkpoint["ema"]), "opt": checkpoint["opt"],
-            "args": args, "steps": int(checkpoint["step"])}
+    layout = {"model": weights(checkpoint["model"]), "ema": weights(checkpoint["ema"]), "args": args,
+              "steps": int(checkpoint["step"])}
+    opt = repa_optimizer_state(checkpoint["opt"], args)
+    if opt is not None:
+        layout["opt"] = opt
+    return layout
 
 
-def export(args: argparse.Namespace) -> Path:
+def repa_optimizer_state(opt: dict, run_args: dict) -> dict | None:
+    """Our AdamW state renumbered for REPA's SiT: REPA's AdamW takes model.parameters(), whose order is the frozen
+    `pos_embed` (a parameter of the root module, so first; no state, it never has a gradient), the embedders, the
+    blocks, the projectors, then the final layer; our VAE-REPA and SRA heads have no place there. None when the run has
+    no REPA projectors (REPA's model, built by its train.py, always has them)."""
+    import torch
+
+    from alignment import model_from_args
+
+    with torch.device("meta"):  # the parameters' names and order, without memory
+        names = [name for name, _ in model_from_args(run_args).named_parameters()]
+    projectors = [n for n in names if n.startswith("projectors.")]
+    if not projectors:
+        return None
+    groups = opt.get("param_groups", [])
+    if len(groups) != 1 or len(groups[0]["params"]) != len(names):
+        raise UsageError(f"--format repa: the checkpoint's optimizer state does not describe the run's model "
+                         f"({len(names)} parameter tensors in one group)")
+    group = groups[0]
+    backbone = [n for n in names if not n.startswith(REPA_DROP + ("projectors.",))]
+    final = next(i for i, n in enumerate(backbone) if n.startswith("final_layer."))
+    repa_names = ["pos_embed", *backbone[:final], *projectors, *backbone[final:]]
+    ours = {name: group["params"][i] for i, name in enumerate(names)}
+    state = {j: opt["state"][ours[name]] for j, name in enumerate(repa_names) if ours.get(name) in opt["state"]}
+    # REPA's AdamW(model.parameters(), lr, betas, weight_decay, eps): fused and foreach left to torch
+    return {"state": state, "param_groups": [{**group, "fused": None, "foreach": None,
+                                              "params": list(range(len(repa_names)))}]}
+
+
+def export(args: argparse.Namespace) -> tuple[Path, bool]:
+    """Write the export; returns its path and whether it holds an optimizer state."""
     ckpt = resolve(Path(args.ckpt))
     suffix = ".safetensors" if args.format == "safetensors" else "-repa.pt"
     out = Path(args.out) if args.out else ckpt.with_name(ckpt.stem + suffix)
@@ -109,20 +146,24 @@ def export(args: argparse.Namespace) -> Path:
         if args.format == "safetensors":
             write_safetensors(checkpoint["ema"], checkpoint["args"], checkpoint["step"], out)
         else:
-            atomic_save(repa_layout(checkpoint), out)
+            layout = repa_layout(checkpoint)
+            atomic_save(layout, out)
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write it ({e.strerror or e})") from e
-    return out
+    return out, args.format == "repa" and "opt" in layout
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        out = export(args)
+        out, has_opt = export(args)
     except UsageError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.format})")
+    if args.format == "repa" and not has_opt:
+        print("no optimizer state in it: the run has no REPA projectors, which REPA's model always has, so REPA's "
+              "--resume-step could not continue it (its EMA weights sample with REPA's generate.py and ours)")
     return 0
 
 

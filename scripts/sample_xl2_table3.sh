@@ -5,9 +5,12 @@
 # scale or interval. 8 GPUs: about 1-1.5 hours on H100s (an estimate).
 # Then score with: python -m evaluations.evaluator VIRTUAL_imagenet256_labeled.npz <npz>
 set -euo pipefail
+LAUNCHER_TOOL=generate.py
+source "$(dirname "${BASH_SOURCE[0]}")/launcher_lib.sh"  # --help, run names, resuming
+launcher_help "$@"
 CKPT=${CKPT:?set CKPT to a checkpoint file or run directory}
 GPUS=${GPUS:-8}
 
 torchrun --nproc_per_node "$GPUS" generate.py --ckpt "$CKPT" --mode sde --num-steps 250 \
     --cfg-scale 1.8 --guidance-low 0.0 --guidance-high 0.7 --num-fid-samples 50000 \
-    --per-proc-batch-size 128 --sample-dir samples
+    --per-proc-batch-size 128 --sample-dir samples "$@"

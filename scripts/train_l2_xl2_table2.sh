@@ -9,15 +9,20 @@
 # REPA needs the images beside the latents: preprocess with --save-images. Expected on 8 H100s: L/2 about
 # 11 hours for 400K steps; XL/2 + VAE-REPA about 15 hours per 400K steps (the paper's Table 4: 7.2 it/s), REPA
 # and SRA about 20 hours (5.4 and 5.1 it/s); measure yours with scripts/benchmark_train.py --table4.
-# Set MODEL, METHODS and STEPS as needed; resume an interrupted run by re-running this script.
+# Set MODEL, METHODS and STEPS as needed; the run is runs/<MODEL with - for />-<METHODS with + for ,> (none:
+# vanilla), e.g. runs/SiT-XL-2-vae-repa, train.py's name. Resume an interrupted run by re-running this script.
 set -euo pipefail
+LAUNCHER_TOOL=train.py
+source "$(dirname "${BASH_SOURCE[0]}")/launcher_lib.sh"  # --help, run names, resuming
+launcher_help "$@"
 DATA=${DATA:-data/imagenet256}
 GPUS=${GPUS:-8}
 MODEL=${MODEL:-SiT-XL/2}
 METHODS=${METHODS:-vae-repa}
 STEPS=${STEPS:-400000}
-NAME=$(echo "$MODEL" | tr '/' '-' | tr 'A-Z' 'a-z')-$(echo "$METHODS" | tr ',' '+')
+OLD_NAME=$(echo "$MODEL" | tr '/' '-' | tr 'A-Z' 'a-z')-$(echo "$METHODS" | tr ',' '+')  # before: lowercased
+run_args "$(default_name "$MODEL" "$METHODS")" "$OLD_NAME" "$@"
 
 accelerate launch --multi_gpu --num_processes "$GPUS" train.py --model "$MODEL" --data-dir "$DATA" \
     --align "$METHODS" --batch-size 256 --max-train-steps "$STEPS" --checkpointing-steps 50000 \
-    --keep-every 100000 --exp-name "$NAME" --resume latest
+    --keep-every 100000 "${RUN_ARGS[@]}" "$@"

@@ -20,7 +20,7 @@ LAYERS = {
     "cli": 0, "integrity": 0, "models.registry": 0, "latent_data.format": 0,
     # 1: the numerics and the formats
     "devices": 1, "profiling": 1, "checkpoints": 1, "loss": 1, "samplers": 1, "models": 1, "latent_codecs": 1,
-    "latent_data": 1, "dataset": 1, "evaluations": 1, "preprocessing": 1,
+    "latent_data": 1, "dataset": 1, "evaluations": 1, "preprocessing": 1, "hub_files": 1,
     # 2: alignment methods (heads on the models, loss terms)
     "alignment": 2,
     # 3: the sampling pipeline; 4: the training loop, which samples through it

@@ -119,3 +119,23 @@ def test_curves_needs_ref_only_for_work_left(tmp_path, calls):
     with pytest.raises(SystemExit, match="--ref"):
         curves.main([str(tiny), "--out-dir", str(tmp_path / "out")])
     assert calls == []
+
+
+def test_cfg_channels_reach_generate_and_name_their_own_protocol(tmp_path, monkeypatch):
+    """--cfg-channels is passed to generate.py as given, and results of another channel choice are kept apart (an old
+    guided protocol without the flag keeps its folder name: all channels)."""
+    seen = []
+
+    def run_tool(argv, nproc=1):
+        seen.append(argv)
+
+    monkeypatch.setattr(curves, "run_tool", run_tool)
+    run = tmp_path / "run"
+    base = [str(run), "--ref", "ref.npz", "--cfg-scale", "4", "--guidance-high", "0.9"]
+    three = curves.parse_args([*base, "--cfg-channels", "3"])
+    with pytest.raises(SystemExit, match="expected one .npz"):
+        curves.evaluate_checkpoint(three, run, 2, run / "0000002.pt", {"batch_size": 4, "processes": 1}, {})
+    assert generate.parse_args(seen[0][1:]).cfg_channels == 3
+    assert curves.protocol_tag(three) != curves.protocol_tag(curves.parse_args(base))
+    assert curves.protocol_tag(curves.parse_args(base)) == "50000-sde-250steps-cfg4.0-high0.9-seed0-ref-ref"
+    assert "on channels 0-2" in curves.protocol_caption(three)

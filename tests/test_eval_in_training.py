@@ -15,6 +15,7 @@ from helpers_data import make_tiny_vae, write_latent_dataset
 
 import generate
 import train
+from cli import UsageError
 from evaluations import evaluator, scoring
 from evaluations.inception import write_random_weights
 from training import evaluation
@@ -150,7 +151,8 @@ def test_two_gloo_processes_evaluate_together_as_one_generate_run(tmp_path, asse
         assert row[key] == pytest.approx(offline[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("mode", [["--eval-mode", "sde"], ["--eval-mode", "ode", "--eval-heun"]])
+@pytest.mark.parametrize("mode", [["--eval-mode", "sde"], ["--eval-mode", "ode", "--eval-heun"],
+                                  ["--eval-mode", "ode", "--eval-cfg-channels", "3"]])
 def test_evaluation_samples_with_the_settings_of_its_recorded_generate_command(tmp_path, assets, mode):
     """The evaluation's sampling settings are those generate.py parses from the flags the evaluation records (ODE too:
     it once lacked the time shift generate.py passes, so --eval-mode ode failed at the first evaluation)."""
@@ -160,3 +162,12 @@ def test_evaluation_samples_with_the_settings_of_its_recorded_generate_command(t
                              "2", *eval_flags(assets), "--eval-cfg-scale", "1.5", "--eval-seed", "7", *mode])
     recorded = generate.parse_args(["--ckpt", "checkpoint.pt", *evaluation.generate_flags(args)])
     assert evaluation.sampling_settings(args) == SamplingSettings.from_args(recorded)
+    assert recorded.cfg_channels == (3 if "--eval-cfg-channels" in mode else "all")
+
+
+def test_more_guided_channels_than_the_model_has_are_refused(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(eval_every=2, eval_cfg_channels=5)
+    with pytest.raises(UsageError, match="--eval-cfg-channels 5: the model has 4 latent channels"):
+        evaluation.make_evaluator(args, {"latent_shape": [4, 8, 8]}, tmp_path, accelerator=None)

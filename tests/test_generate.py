@@ -323,7 +323,7 @@ def test_help_documents_every_flag_without_a_gpu():
              "--num-fid-samples", "--label-sampling", "--global-seed", "--per-proc-batch-size", "--sample-dir",
              "--precision", "--device", "--trust-checkpoint", "--pixel-rounding",
              "--encoder-depth", "--projector-embed-dims", "--tf32", "--fused-attn", "--legacy", "--latent-stats",
-             "--time-shift", "--compile"]
+             "--time-shift", "--compile", "--cfg-channels"]
     for flag in flags:
         assert f"  {flag}" in proc.stdout, flag
     assert "i % num_classes" in proc.stdout.replace("\n", " ")
@@ -452,3 +452,39 @@ def test_architecture_claims_are_checked_against_the_tensors_before_anything_is_
     assert rc == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert f"checkpoint {path} does not fit SiT-S/2" in line and "size mismatch with its tensors" in line
+
+
+def test_guided_channels_are_part_of_the_folder_and_an_old_folder_reads_as_all(assets, reference, tmp_path, capsys):
+    """--cfg-channels N samples into its own folder (name and config.json); a folder sampled before the flag existed
+    (no cfg_channels in its config.json) holds all-channel samples and resumes under --cfg-channels all."""
+    samples = tmp_path / "samples"
+    shutil.copytree(reference["dir"], samples)
+    config_path = samples / reference["folder"].name / "config.json"
+    record = json.loads(config_path.read_text())
+    assert record["config"]["cfg_channels"] == "all"
+    del record["config"]["cfg_channels"]  # as an older generate.py wrote it
+    config_path.write_text(json.dumps(record))
+    before = tree_digest(samples)
+    rc, _, npz = sample(assets["run"], samples, *SETTINGS, "--cfg-channels", "all")
+    assert rc == 0 and "Sampling 0 of 8" in capsys.readouterr().out and tree_digest(samples) == before
+
+    rc, folder, npz = sample(assets["run"], tmp_path / "three", *SETTINGS, "--cfg-channels", "3")
+    assert rc == 0 and folder.name == reference["folder"].name.replace("-seed-", "-cfg-channels-3-seed-")
+    assert json.loads((folder / "config.json").read_text())["config"]["cfg_channels"] == 3
+    assert not np.array_equal(arr_0(npz), reference["images"])  # channel 3 of 4 is no longer guided
+    # 4 of 4 channels is all of them: the same folder and images as --cfg-channels all
+    rc, folder, npz = sample(assets["run"], tmp_path / "four", *SETTINGS, "--cfg-channels", "4")
+    assert rc == 0 and folder.name == reference["folder"].name
+    np.testing.assert_array_equal(arr_0(npz), reference["images"])
+
+
+@pytest.mark.parametrize("value, message", [("5", "--cfg-channels 5: the model has 4 latent channels"),
+                                            ("0", "--cfg-channels"), ("three", "--cfg-channels")])
+def test_bad_cfg_channels_are_refused_before_anything_is_written(assets, tmp_path, capsys, value, message):
+    try:
+        rc = generate.main(["--ckpt", str(assets["ckpt"]), "--sample-dir", str(tmp_path / "s"), "--device", "cpu",
+                            *SETTINGS, "--cfg-channels", value])
+    except SystemExit as e:  # a usage error of the parser
+        rc = e.code
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -224,6 +224,8 @@ def test_refuses_other_vae_or_resolution_and_leaves_files(setup, tmp_path, capsy
     assert "--resolution" in err and "32" in err and "16" in err
     err = refuse(setup["argv"](dest, "--shift", "0.5"), capsys)
     assert "--shift" in err
+    err = refuse(setup["argv"](dest, "--posterior", "sample"), capsys)  # moments there (no key: an older dataset)
+    assert "--posterior" in err and "'sample'" in err
     assert snapshot(dest) == before
 
 
@@ -262,7 +264,8 @@ def test_vae_load_failure_says_what_to_download(setup, tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(AutoencoderKL, "from_pretrained", offline)
     err = refuse(setup["argv"](tmp_path / "out", vae="stabilityai/sd-vae-ft-ema"), capsys)
-    assert "save_pretrained" in err and "--vae vae/sd-vae-ft-ema" in err and "couldn't connect" in err
+    assert "download stabilityai/sd-vae-ft-ema --local-dir" in err and "--vae pretrained/sd-vae-ft-ema" in err
+    assert "couldn't connect" in err
     err = refuse(setup["argv"](tmp_path / "out", vae=tmp_path / "nowhere"), capsys)
     assert "no such directory" in err
 
@@ -286,3 +289,49 @@ def test_help_works_as_a_script_and_documents_every_flag():
     assert proc.returncode == 0 and "--vae" in proc.stdout and "--shard-size" in proc.stdout
     for action in encode.build_parser()._actions:
         assert action.help, action.option_strings
+
+
+def test_posterior_sample_stores_one_fp32_sample_per_image_and_flip_as_lightningdit_does(setup, tmp_path):
+    """--posterior sample: one z = mean + std eps per image and one per flipped image (LightningDiT's
+    extract_features.py stores posterior.sample() of both), fp32 by default, no std files; eps of image i comes from
+    (--posterior-seed, i), and training reads the same z every epoch."""
+    dest = tmp_path / "sample"
+    argv = [a for a in setup["argv"](dest) if a not in ("--dtype", "fp32")] + ["--posterior", "sample"]
+    assert encode.main(argv) == 0
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert (manifest["posterior"], manifest["posterior_seed"], manifest["dtype"]) == ("sample", 0, "float32")
+    assert all(set(s["files"]) == {"mean", "flip-mean", "images"} for s in manifest["shards"])
+    listed = images.list_images(setup["src"], None)[0]
+    shape = tuple(manifest["latent_shape"])
+    for kind, flipped in (("mean", 0), ("flip-mean", 1)):
+        eps = np.stack([np.random.default_rng([0, listed.index(p), flipped]).standard_normal(shape, dtype=np.float32)
+                        for p in EXPECTED])
+        ref_mean, ref_std = load_shards(setup["ref"], kind), load_shards(setup["ref"], kind.replace("mean", "std"))
+        stored = load_shards(dest, kind)
+        assert stored.dtype == np.float32
+        np.testing.assert_allclose(stored, ref_mean + ref_std * eps, rtol=1e-6, atol=1e-6)
+    from latent_data.shards import ShardsReader
+
+    repair = ShardsReader(dest, in_memory=False, use_flip=True, with_images=False).repair_command()
+    assert "--dtype fp32 --flip --save-images --posterior sample --posterior-seed 0" in repair
+    ds = LatentDataset(dest, use_flip=False)
+    first = [ds[i]["x"] for i in range(len(ds))]
+    ds.set_epoch(1)
+    for i, x in enumerate(first):
+        assert torch.equal(ds[i]["x"], x) and torch.equal(x, ds[i]["target"])
+        np.testing.assert_array_equal(x.numpy(), 0.18215 * load_shards(dest, "mean")[i])
+
+
+def test_posterior_storage_figures_against_closed_forms():
+    """scripts/measure_posterior_storage.py's figures on moments whose answers are known: means on fp16's grid
+    (no rounding), a std of 0.5 everywhere and means of variance 1 per channel, so the noise makes 0.25 / 1.25 of
+    the variance; a std that fp16 cannot hold (1/3) has a relative rounding below 2^-11."""
+    from helpers_scripts import load_script
+
+    measure = load_script("measure_posterior_storage").measure
+    mean = np.tile(np.array([-1.0, 1.0], dtype=np.float32), 8 * 2 * 4 * 2).reshape(8, 2, 4, 4)  # variance 1 per channel
+    figures = measure(mean, np.full_like(mean, 0.5), seed=0)
+    assert figures["fp16_mean_max_abs_error"] == 0 and figures["fp16_std_max_abs_error"] == 0
+    assert figures["noise_share_of_variance_median"] == pytest.approx(0.25 / 1.25, rel=1e-12)
+    figures = measure(mean, np.full_like(mean, 1 / 3), seed=0)
+    assert 0 < figures["fp16_std_relative_rms_error"] < 2**-11

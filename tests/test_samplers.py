@@ -239,3 +239,74 @@ def test_bf16_matmul_weights_give_the_outputs_of_fp32_weights_under_autocast(nam
     for key, value in fast.state_dict().items():
         assert direct[key].dtype == value.dtype and torch.equal(direct[key], value), key
         assert direct[key].data_ptr() != fp32_state[key].data_ptr(), key  # a copy, sharing nothing
+
+
+class ChannelVelocity:
+    """Velocity of channel c = label * (c + 1) + x_c / 2: the conditional and unconditional outputs are known tensors,
+    and each channel depends on its own channel of x only."""
+
+    num_classes = 10
+
+    def __call__(self, x, t, y):
+        scale = torch.arange(1, x.shape[1] + 1, dtype=x.dtype).view(1, -1, 1, 1)
+        return y.to(x.dtype).view(-1, 1, 1, 1) * scale + x / 2, {}
+
+
+def test_guiding_the_first_channels_leaves_the_others_conditional():
+    """LightningDiT's forward_with_cfg: channels < N get uncond + s (cond - uncond), the others the conditional output;
+    outside the guidance interval every channel is conditional."""
+    y, s, null = torch.tensor([2, 3]), 4.0, 10
+    c = torch.arange(1, 6, dtype=torch.float64).view(1, 5, 1, 1)
+    cond, uncond = y.double().view(-1, 1, 1, 1) * c, null * c
+    # one Euler step from t = 1 to 0 from x = 0: x = -v(0, 1)
+    x = euler_sampler(ChannelVelocity(), torch.zeros(2, 5, 1, 1), y, num_steps=1, cfg_scale=s, cfg_channels=3)
+    expected = -torch.cat([uncond[:, :3] + s * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], dim=1)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    # two steps, guidance only for t <= 0.7: the step at t = 1 is conditional, the one at t = 0.5 guided on 3
+    x = euler_sampler(ChannelVelocity(), torch.zeros(2, 5, 1, 1), y, num_steps=2, cfg_scale=s, guidance_high=0.7,
+                      cfg_channels=3)
+    x_half = -0.5 * cond  # after the first step; v at t = 0.5 adds x_half / 2 on every channel
+    v_half = torch.cat([uncond[:, :3] + s * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], dim=1) + x_half / 2
+    torch.testing.assert_close(x, x_half - 0.5 * v_half, rtol=0, atol=1e-12)
+
+
+def test_guided_channels_follow_the_guided_run_and_the_others_the_unguided_run_in_the_sde():
+    """With a model whose channels are independent, guiding channels 0-1 gives channels 0-1 of the run that guides all
+    and channels 2-3 of the run without guidance (same noise: one generator per sample, same seeds)."""
+    z, y = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 4])
+
+    def run(**kw):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return euler_maruyama_sampler(ChannelVelocity(), z, y, num_steps=6, guidance_high=0.8, generator=gens, **kw)
+
+    two = run(cfg_scale=3.0, cfg_channels=2)
+    torch.testing.assert_close(two[:, :2], run(cfg_scale=3.0)[:, :2], rtol=0, atol=0)
+    torch.testing.assert_close(two[:, 2:], run(cfg_scale=1.0)[:, 2:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shift, heun", [(1.0, False), (1 / 0.3, False), (1.0, True)])
+def test_all_channels_is_the_guided_euler_ode_bit_for_bit(shift, heun):
+    """cfg_channels None (--cfg-channels all), absent, or the model's channel count: the samples of REPA's formula,
+    v = uncond + s (cond - uncond) in float64 on every channel, integrated by hand here, to the last bit."""
+    from samplers import shift_times
+
+    model, s = ChannelVelocity(), 1.8
+    z = torch.randn(3, 4, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 5, 9])
+
+    def v(x, t, guided):
+        cond, uncond = model(x, None, y)[0], model(x, None, torch.full_like(y, 10))[0]
+        return uncond + s * (cond - uncond) if guided else cond
+
+    grid = shift_times(torch.linspace(1, 0, 6, dtype=torch.float64), shift).tolist()
+    x = z
+    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        guided = 0.1 <= t <= 0.9
+        d = v(x, t, guided)
+        x_next = x + (t_next - t) * d
+        if heun and i < len(grid) - 2:
+            x_next = x + (t_next - t) * 0.5 * (d + v(x_next, t_next, guided))
+        x = x_next
+    kw = dict(num_steps=5, heun=heun, cfg_scale=s, guidance_low=0.1, guidance_high=0.9, time_shift=shift)
+    for channels in ({}, {"cfg_channels": None}, {"cfg_channels": 4}):
+        assert torch.equal(euler_sampler(model, z, y, **kw, **channels), x), channels

@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from cli import PIXEL_ROUNDINGS
+from cli import CFG_CHANNELS_HELP, PIXEL_ROUNDINGS, cfg_channels
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-heun", action="store_true", help="--eval-mode ode only: Heun's corrector (default: off)")
     g.add_argument("--eval-cfg-scale", type=float, default=1.0,
                    help="classifier-free guidance scale (default 1: no guidance, the paper's Table 2 protocol)")
+    g.add_argument("--eval-cfg-channels", type=cfg_channels, default="all", metavar="all|N",
+                   help="as generate.py --cfg-channels: " + CFG_CHANNELS_HELP)
     g.add_argument("--eval-guidance-low", type=float, default=0.0,
                    help="guidance applies at t >= this (default: %(default)s)")
     g.add_argument("--eval-guidance-high", type=float, default=1.0,

@@ -59,6 +59,7 @@ def sampling_settings(args: argparse.Namespace) -> SamplingSettings:
     """The sampling settings of the --eval-* flags (generate.py's defaults for the others, e.g. no time shift)."""
     return SamplingSettings(global_seed=args.eval_seed, label_sampling=args.eval_label_sampling,
                             num_steps=args.eval_num_steps, heun=args.eval_heun, cfg_scale=args.eval_cfg_scale,
+                            cfg_channels=getattr(args, "eval_cfg_channels", "all"),
                             guidance_low=args.eval_guidance_low, guidance_high=args.eval_guidance_high,
                             mode=args.eval_mode, pixel_rounding=args.eval_pixel_rounding)
 
@@ -66,6 +67,7 @@ def sampling_settings(args: argparse.Namespace) -> SamplingSettings:
 def generate_flags(args: argparse.Namespace) -> list[str]:
     """generate.py's flags that reproduce an evaluation's samples from the checkpoint of the same step."""
     flags = ["--mode", args.eval_mode, "--num-steps", str(args.eval_num_steps), "--cfg-scale", str(args.eval_cfg_scale),
+             "--cfg-channels", str(getattr(args, "eval_cfg_channels", "all")),
              "--guidance-low", str(args.eval_guidance_low), "--guidance-high", str(args.eval_guidance_high),
              "--global-seed", str(args.eval_seed), "--label-sampling", args.eval_label_sampling,
              "--pixel-rounding", args.eval_pixel_rounding, "--num-fid-samples", str(args.eval_samples),
@@ -167,6 +169,7 @@ class Evaluator:
                    "eval_fraction": (before + eval_seconds) / max(wall_seconds + eval_seconds, 1e-9),
                    **{k: metrics[k] for k in METRIC_KEYS}, "num_samples": metrics["num_samples"],
                    "protocol": {"ref": str(self.args.eval_ref), "generate_flags": generate_flags(self.args),
+                                "cfg_channels": getattr(self.args, "eval_cfg_channels", "all"),
                                 "precision": self.precision, "compiled": self.compile, "processes": world},
                    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
             if append_row(self.run_dir, row):
@@ -188,6 +191,9 @@ def make_evaluator(args: argparse.Namespace, run_args: dict, run_dir: Path, acce
     """The evaluator when --eval-every is set (Inception weights that cannot be read are a usage error)."""
     if args.eval_every <= 0:
         return None
+    channels, guided = run_args["latent_shape"][0], getattr(args, "eval_cfg_channels", "all")
+    if guided != "all" and guided > channels:
+        raise UsageError(f"--eval-cfg-channels {guided}: the model has {channels} latent channels")
     from evaluations.data import EvaluationError
 
     try:

@@ -35,15 +35,29 @@ MAY_CHANGE = ("max_train_steps", "epochs", "resolution", "fused_attn", "resume_s
               "sample_grid_steps", "eval_every", "num_workers", "in_memory", "report_to", "resume",
               "trust_checkpoint", "output_dir", "exp_name", "data_dir", "enc_weights", "compile", "device",
               "allow_tf32", "deterministic", "world_size", "verify_data", "ddp_bucket_cap_mb", "ddp_static_graph",
-              "ddp_comm",
+              "ddp_comm", "tracker_project_name",
               # what the --eval-every evaluations sample and score (each metrics.jsonl row records its own protocol)
               "eval_ref", "eval_samples", "eval_mode", "eval_num_steps", "eval_heun", "eval_cfg_scale",
-              "eval_guidance_low", "eval_guidance_high", "eval_seed", "eval_label_sampling", "eval_pixel_rounding",
-              "eval_batch_size", "inception_weights")
+              "eval_cfg_channels", "eval_guidance_low", "eval_guidance_high", "eval_seed", "eval_label_sampling",
+              "eval_pixel_rounding", "eval_batch_size", "inception_weights")
 
 
 class DataFault(UsageError):
     """The training data is damaged (a shard that differs from its checksum, non-finite values in a batch)."""
+
+
+def data_errors(stream):
+    """The batches of `stream`; a damaged data file met while training (DatasetError, in this process or a loader
+    worker, whose re-raised message is the worker's whole traceback) ends the run as a DataFault of one line."""
+    from dataset import DatasetError
+
+    try:
+        yield from stream
+    except DatasetError as e:
+        text = str(e).strip()
+        if "Original Traceback" in text:  # torch's DataLoader: "Caught DatasetError in ...\nOriginal Traceback..."
+            text = text.splitlines()[-1].split("DatasetError: ", 1)[-1]
+        raise DataFault(f"damaged training data: {text}") from e
 
 
 class CheckpointWriteError(UsageError):
@@ -130,15 +144,32 @@ def compare_settings(saved: dict, now: dict, source: Path) -> dict[str, list]:
     return changed
 
 
+def read_args_json(path: Path) -> dict:
+    """A run's args.json as a dict; UsageError naming it when it is not a JSON object with a list as its history
+    (resuming rewrites it, and its history would be lost)."""
+    import shlex
+
+    try:
+        old = json.loads(path.read_text())
+        problem = None if isinstance(old, dict) else f"a JSON {type(old).__name__}, not an object"
+        if problem is None and not isinstance(old.get("history", []), list):
+            problem = "its 'history' is not a list"
+    except (OSError, ValueError) as e:
+        problem = " ".join(str(e).split())
+    if problem is not None:
+        move = shlex.join(["mv", str(path), f"{path}.bad"])
+        raise UsageError(f"{path}: expected the run's settings as a JSON object ({problem}). The checkpoint holds "
+                         f"them, and a resume rewrites this file: move it away (`{move}`) and run the same command "
+                         "again")
+    return old
+
+
 def record_args(run_dir: Path, run_args: dict, changed: dict, step: int) -> None:
     """Write args.json: this run's settings; on a resume that changed some, the new values and a history entry."""
     path = run_dir / "args.json"
     record = dict(run_args)
     if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = {}
+        old = read_args_json(path)
         if not changed and {k: v for k, v in old.items() if k != "history"} == plain(run_args):
             return
         record["history"] = old.get("history", [])
@@ -323,7 +354,9 @@ def discard_refused_run(run_dir: Path | None) -> None:
         return
     if (run_dir / LOCK_NAME).exists():
         return
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # its log.txt goes with it: a later line must not reopen the file
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
+            root.removeHandler(handler)
             handler.close()
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -224,19 +224,27 @@ def set_up_run(args: argparse.Namespace, hold: contextlib.ExitStack) -> Run:
     args.compile = resolve_compile(args.compile, device, args.deterministic)
 
     run_dir, resume_from = locate_run(args)
-    methods = alignment.build_methods(vars(args))
-    needs = set().union(*(m.needs for m in methods))
+    needs = set().union(*(m.needs for m in alignment.build_methods(vars(args))))
     dataset = open_dataset(args, with_images="images" in needs)
     check_dataset_flags(args, dataset)
-    run_args = {k: v for k, v in vars(args).items() if k != "notes"}
+    run_args = {k: v for k, v in vars(args).items() if k not in alignment.peers.PARSE_ONLY}
     run_args.update(latent_shape=list(dataset.latent_shape), num_classes=dataset.num_classes, vae=dataset.vae,
                     latent_scale=dataset.scale, latent_shift=dataset.shift, world_size=world)
     # before anything is written: a checkpoint that is refused or does not fit leaves no run directory behind
     checkpoint = None if resume_from is None else open_resume_checkpoint(resume_from, args.trust_checkpoint, run_args)
+    # a peer's settings (flips, SRA's schedule and teacher): the dataset's resolution, or the run's own on a resume
+    args.notes += alignment.peers.settle(args, None if checkpoint is None else alignment.with_defaults(
+        checkpoint["args"]), dataset.manifest.get("resolution"), world)
+    run_args.update({k: getattr(args, k) for k in alignment.peers.SETTLED})
+    if dataset.use_flip != args.flip:  # a resumed run's own setting
+        dataset = open_dataset(args, with_images="images" in needs)
+    methods = alignment.build_methods(run_args)
     changed = {} if checkpoint is None else guard.compare_settings(
         alignment.with_defaults(checkpoint["args"]), run_args, resume_from)
     if args.resume == "latest" and checkpoint is None:  # another run's files are refused, nothing touched yet
         args.notes.append(check_same_run(run_dir, run_args))
+    if checkpoint is not None and (run_dir / "args.json").is_file():
+        guard.read_args_json(run_dir / "args.json")  # a malformed one is refused before anything is written
     if len(dataset) // world < local_batch:
         raise UsageError(f"--data-dir {args.data_dir} holds {len(dataset)} latents: too few for --batch-size "
                          f"{args.batch_size} (a per-process batch of {local_batch} on {world} processes)")
@@ -285,7 +293,7 @@ def open_loader(args: argparse.Namespace, dataset, accelerator, local_batch: int
                                           shuffle=True, drop_last=True)
     loader_kwargs = dict(batch_size=local_batch, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                          persistent_workers=False, worker_init_fn=worker_init() if args.num_workers > 0 else None)
-    data = batches(dataset, sampler, loader_kwargs, epoch, position)
+    data = guard.data_errors(batches(dataset, sampler, loader_kwargs, epoch, position))
     if getattr(args, "epochs", None) is not None:
         limit = epoch_step_limit(args, sampler.per_rank, local_batch)
         logger.info("--epochs %d: the data passes end at step %d; training stops at step %d", args.epochs, limit,

@@ -185,6 +185,36 @@ def build_model_and_optimizer(args: argparse.Namespace, run_args: dict, checkpoi
     return model, ema, optimizer
 
 
+DEFAULT_TRACKER_PROJECT = "vae-repa"  # every run's project before --tracker-project-name
+
+
+def tracker_project(args: argparse.Namespace) -> str:
+    """--tracker-project-name; else, for wandb, $WANDB_PROJECT (wandb.init's project argument would override it);
+    else vae-repa."""
+    if getattr(args, "tracker_project_name", None):
+        return args.tracker_project_name
+    if args.report_to == "wandb" and os.environ.get("WANDB_PROJECT"):
+        return os.environ["WANDB_PROJECT"]
+    return DEFAULT_TRACKER_PROJECT
+
+
+def tracker_config(run_args: dict, report_to: str) -> dict:
+    """A run's settings as its tracker stores them, with their types: numbers, bools, strings and None as they are (runs
+    can then be filtered and sorted by them); for wandb, lists and dicts as such (TensorBoard's hparams take neither:
+    there, as text); anything else as text."""
+
+    def typed(value):
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if report_to == "wandb" and isinstance(value, dict):
+            return {str(k): typed(v) for k, v in value.items()}
+        if report_to == "wandb" and isinstance(value, (list, tuple)):
+            return [typed(v) for v in value]
+        return str(list(value) if isinstance(value, tuple) else value)
+
+    return {k: typed(v) for k, v in run_args.items()}
+
+
 def init_trackers(accelerator, args: argparse.Namespace, run_args: dict, run_dir: Path) -> None:
     if args.report_to == "none":
         return
@@ -196,7 +226,9 @@ def init_trackers(accelerator, args: argparse.Namespace, run_args: dict, run_dir
         accelerator.wait_for_everyone()
         init_kwargs["wandb"] = {"id": id_file.read_text().strip(), "resume": "allow", "name": args.exp_name,
                                 "dir": str(run_dir)}
-    accelerator.init_trackers("vae-repa", config={k: str(v) for k, v in run_args.items()}, init_kwargs=init_kwargs)
+    project = tracker_project(args)
+    logger.info("%s: project %s", args.report_to, project)
+    accelerator.init_trackers(project, config=tracker_config(run_args, args.report_to), init_kwargs=init_kwargs)
 
 
 def log_summary(args: argparse.Namespace, model: torch.nn.Module, methods: list, device: torch.device, world: int,
