@@ -24,7 +24,7 @@ from helpers_data import error_lines, free_bytes, full_disk_line, make_tiny_vae,
 
 import integrity
 import train
-from training import checkpoint_writer, guard
+from training import checkpoint_writer, guard, run_lock
 from training.checkpoint_writer import CheckpointWriter
 from training.run_lock import LOCK_NAME, RunLock, stale_reason
 
@@ -138,6 +138,38 @@ def test_a_lock_from_another_host_or_without_owner_is_refused_with_how_to_remove
         (line,) = error_lines(r.stderr)
         assert r.returncode == 2 and words in line and "remove the lock" in line and f"rm {lock}" in line, line
         assert lock.read_text() == content
+
+
+def test_a_lock_from_another_host_not_refreshed_for_ten_minutes_is_taken_over(cli, tmp_path):
+    """A job killed outright on one node and requeued on another: its lock's time stops moving, and once it is
+    STALE_AFTER_SECONDS old the resume takes the lock over with a line."""
+    data = make_dataset(tmp_path / "data")
+    assert cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
+    run_dir = tmp_path / "runs/a"
+    lock = run_dir / LOCK_NAME
+    lock.write_text(json.dumps({"host": "node-17.elsewhere", "pid": 4242, "since": "2026-01-02 03:04:05 UTC"}))
+    old = time.time() - run_lock.STALE_AFTER_SECONDS - 60
+    os.utime(lock, (old, old))
+    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest")
+    assert r.returncode == 0, r.stderr
+    log = (run_dir / "log.txt").read_text()
+    assert "left by train.py (host node-17.elsewhere, pid 4242" in log
+    assert "has not been refreshed for 11 minutes" in log
+    assert (run_dir / "checkpoints/0000002.pt").is_file() and not lock.exists()
+
+
+def test_the_holder_refreshes_its_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "HEARTBEAT_SECONDS", 0.05)
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    old = time.time() - 3600
+    os.utime(tmp_path / LOCK_NAME, (old, old))
+    deadline = time.time() + 10
+    while run_lock.lock_age(tmp_path / LOCK_NAME) > 60 and time.time() < deadline:
+        time.sleep(0.05)
+    assert run_lock.lock_age(tmp_path / LOCK_NAME) < 60  # touched again by the holder's thread
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
 
 
 def test_a_live_pid_is_no_proof_of_a_live_holder_on_this_machine(tmp_path):

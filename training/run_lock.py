@@ -3,10 +3,12 @@
 The lock is created with O_CREAT | O_EXCL: of two processes creating it, exactly one succeeds, on a local file system
 and on the shared ones clusters use (NFSv3 and later, Lustre, GPFS, which carry the exclusive create to the server).
 It records who holds it: host, pid, when it was taken, and what tells a live holder from a dead one on the same
-machine (the boot id, the pid namespace and the process's start time). A lock whose holder is gone (same host: the
-pid has ended, or belongs to a process started later, or the machine has restarted since) is stale and taken over,
-with a line in the log; one from another host cannot be checked from here, and the refusal says how to remove it.
-Torch-free."""
+machine (the boot id, the pid namespace and the process's start time). The holder also refreshes the file's
+modification time every HEARTBEAT_SECONDS, from a thread, for as long as it holds the lock. A lock whose holder is gone
+is stale and taken over, with a line in the log: on the same host when the pid has ended, or belongs to a process
+started later, or the machine has restarted since; from anywhere when the lock has not been refreshed for
+STALE_AFTER_SECONDS (a node that failed or a job killed outright, then requeued elsewhere: the file's time is set by the
+file server, so this works across nodes with clocks within minutes of each other). Torch-free."""
 
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ import os
 import secrets
 import shlex
 import socket
+import threading
 import time
 from pathlib import Path
 
 from cli import UsageError
 
 LOCK_NAME = "run.lock"
+HEARTBEAT_SECONDS = 60.0
+STALE_AFTER_SECONDS = 600.0  # ten heartbeats missed: far longer than NFS attribute caching (60 s at most by default)
 
 
 def _read(path: str) -> str | None:
@@ -67,8 +72,20 @@ def holder_text(holder: dict) -> str:
     return f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
 
 
-def stale_reason(holder: dict) -> str | None:
-    """Why the holder is gone, when this machine can tell (None: it may be alive, or runs elsewhere)."""
+def lock_age(path: Path) -> float | None:
+    """Seconds since the lock at `path` was last refreshed (None without one)."""
+    try:
+        return max(0.0, time.time() - path.stat().st_mtime)
+    except OSError:
+        return None
+
+
+def stale_reason(holder: dict, age: float | None = None) -> str | None:
+    """Why the holder is gone, when this machine can tell (None: it may be alive, or runs elsewhere and refreshed its
+    lock less than STALE_AFTER_SECONDS ago); `age`: lock_age of the lock."""
+    if age is not None and age > STALE_AFTER_SECONDS:
+        return (f"its lock has not been refreshed for {age / 60:.0f} minutes (a running train.py refreshes it every "
+                f"{HEARTBEAT_SECONDS:g} s)")
     here = _here()
     if holder.get("host") != here["host"] or not isinstance(holder.get("pid"), int):
         return None
@@ -107,8 +124,9 @@ def in_use_message(run_dir: Path, holder: dict) -> str:
         return (f"run directory {run_dir} is in use by train.py ({where}); wait for that run to end, or choose "
                 "another --exp-name (nothing was changed)")
     return (f"run directory {run_dir} is in use by train.py ({where}); wait for that run to end, or choose another "
-            f"--exp-name (nothing was changed). If no such process runs on {holder.get('host')} any more (a node that "
-            f"failed), remove the lock: rm {shlex.quote(str(path))}")
+            f"--exp-name (nothing was changed). A lock not refreshed for {STALE_AFTER_SECONDS / 60:g} minutes is "
+            f"taken over; if no such process runs on {holder.get('host')} any more, remove the lock now: "
+            f"rm {shlex.quote(str(path))}")
 
 
 class RunLock:
@@ -119,6 +137,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.record: dict | None = None
+        self._stop = threading.Event()
 
     def acquire(self) -> list[str]:
         """Take the lock; returns lines for the log (a stale lock taken over)."""
@@ -128,7 +147,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
             except FileExistsError:
                 holder = self._holder()
-                reason = stale_reason(holder) if holder else None
+                reason = stale_reason(holder, lock_age(self.path)) if holder else None
                 if reason is None:
                     if holder is None:
                         continue  # released in between: try again
@@ -138,6 +157,8 @@ class RunLock:
                                  f"{reason}: taken over")
                 continue
             self._write(fd)
+            self._stop.clear()
+            threading.Thread(target=self._refresh, name="run-lock-heartbeat", daemon=True).start()
             return notes
         raise UsageError(f"run directory {self.run_dir}: could not take its lock {self.path} (other processes keep "
                          "taking it); run again")
@@ -178,7 +199,17 @@ class RunLock:
         aside.unlink(missing_ok=True)
         return False
 
+    def _refresh(self) -> None:
+        """Touch the lock every HEARTBEAT_SECONDS while it is ours (the file server sets the time)."""
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            record = self.record
+            if record is None or read_holder(self.path) != record:
+                return
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
     def release(self) -> None:
+        self._stop.set()
         if self.record is not None and read_holder(self.path) == self.record:
             self.path.unlink(missing_ok=True)
         self.record = None

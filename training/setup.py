@@ -28,7 +28,7 @@ from cli import UsageError
 from devices import ddp_options, enable_deterministic_mode, gpu_launch_problem, on_rank0
 from integrity import write_text
 from training import guard
-from training.run_lock import LOCK_NAME, RunLock, in_use_message, read_holder, stale_reason
+from training.run_lock import LOCK_NAME, RunLock, in_use_message, lock_age, read_holder, stale_reason
 
 logger = logging.getLogger("train")
 
@@ -49,7 +49,7 @@ def locate_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
         return run_dir, Path(args.resume)
     if run_dir.exists() and any(run_dir.iterdir()):
         holder = read_holder(run_dir / LOCK_NAME)
-        if holder is not None and stale_reason(holder) is None:
+        if holder is not None and stale_reason(holder, lock_age(run_dir / LOCK_NAME)) is None:
             raise UsageError(in_use_message(run_dir, holder))
         raise UsageError(f"run directory {run_dir} already exists; pass --resume latest to continue it or "
                          f"choose another --exp-name (nothing was changed)")
