@@ -187,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 " here; drop the flag (choose the place with --output-dir and --exp-name)")
     if args.resume_step < 0:
         p.error("--resume-step must be 0 (a new run) or a checkpoint's step")
+    defaulted = {k for k in ("vae_repa_depth", "encoder_depth", "sra_student_depth", "sra_teacher_depth")
+                 if getattr(args, k) is None}  # resolve_args fills them in by the model's size
     args.notes = alignment.resolve_args(args, argv, p.error)
     if args.fused_attn is not None:
         args.notes.append(f"--{'' if args.fused_attn else 'no-'}fused-attn changes nothing here: attention always "
@@ -198,8 +200,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--resume-step and --resume both name the checkpoint to resume from: pass one")
         args.resume = os.path.join(args.output_dir, args.exp_name, "checkpoints", f"{args.resume_step:07d}.pt")
     check_ranges(args, p.error)
+    check_blocks(args, defaulted, p.error)
     eval_flags.check_arguments(args, p.error)
     return args
+
+
+def check_blocks(args: argparse.Namespace, defaulted: set[str], error) -> None:
+    """The methods' blocks within the model's depth (--depth if given), and VAE-REPA's time range, at parse time: a
+    block past the last one used to end in a traceback, with a half-made run directory left behind."""
+    from models.registry import model_config  # torch-free
+
+    depth = args.depth if args.depth is not None else model_config(args.model)["depth"]
+    of = f"{depth} blocks (--depth {depth})" if args.depth is not None else f"{depth} blocks ({args.model})"
+    blocks = {"vae-repa": [("vae_repa_depth", "--vae-repa-depth")], "repa": [("encoder_depth", "--encoder-depth")],
+              "sra": [("sra_student_depth", "--sra-student-depth"), ("sra_teacher_depth", "--sra-teacher-depth")]}
+    for method in args.align:
+        for key, flag in blocks[method]:
+            value = getattr(args, key)
+            if value is not None and value > depth:
+                default = " (the default for this model)" if key in defaulted else ""
+                error(f"{flag} {value}{default}: the model has {of}, so the block must be in [1, {depth}]")
+    if "vae-repa" in args.align:
+        low, high = args.vae_repa_t_range
+        if not 0 <= low < high <= 1:
+            error(f"--vae-repa-t-range {low:g} {high:g}: expected LOW < HIGH within [0, 1] (t = 1 is noise)")
 
 
 def check_ranges(args: argparse.Namespace, error) -> None:

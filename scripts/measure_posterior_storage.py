@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
@@ -26,6 +25,8 @@ import cli  # noqa: E402
 
 def smooth_images(n: int, resolution: int, seed: int) -> np.ndarray:
     """uint8 (n, R, R, 3): random 8 x 8 colour fields, bicubically upsampled (natural images are smooth too)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(n, 3, 8, 8, generator=g)
     x = torch.nn.functional.interpolate(low, size=(resolution, resolution), mode="bicubic", align_corners=False)
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.images < 2 or args.resolution < 16 or args.resolution % 16:
         p.error("--images must be at least 2 and --resolution a multiple of 16")
+
+    import torch  # after parsing: --help answers at once
 
     from latent_codecs.autoencoder import load_vae
     from latent_codecs.vavae import build_vavae

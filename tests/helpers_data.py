@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +161,21 @@ def record_checksums(root: Path) -> Path:
 def error_lines(stderr: str) -> list[str]:
     """The error lines of a command's stderr (a progress bar may precede one on its line)."""
     return [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]
+
+
+FULL_DISK = re.compile(r"checkpoint (\S+) could not be written \(no space left on device: it needs about "
+                       r"(?:[\d.]+ [kMGT]B \()?(\d+) bytes\)?, (?:[\d.]+ [kMGT]B \()?(\d+) bytes\)? free there\); the "
+                       r"checkpoints written before it are intact: free space there and continue with --resume latest")
+
+
+def full_disk_line(line: str) -> tuple[Path, int, int]:
+    """(checkpoint, bytes needed, bytes free) of the writer's full-disk line; AssertionError for any other line."""
+    match = FULL_DISK.fullmatch(line)
+    assert match, line
+    return Path(match[1]), int(match[2]), int(match[3])
+
+
+def free_bytes(folder: Path) -> int:
+    """The bytes an unprivileged user may still write in `folder`'s file system (statvfs)."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize

@@ -364,7 +364,7 @@ def test_repa_without_images_in_the_dataset_is_a_clear_error(tmp_path, capsys):
     mean = rng.standard_normal((4, 4, 32, 32)).astype(np.float32)
     data = write_latent_dataset(tmp_path / "data", mean, np.ones_like(mean), np.array([0, 1, 2, 0]), num_classes=3)
     rc = train.main(["--data-dir", str(data), "--output-dir", str(tmp_path / "runs"), *TINY, "--align", "repa",
-                     "--enc-type", "dinov2-vit-s"])
+                     "--enc-type", "dinov2-vit-s", "--encoder-depth", "1"])  # REPA's default block 8 > --depth 2
     assert rc == 2 and "--save-images" in capsys.readouterr().err
 
 

@@ -28,7 +28,8 @@ def run_without(modules: str, script: str, *args: str) -> subprocess.CompletedPr
 
 
 SCRIPTS = ["curves.py", "quickstart.py", "benchmark_encode.py", "benchmark_eval.py", "benchmark_sample.py",
-           "benchmarks_doc.py", "benchmark_train.py", "export.py", "measure_pixel_rounding.py"]
+           "benchmarks_doc.py", "benchmark_train.py", "export.py", "measure_pixel_rounding.py",
+           "measure_posterior_storage.py"]
 
 
 def test_every_script_with_a_command_line_is_checked():

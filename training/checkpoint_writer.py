@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import errno
 import logging
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -108,11 +109,53 @@ def write_checkpoint(state: Any, path: Path) -> None:
     atomic_save(state, path, checksum=True)
 
 
-def failure_line(path: Path, error: BaseException) -> str:
-    """One line naming the checkpoint that could not be written, why, and what is left."""
-    cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error) or type(error).__name__
-    fix = ("free space there" if isinstance(error, OSError) and error.errno == errno.ENOSPC else "fix the cause")
-    return (f"checkpoint {path} could not be written ({cause}); the checkpoints written before it are intact: "
+def state_bytes(state: Any) -> int:
+    """The bytes of the tensors' storages in `state`, each storage counted once: about the size torch.save writes."""
+    seen: dict[tuple, int] = {}
+    for t in _tensors(state):
+        storage = t.untyped_storage()
+        seen[(storage.device, storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind `error`: torch.save reports a failed write as a RuntimeError ("[enforce fail at
+    inline_container.cc:...]") raised while the file's OSError was being handled."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def failure_line(path: Path, error: BaseException, needed: int | None = None) -> str:
+    """One line naming the checkpoint that could not be written, why, and what is left; for a full disk, the bytes
+    the checkpoint needs (`needed`, its tensors' bytes) and the bytes free there."""
+    cause = _os_error(error)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = (cause is not None and cause.errno == errno.ENOSPC) or (
+        needed is not None and free is not None and free < needed)
+    if full:
+        why = "no space left on device: it needs about " + (_size(needed) if needed is not None else "more") + (
+            f", {_size(free)} free there" if free is not None else "")
+    elif cause is not None:
+        why = cause.strerror or str(cause)
+    else:
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    fix = "free space there" if full else "fix the cause"
+    return (f"checkpoint {path} could not be written ({why}); the checkpoints written before it are intact: "
             f"{fix} and continue with --resume latest")
 
 
@@ -162,7 +205,7 @@ class CheckpointWriter:
                 after()
             logger.info("saved checkpoint %s", path)
         except Exception as e:  # noqa: BLE001 - reported through `failure`, and by the guard on every rank
-            self.failure = failure_line(path, e)
+            self.failure = failure_line(path, e, state_bytes(state))
 
     def __enter__(self) -> CheckpointWriter:
         return self

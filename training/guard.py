@@ -18,6 +18,7 @@ from alignment import ARCH_KEYS
 from checkpoints import list_checkpoints
 from cli import UsageError
 from integrity import CHECKSUM_SUFFIX, ShardVerifier, atomic_write, checksum_path, remove_stale_temps, verify_file
+from training.run_lock import LOCK_NAME
 
 logger = logging.getLogger("train")
 # The longest a rank waits on its own work (the background data check) while the others wait in a collective; far
@@ -111,22 +112,30 @@ def checkpoint_status(path: Path) -> str:
 # Settings on resume
 
 
-def _plain(value):
+def plain(value):
+    """A value as JSON gives it back (tuples as lists), for comparing settings with args.json's."""
     return json.loads(json.dumps(value))
+
+
+def setting_differences(saved: dict, now: dict) -> tuple[dict[str, list], list[str]]:
+    """({name: [saved value, this run's value]} of the settings that may change (MAY_CHANGE, or a setting `saved`
+    did not record), ["--flag: checkpoint X, now Y" for every other difference]); architecture keys are skipped."""
+    changed, refused = {}, []
+    for key in sorted(now):
+        if key in ARCH_KEYS or (key in saved and plain(saved[key]) == plain(now[key])):
+            continue
+        old = saved.get(key)
+        if key in MAY_CHANGE or key not in saved:
+            changed[key] = [old, plain(now[key])]
+        else:
+            refused.append(f"--{key.replace('_', '-')}: checkpoint {old!r}, now {now[key]!r}")
+    return changed, refused
 
 
 def compare_settings(saved: dict, now: dict, source: Path) -> dict[str, list]:
     """{name: [checkpoint's value, this run's value]} of the settings that may change (MAY_CHANGE, or a setting the
     checkpoint did not record); UsageError listing every other difference."""
-    changed, refused = {}, []
-    for key in sorted(now):
-        if key in ARCH_KEYS or (key in saved and _plain(saved[key]) == _plain(now[key])):
-            continue
-        old = saved.get(key)
-        if key in MAY_CHANGE or key not in saved:
-            changed[key] = [old, _plain(now[key])]
-        else:
-            refused.append(f"--{key.replace('_', '-')}: checkpoint {old!r}, now {now[key]!r}")
+    changed, refused = setting_differences(saved, now)
     if refused:
         raise UsageError(f"resuming from {source} with other settings than it was trained with:\n  "
                          + "\n  ".join(refused) + "\nUse the checkpoint's values, or start a new run (--exp-name); "
@@ -161,7 +170,7 @@ def record_args(run_dir: Path, run_args: dict, changed: dict, step: int) -> None
     record = dict(run_args)
     if path.is_file():
         old = read_args_json(path)
-        if not changed and {k: v for k, v in old.items() if k != "history"} == _plain(run_args):
+        if not changed and {k: v for k, v in old.items() if k != "history"} == plain(run_args):
             return
         record["history"] = old.get("history", [])
     if changed:
@@ -339,10 +348,15 @@ def log_fatal(message: str, run_dir: Path) -> None:
 
 
 def discard_refused_run(run_dir: Path | None) -> None:
-    """Delete a run directory that this invocation created and that never trained a step (a refused run)."""
+    """Delete a run directory that this invocation created and that never trained a step (a refused run); not when
+    another train.py has locked it since this one let go."""
     if run_dir is None or not run_dir.is_dir() or list_checkpoints(run_dir / "checkpoints"):
         return
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+    if (run_dir / LOCK_NAME).exists():
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # its log.txt goes with it: a later line must not reopen the file
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
+            root.removeHandler(handler)
             handler.close()
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -31,6 +31,7 @@ from training.setup import (
     batches,
     build_model_and_optimizer,
     check_dataset_flags,
+    check_same_run,
     epoch_step_limit,
     init_trackers,
     locate_run,
@@ -186,17 +187,23 @@ class LogWindow:
 
 def train(args: argparse.Namespace):
     """Run training; returns the (unwrapped) model and its EMA on this process."""
-    run = set_up_run(args)
-    with run.writer:  # however training ends, the checkpoint write in flight is waited for
-        # a kill interrupted this step's evaluation: redo it
-        if run.evaluator is not None and run.evaluator.pending(run.step):
-            run.evaluator.run(run.ema, run.step, time.time() - run.clock_start)
-        run_steps(run)
-        # the last write has ended, and every rank knows whether it failed
-        run.watch.check(run.step, sync=True, before_checkpoint=True)
-    # leave together: a rank that exits while another is still in a collective (the last checkpoint's) can abort it
-    run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
+    # `hold` keeps the run directory's lock until the block ends, after the last checkpoint write (run.writer's)
+    with contextlib.ExitStack() as hold:
+        try:
+            run = set_up_run(args, hold)
+        except OSError as e:  # a full disk, a folder that cannot be written: one line, the directory discarded
+            where = f" ({e.filename})" if e.filename else ""
+            raise UsageError(f"the run's set-up failed: {e.strerror or e}{where}") from e
+        with run.writer:  # however training ends, the checkpoint write in flight is waited for
+            # a kill interrupted this step's evaluation: redo it
+            if run.evaluator is not None and run.evaluator.pending(run.step):
+                run.evaluator.run(run.ema, run.step, time.time() - run.clock_start)
+            run_steps(run)
+            # the last write has ended, and every rank knows whether it failed
+            run.watch.check(run.step, sync=True, before_checkpoint=True)
+        # leave together: a rank that exits while another is in a collective (the last checkpoint's) can abort it
+        run.accelerator.wait_for_everyone()
+        run.accelerator.end_training()
     logger.info("done: %d steps, run directory %s", run.step, run.run_dir)
     return run.raw_model, run.ema
 
@@ -205,9 +212,10 @@ def train(args: argparse.Namespace):
 # Set-up
 
 
-def set_up_run(args: argparse.Namespace) -> Run:
-    """Everything before the first step, in this order: settings and checkpoint checked, run directory and log,
-    model and optimizer, methods, seeds and RNG restore, data loader, trackers, guard watch, evaluator."""
+def set_up_run(args: argparse.Namespace, hold: contextlib.ExitStack) -> Run:
+    """Everything before the first step, in this order: settings and checkpoint checked, run directory (locked in
+    `hold`) and log, model and optimizer, methods, seeds and RNG restore, data loader, trackers, guard watch,
+    evaluator."""
     accelerator = make_accelerator(args)
     device, world, is_main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     local_batch = split_batch(args, world)
@@ -233,12 +241,14 @@ def set_up_run(args: argparse.Namespace) -> Run:
     methods = alignment.build_methods(run_args)
     changed = {} if checkpoint is None else guard.compare_settings(
         alignment.with_defaults(checkpoint["args"]), run_args, resume_from)
+    if args.resume == "latest" and checkpoint is None:  # another run's files are refused, nothing touched yet
+        args.notes.append(check_same_run(run_dir, run_args))
     if checkpoint is not None and (run_dir / "args.json").is_file():
         guard.read_args_json(run_dir / "args.json")  # a malformed one is refused before anything is written
     if len(dataset) // world < local_batch:
         raise UsageError(f"--data-dir {args.data_dir} holds {len(dataset)} latents: too few for --batch-size "
                          f"{args.batch_size} (a per-process batch of {local_batch} on {world} processes)")
-    open_run_dir(args, accelerator, run_dir)
+    open_run_dir(args, accelerator, run_dir, hold)
     log_run_start(args, accelerator, checkpoint, resume_from, compile_by_default)
 
     raw_model, ema, optimizer = build_model_and_optimizer(args, run_args, checkpoint, device)
@@ -264,8 +274,8 @@ def set_up_run(args: argparse.Namespace) -> Run:
     log_summary(args, raw_model, methods, device, world, local_batch)
     writer = CheckpointWriter()
     watch = guard.Watch(accelerator, dataset, guard.start_data_verification(dataset, args, is_main), run_dir, writer)
-    args.created_run_dir = None  # set-up done: from here on the run directory is kept whatever happens
     evaluator = make_evaluator(args, run_args, run_dir, accelerator)  # the Inception network, loaded once
+    args.created_run_dir = None  # set-up done: from here on the run directory is kept whatever happens
     clock_start = time.time() - (checkpoint.get("wall_seconds", 0.0) if checkpoint is not None else 0.0)
     return Run(args=args, accelerator=accelerator, run_dir=run_dir, run_args=run_args, methods=methods, needs=needs,
                loss_config=loss_config, raw_model=raw_model, model=model, ema=ema, optimizer=optimizer, data=data,

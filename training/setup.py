@@ -4,12 +4,15 @@ from, accelerator, model, optimizer and EMA, methods, seeds and RNG restore, tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import importlib.util
+import json
 import logging
 import os
 import random
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -22,9 +25,10 @@ import alignment
 from alignment import ARCH_KEYS, model_from_args
 from checkpoints import CHECKPOINT_FORMAT, DamagedCheckpointError, list_checkpoints, load_checkpoint, set_rng_state
 from cli import UsageError
-from devices import ddp_options, enable_deterministic_mode, gpu_launch_problem
+from devices import ddp_options, enable_deterministic_mode, gpu_launch_problem, on_rank0
 from integrity import write_text
 from training import guard
+from training.run_lock import LOCK_NAME, RunLock, in_use_message, lock_age, read_holder, stale_reason
 
 logger = logging.getLogger("train")
 
@@ -44,9 +48,38 @@ def locate_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
             raise UsageError(f"--resume {args.resume}: no such checkpoint file")
         return run_dir, Path(args.resume)
     if run_dir.exists() and any(run_dir.iterdir()):
+        holder = read_holder(run_dir / LOCK_NAME)
+        if holder is not None and stale_reason(holder, lock_age(run_dir / LOCK_NAME)) is None:
+            raise UsageError(in_use_message(run_dir, holder))
         raise UsageError(f"run directory {run_dir} already exists; pass --resume latest to continue it or "
                          f"choose another --exp-name (nothing was changed)")
     return run_dir, None
+
+
+def check_same_run(run_dir: Path, run_args: dict) -> str:
+    """--resume latest found no checkpoint: the run starts anew in `run_dir`, which may hold an earlier attempt of
+    this run (an args.json with the same settings) but not another run's files (UsageError, before anything there is
+    written or removed). Returns the line for the log."""
+    path = run_dir / "args.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict) or not isinstance(saved.get("model"), str):
+                raise ValueError("not the settings of a train.py run")
+            saved = alignment.with_defaults(saved)
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"--resume latest: {run_dir} holds no checkpoint, and its args.json cannot be read "
+                             f"({e}), so it may be another run's: choose another --exp-name, or move the directory "
+                             "away (nothing was changed)") from e
+        differ = [f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, now {run_args.get(k)!r}" for k in ARCH_KEYS
+                  if k in saved and guard.plain(saved[k]) != guard.plain(run_args.get(k))]
+        differ += guard.setting_differences(saved, run_args)[1]
+        if differ:
+            shown = "; ".join(d.replace(": checkpoint ", ": args.json ", 1) for d in differ)
+            raise UsageError(f"--resume latest: {run_dir} holds no checkpoint, and another run's settings "
+                             f"({path}): {shown}. Choose another --exp-name, or move the directory away (nothing "
+                             "was changed)")
+    return f"no checkpoint in {run_dir}: starting a new run"
 
 
 def open_resume_checkpoint(path: Path, trust: bool, run_args: dict) -> dict:
@@ -69,14 +102,26 @@ def open_resume_checkpoint(path: Path, trust: bool, run_args: dict) -> dict:
     return checkpoint
 
 
-def make_run_dir(run_dir: Path) -> None:
+def make_run_dir(run_dir: Path, lock: RunLock) -> tuple[bool, list[str]]:
+    """Make and lock the run directory: (whether this call created it, the lock's log lines). UsageError if it cannot
+    be written (a directory this call made is removed again) or another train.py holds it."""
+    created = False
     try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            run_dir.mkdir()  # atomic: of two runs starting at once, one creates it
+            created = True
+        notes = lock.acquire()
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
         probe = run_dir / ".write-test"
-        probe.write_text("")
+        probe.write_text("probe")  # a few bytes: an empty file fits on a full disk
         probe.unlink()
     except OSError as e:
+        lock.release()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise UsageError(f"--output-dir: cannot write the run directory {run_dir} ({e})") from e
+    return created, notes
 
 
 def setup_logging(run_dir: Path, is_main: bool) -> None:
@@ -275,16 +320,17 @@ def split_batch(args: argparse.Namespace, world: int) -> int:
     return args.batch_size // world
 
 
-def open_run_dir(args: argparse.Namespace, accelerator, run_dir: Path) -> None:
-    """The run directory made (by rank 0) and the log opened in it."""
-    is_main = accelerator.is_main_process
-    accelerator.wait_for_everyone()
-    if is_main:
-        if not run_dir.exists():
-            args.created_run_dir = run_dir  # removed again if the run is refused before its first step
-        make_run_dir(run_dir)
-    accelerator.wait_for_everyone()
+def open_run_dir(args: argparse.Namespace, accelerator, run_dir: Path, hold: contextlib.ExitStack) -> None:
+    """The run directory made and locked by rank 0 (every rank learns the outcome from it), the log opened in it.
+    The lock stays in `hold` (released when it closes, after the last checkpoint write)."""
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    lock = hold.enter_context(RunLock(run_dir))
+    created, notes = on_rank0(lambda: make_run_dir(run_dir, lock), rank, world)
+    if created and is_main:
+        args.created_run_dir = run_dir  # removed again if the run is refused before its first step
     setup_logging(run_dir, is_main)
+    for note in notes:
+        logger.info("%s", note)
     if is_main:
         guard.clean_run_dir(run_dir)
 
