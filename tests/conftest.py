@@ -1,4 +1,7 @@
-"""Shared test settings: deterministic seeds; tests marked `gpu` skip (with the reason) where no GPU is visible."""
+"""Shared test settings: deterministic seeds; a fresh accelerate state per test; tests marked `gpu` skip (with the
+reason) where no GPU is visible."""
+
+import sys
 
 import pytest
 import torch
@@ -17,6 +20,15 @@ def pytest_collection_modifyitems(config, items):
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one state per process: after an in-process train.main with --mixed-precision fp16, another with
+    bf16 would be refused ("AcceleratorState has already been initialized"), as it would be in one user process."""
+    yield
+    if "accelerate.state" in sys.modules and not torch.distributed.is_initialized():
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
