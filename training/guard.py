@@ -45,18 +45,58 @@ class DataFault(UsageError):
     """The training data is damaged (a shard that differs from its checksum, non-finite values in a batch)."""
 
 
-def data_errors(stream):
-    """The batches of `stream`; a damaged data file met while training (DatasetError, in this process or a loader
-    worker, whose re-raised message is the worker's whole traceback) ends the run as a DataFault of one line."""
-    from dataset import DatasetError
+def _one_line(error: Exception) -> str:
+    """A DatasetError's message; one raised in a loader worker arrives as the worker's whole traceback."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # torch's DataLoader: "Caught DatasetError in ...\nOriginal Traceback..."
+        text = text.splitlines()[-1].split("DatasetError: ", 1)[-1]
+    return text
 
-    try:
-        yield from stream
-    except DatasetError as e:
-        text = str(e).strip()
-        if "Original Traceback" in text:  # torch's DataLoader: "Caught DatasetError in ...\nOriginal Traceback..."
-            text = text.splitlines()[-1].split("DatasetError: ", 1)[-1]
-        raise DataFault(f"damaged training data: {text}") from e
+
+class DataStream:
+    """The (batch, epoch, position) triples of `stream`. A damaged data file met while reading (DatasetError, in this
+    process or a loader worker) ends a single process at once, as a DataFault of one line.
+
+    With several processes this rank must not leave alone: the others would wait in the next collective until the
+    process group's timeout. It notes the fault and hands out its last batch again, so every rank keeps entering the
+    same collectives, until the guard's next gather (Watch.check: the next logging or checkpoint step, before any
+    checkpoint is written), where every rank stops (`stopped`). The run's first batch has no earlier one to repeat:
+    after fetching it, every rank gathers whether it has it (once per run; no collective on later steps)."""
+
+    def __init__(self, stream, accelerator):
+        self.stream, self.accelerator = stream, accelerator
+        self.last = None
+        self.fault: str | None = None  # this rank's line for the damaged file it met, once it met one
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from dataset import DatasetError
+
+        world = self.accelerator.num_processes
+        if self.fault is None:
+            try:
+                self.last, first = next(self.stream), self.last is None
+            except DatasetError as e:
+                self.fault, first = f"damaged training data: {_one_line(e)}", self.last is None
+                if world == 1:
+                    raise DataFault(self.fault) from e
+            if first and world > 1:
+                flag = torch.tensor([[int(self.fault is not None)]], device=self.accelerator.device)
+                if int(self.accelerator.gather(flag).max()) > 0:
+                    raise self.stopped("before its first step")
+        return self.last
+
+    def stopped(self, when: str) -> DataFault:
+        """Every rank calls this together once any rank met a damaged file: the fault of each rank that did, with
+        the file it names (gathered, so rank 0's line and log.txt name it too)."""
+        faults = [None] * self.accelerator.num_processes
+        torch.distributed.all_gather_object(faults, self.fault)
+        if self.fault is not None:
+            return DataFault(f"{self.fault} (the run stopped {when}, every process with it)")
+        rank, fault = next((r, f) for r, f in enumerate(faults) if f is not None)
+        return DataFault(f"process {rank} met {fault} (the run stopped {when}, every process with it)")
 
 
 class CheckpointWriteError(UsageError):
@@ -195,15 +235,17 @@ def start_data_verification(dataset, args: argparse.Namespace, is_main: bool) ->
 
 
 class Watch:
-    """Faults that stop the run before any checkpoint is written: a damaged shard (the verifier), non-finite values
-    in a batch (the data is at fault), a non-finite loss, and a checkpoint the main process failed to write (the
-    background writer, training/checkpoint_writer.py). Per step only device operations; the flags are read where
-    the loop synchronises anyway (logging and checkpoint steps) and, in a single process, the verifier's and the
-    writer's verdicts at every step."""
+    """Faults that stop the run before any checkpoint is written: a damaged shard (the verifier), a damaged file one
+    rank met while reading (DataStream), non-finite values in a batch (the data is at fault), a non-finite loss, and a
+    checkpoint the main process failed to write (the background writer, training/checkpoint_writer.py). Per step
+    only device operations; the flags are read where the loop synchronises anyway (logging and checkpoint steps) and,
+    in a single process, the verifier's and the writer's verdicts at every step."""
 
-    def __init__(self, accelerator, dataset, verifier: ShardVerifier | None, run_dir: Path, writer=None):
+    def __init__(self, accelerator, dataset, verifier: ShardVerifier | None, run_dir: Path, writer=None,
+                 stream: DataStream | None = None):
         self.accelerator, self.dataset, self.verifier, self.run_dir = accelerator, dataset, verifier, run_dir
         self.writer = writer  # a CheckpointWriter (rank 0 writes; the others' stays idle), or None
+        self.stream = stream  # the training batches, whose damaged file one rank may have met
         device = accelerator.device
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.bad_index = torch.full((), -1, dtype=torch.int64, device=device)
@@ -245,15 +287,16 @@ class Watch:
         return self.writer.failure, in_flight
 
     def _gather(self, problem: str | None, running: bool) -> torch.Tensor:
-        """(processes, 6) per process: non-finite loss, damaged shard, first non-finite image index (-1: none), data
-        check still running, checkpoint write failed, checkpoint write in flight. Every rank then decides from these
-        same values."""
+        """(processes, 7) per process: non-finite loss, damaged shard, first non-finite image index (-1: none), data
+        check still running, checkpoint write failed, checkpoint write in flight, damaged file met while reading.
+        Every rank then decides from these same values."""
         device = self.bad_index.device
         failure, writing = self._writer_state()
-        local = torch.tensor([int(problem is not None), int(running), int(failure is not None), int(writing)],
-                             device=device)
-        flags = torch.stack([self.nonfinite.long(), local[0], self.bad_index, local[1], local[2], local[3]])
-        return self.accelerator.gather(flags[None]).reshape(-1, 6)
+        met = self.stream is not None and self.stream.fault is not None
+        local = torch.tensor([int(problem is not None), int(running), int(failure is not None), int(writing),
+                              int(met)], device=device)
+        flags = torch.stack([self.nonfinite.long(), local[0], self.bad_index, local[1], local[2], local[3], local[4]])
+        return self.accelerator.gather(flags[None]).reshape(-1, 7)
 
     @staticmethod
     def _must_wait_for_data(flags: torch.Tensor, before_checkpoint: bool) -> bool:
@@ -268,7 +311,8 @@ class Watch:
         """True while the previous checkpoint is still being written, before a checkpoint, an evaluation or the run's
         end (at most one write in flight, its failure known to every rank before anything else happens) or before
         stopping for damaged data or a non-finite loss (whose line names the last checkpoint written)."""
-        stopping = int(flags[:, 0].max()) > 0 or int(flags[:, 1].max()) > 0 or int(flags[:, 2].max()) >= 0
+        stopping = (int(flags[:, 0].max()) > 0 or int(flags[:, 1].max()) > 0 or int(flags[:, 2].max()) >= 0
+                    or int(flags[:, 6].max()) > 0)
         return (before_checkpoint or stopping) and int(flags[:, 5].max()) > 0
 
     def _must_wait(self, flags: torch.Tensor, before_checkpoint: bool) -> bool:
@@ -276,8 +320,8 @@ class Watch:
                                                                                               before_checkpoint)
 
     def check(self, step: int, sync: bool, before_checkpoint: bool) -> None:
-        """Raise if the run must stop: DataFault (damaged shard, non-finite data), CheckpointWriteError or
-        FloatingPointError.
+        """Raise if the run must stop: DataFault (damaged shard, a damaged file one rank met while reading, non-finite
+        data), CheckpointWriteError or FloatingPointError.
 
         `before_checkpoint` (a checkpoint step, an evaluation, the run's end): also wait for the checkpoint write in
         flight, and raise CheckpointWriteError on every rank if it failed.
@@ -306,6 +350,8 @@ class Watch:
         if int(flags[:, 1].max()) > 0:
             raise DataFault(f"stopped before step {step + 1}: " + (problem or "the main process found a damaged "
                                                                    "shard (see its log)"))
+        if int(flags[:, 6].max()) > 0:
+            raise self.stream.stopped(f"after step {step}")
         if int(flags[:, 4].max()) > 0:
             raise CheckpointWriteError(self._writer_state()[0] or "the main process failed to write a checkpoint "
                                        "(see its log)")

@@ -9,7 +9,6 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +162,7 @@ class Run:
     model: torch.nn.Module  # raw_model (its blocks compiled with --compile) as accelerate prepared it (DDP)
     ema: torch.nn.Module
     optimizer: Any
-    data: Iterator  # (batch, epoch, position) from the resumable loader
+    data: guard.DataStream  # (batch, epoch, position) from the resumable loader
     step: int
     epoch: int
     position: int
@@ -263,7 +262,8 @@ def set_up_run(args: argparse.Namespace) -> Run:
     init_trackers(accelerator, args, run_args, run_dir)
     log_summary(args, raw_model, methods, device, world, local_batch)
     writer = CheckpointWriter()
-    watch = guard.Watch(accelerator, dataset, guard.start_data_verification(dataset, args, is_main), run_dir, writer)
+    watch = guard.Watch(accelerator, dataset, guard.start_data_verification(dataset, args, is_main), run_dir, writer,
+                        data)
     args.created_run_dir = None  # set-up done: from here on the run directory is kept whatever happens
     evaluator = make_evaluator(args, run_args, run_dir, accelerator)  # the Inception network, loaded once
     clock_start = time.time() - (checkpoint.get("wall_seconds", 0.0) if checkpoint is not None else 0.0)
@@ -274,7 +274,7 @@ def set_up_run(args: argparse.Namespace) -> Run:
 
 
 def open_loader(args: argparse.Namespace, dataset, accelerator, local_batch: int, epoch: int,
-                position: int) -> Iterator:
+                position: int) -> guard.DataStream:
     """The resumable data stream from (epoch, position); --epochs lowers args.max_train_steps to its last step."""
     from dataset import ResumableDistributedSampler
 
@@ -283,7 +283,7 @@ def open_loader(args: argparse.Namespace, dataset, accelerator, local_batch: int
                                           shuffle=True, drop_last=True)
     loader_kwargs = dict(batch_size=local_batch, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                          persistent_workers=False, worker_init_fn=worker_init() if args.num_workers > 0 else None)
-    data = guard.data_errors(batches(dataset, sampler, loader_kwargs, epoch, position))
+    data = guard.DataStream(batches(dataset, sampler, loader_kwargs, epoch, position), accelerator)
     if getattr(args, "epochs", None) is not None:
         limit = epoch_step_limit(args, sampler.per_rank, local_batch)
         logger.info("--epochs %d: the data passes end at step %d; training stops at step %d", args.epochs, limit,
