@@ -251,6 +251,10 @@ def set_up_run(args: argparse.Namespace) -> Run:
     model, optimizer = accelerator.prepare(raw_model, optimizer)
 
     set_up_methods(args, methods, device, raw_model, dataset.image_size)
+    if args.compile:  # SRA's EMA teacher blocks, REPA's encoder blocks: neither is in DDP, counted apart
+        counts = ", ".join(f"{m.name} {n}" for m in methods if (n := m.compile_blocks(ema)))
+        if counts:
+            logger.info("torch.compile: also the blocks the methods run outside the trained model: %s", counts)
     seed_and_restore_rng(args, accelerator, checkpoint)
     if checkpoint is not None:
         logger.info("resumed from %s at step %d (epoch %d, position %d)", resume_from, step, epoch, position)
