@@ -28,6 +28,12 @@ class AlignmentMethod:
         """Load what the method needs beyond the model (external encoders); training only. `model` is the
         student (unwrapped), `image_size` the side of the dataset's images, `autocast_dtype` the training's."""
 
+    def compile_blocks(self, teacher: torch.nn.Module, **kwargs) -> int:
+        """torch.compile in place (`Module.compile`: state-dict keys unchanged) each block this method runs beyond the
+        student (SRA's EMA teacher blocks, REPA's encoder blocks), the unit the student's blocks are compiled in;
+        after `setup`. `teacher` is the EMA model; `kwargs` go to torch.compile. Returns the number compiled."""
+        return 0
+
     def weight(self, epoch: int) -> float:
         raise NotImplementedError
 

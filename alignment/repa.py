@@ -68,6 +68,13 @@ class Repa(AlignmentMethod):
         with torch.autocast(images.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
             return [encoder(images) for encoder in self.encoders]
 
+    def compile_blocks(self, teacher: torch.nn.Module, **kwargs) -> int:
+        """Every transformer block of every encoder (the DINOv2 ViTs' `blocks`)."""
+        blocks = [block for encoder in self.encoders for block in encoder.vit.blocks]
+        for block in blocks:
+            block.compile(**kwargs)
+        return len(blocks)
+
     def weight(self, epoch: int) -> float:
         return self.coeff
 

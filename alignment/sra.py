@@ -75,6 +75,13 @@ class Sra(AlignmentMethod):
     def external_parameters(self) -> int:
         return self.teacher_params
 
+    def compile_blocks(self, teacher: nn.Module, **kwargs) -> int:
+        """The EMA's blocks up to the teacher's block; a deep copy of the EMA (the evaluation's) is eager again."""
+        blocks = teacher.blocks[: self.teacher_depth]
+        for block in blocks:
+            block.compile(**kwargs)
+        return len(blocks)
+
     def weight(self, epoch: int) -> float:
         """SRA's schedule for its smooth-L1 loss: `coeff` (SRA: 2 x 0.1) until epoch `decay_after`, then a
         further factor 0.1 every `decay_epochs` epochs (0: constant)."""

@@ -241,7 +241,7 @@ def test_the_guard_waits_for_a_slow_write_in_short_slices_between_gathers(tmp_pa
 
     def gather(flags):
         gathers.append(time.perf_counter())
-        return torch.cat([flags, torch.tensor([[0, 0, -1, 0, 0, 0]])])  # a second rank with nothing to report
+        return torch.cat([flags, torch.tensor([[0, 0, -1, 0, 0, 0, 0]])])  # a second rank with nothing to report
 
     accelerator = types.SimpleNamespace(num_processes=2, device=torch.device("cpu"), gather=gather)
     writer = CheckpointWriter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_data import error_lines, full_disk_line, record_checksums, write_latent_dataset
+from helpers_data import error_lines, full_disk_line, record_checksums, write_latent_dataset, write_repa_layout
 
 import integrity
 
@@ -333,3 +334,70 @@ def test_a_checkpoint_the_main_process_failed_to_write_ends_both_ranks_with_thei
     assert written[len("error: "):] in (tmp_path / "runs/a/log.txt").read_text()
     assert sorted(p.name for p in folder.iterdir()) == ["0000002.pt", "0000002.pt.sha256"]
     assert integrity.verify_file(folder / "0000002.pt")
+
+
+
+# Runs train.py's main with rank 1 reading its own copy of a dataset in REPA's layout (one file per image, read when the
+# image is: as on a node that staged the data to its own disk), every file of that copy but the first (which set-up
+# reads) damaged after rank 1's optimizer step argv[1] (0: before training starts).
+DAMAGED_ON_ONE_RANK_WORKER = """
+import os, shutil, sys
+from pathlib import Path
+import train
+from training import loop
+
+after, argv = int(sys.argv[1]), sys.argv[2:]
+data = argv[argv.index("--data-dir") + 1]
+
+def damage():
+    for path in sorted(Path(data + "-rank1").glob("vae-sd/*/*.npy"))[1:]:
+        path.write_bytes(b"not an npy file")
+
+if os.environ["RANK"] == "1":
+    argv[argv.index("--data-dir") + 1] = data + "-rank1"
+    shutil.copytree(data, data + "-rank1")
+    real, steps = loop.update_ema, [0]
+
+    def update_ema(*args):
+        real(*args)
+        steps[0] += 1
+        if steps[0] == after:
+            damage()
+
+    loop.update_ema = update_ema
+    if after == 0:
+        damage()
+sys.exit(train.main(argv))
+"""
+
+
+@pytest.mark.parametrize("after", [2, 0])
+def test_a_damaged_file_one_rank_meets_while_reading_stops_every_rank_together(tmp_path, after):
+    """Only rank 1 meets damaged files, when it reads the batch of step 3 (or its first batch): it must not leave
+    alone (rank 0 would wait in the next all-reduce until the process group's timeout). It repeats its last batch up
+    to the guard's gather at checkpoint step 4, where both ranks stop before writing it (or both stop after gathering
+    whether they have their first batch), each with a line naming the file."""
+    rng = np.random.default_rng(0)
+    mean = rng.standard_normal((16, 4, 8, 8)).astype(np.float32)
+    data = write_repa_layout(tmp_path / "data", mean, np.full_like(mean, 0.1), rng.integers(0, 3, 16))
+    (tmp_path / "worker.py").write_text(DAMAGED_ON_ONE_RANK_WORKER)
+    r = torchrun(tmp_path, tmp_path / "worker.py", str(after), "--data-dir", str(data), "--output-dir",
+                 str(tmp_path / "runs"), *TINY, "--max-train-steps", "6", "--checkpointing-steps", "2",
+                 "--exp-name", "a")
+    assert r.returncode != 0
+    lines = error_lines(r.stderr)
+    assert len(lines) == 2, r.stderr[-3000:]  # rank 1's, rank 0's
+    damaged = sorted((tmp_path / "data-rank1").glob("vae-sd/*/*.npy"))[1:]
+    pattern = r"error: damaged training data: (\S+): cannot be read as \.npy .*"
+    mine = [m for line in lines if (m := re.fullmatch(pattern, line))]
+    assert len(mine) == 1, lines
+    mine = mine[0]
+    assert mine and Path(mine[1]) in damaged, lines
+    theirs = [line for line in lines if line.startswith(f"error: process 1 met damaged training data: {mine[1]}: ")]
+    assert len(theirs) == 1, lines
+    when = "after step 4" if after else "before its first step"
+    assert all(line.endswith(f"(the run stopped {when}, every process with it)") for line in lines), lines
+    assert not [word for word in COLLECTIVE_ERRORS if word in r.stderr], r.stderr[-3000:]
+    assert mine[1] in (tmp_path / "runs/a/log.txt").read_text()
+    kept = sorted(p.name for p in (tmp_path / "runs/a/checkpoints").glob("*.pt"))
+    assert kept == (["0000002.pt"] if after else [])

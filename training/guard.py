@@ -1,11 +1,9 @@
-"""What stops or protects a training run: damaged data and checkpoints, settings changed on resume, leftovers of
-interrupted writes, and a refused run's directory (see docs/integrity.md)."""
+"""What stops or protects a training run: damaged data and checkpoints, leftovers of interrupted writes, and a refused
+run's directory (see docs/integrity.md); the settings a resume may change are in training/run_settings.py."""
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import os
 import re
@@ -14,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from alignment import ARCH_KEYS
 from checkpoints import list_checkpoints
 from cli import UsageError
-from integrity import CHECKSUM_SUFFIX, ShardVerifier, atomic_write, checksum_path, remove_stale_temps, verify_file
+from integrity import CHECKSUM_SUFFIX, ShardVerifier, checksum_path, remove_stale_temps, verify_file
 from training.run_lock import LOCK_NAME
 
 logger = logging.getLogger("train")
@@ -25,39 +22,64 @@ logger = logging.getLogger("train")
 # below any process-group timeout, so a slow check on a slow file system is many short waits, never one long one.
 POLL_SECONDS = 5.0
 
-# Settings a resumed run may change: how long it runs, what it logs, writes and keeps, where its files are, and how
-# it uses its hardware (the number of processes: --batch-size is split over them, so the global batch stays). The change
-# is recorded in args.json ("history") and the log. Any other difference from the checkpoint's settings (batch size
-# and accumulation steps, whose product is the global batch, seed, learning rate, optimizer, objective, alignment,
-# data...) is refused.
-MAY_CHANGE = ("max_train_steps", "epochs", "resolution", "fused_attn", "resume_step", "logging_steps",
-              "checkpointing_steps", "keep_last", "keep_every", "sample_every", "sample_grid_size",
-              "sample_grid_steps", "eval_every", "num_workers", "in_memory", "report_to", "resume",
-              "trust_checkpoint", "output_dir", "exp_name", "data_dir", "enc_weights", "compile", "device",
-              "allow_tf32", "deterministic", "world_size", "verify_data", "ddp_bucket_cap_mb", "ddp_static_graph",
-              "ddp_comm", "tracker_project_name",
-              # what the --eval-every evaluations sample and score (each metrics.jsonl row records its own protocol)
-              "eval_ref", "eval_samples", "eval_mode", "eval_num_steps", "eval_heun", "eval_cfg_scale",
-              "eval_cfg_channels", "eval_guidance_low", "eval_guidance_high", "eval_seed", "eval_label_sampling",
-              "eval_pixel_rounding", "eval_batch_size", "inception_weights")
 
 
 class DataFault(UsageError):
     """The training data is damaged (a shard that differs from its checksum, non-finite values in a batch)."""
 
 
-def data_errors(stream):
-    """The batches of `stream`; a damaged data file met while training (DatasetError, in this process or a loader
-    worker, whose re-raised message is the worker's whole traceback) ends the run as a DataFault of one line."""
-    from dataset import DatasetError
+def _one_line(error: Exception) -> str:
+    """A DatasetError's message; one raised in a loader worker arrives as the worker's whole traceback."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # torch's DataLoader: "Caught DatasetError in ...\nOriginal Traceback..."
+        text = text.splitlines()[-1].split("DatasetError: ", 1)[-1]
+    return text
 
-    try:
-        yield from stream
-    except DatasetError as e:
-        text = str(e).strip()
-        if "Original Traceback" in text:  # torch's DataLoader: "Caught DatasetError in ...\nOriginal Traceback..."
-            text = text.splitlines()[-1].split("DatasetError: ", 1)[-1]
-        raise DataFault(f"damaged training data: {text}") from e
+
+class DataStream:
+    """The (batch, epoch, position) triples of `stream`. A damaged data file met while reading (DatasetError, in this
+    process or a loader worker) ends a single process at once, as a DataFault of one line.
+
+    With several processes this rank must not leave alone: the others would wait in the next collective until the
+    process group's timeout. It notes the fault and hands out its last batch again, so every rank keeps entering the
+    same collectives, until the guard's next gather (Watch.check: the next logging or checkpoint step, before any
+    checkpoint is written), where every rank stops (`stopped`). The run's first batch has no earlier one to repeat:
+    after fetching it, every rank gathers whether it has it (once per run; no collective on later steps)."""
+
+    def __init__(self, stream, accelerator):
+        self.stream, self.accelerator = stream, accelerator
+        self.last = None
+        self.fault: str | None = None  # this rank's line for the damaged file it met, once it met one
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from dataset import DatasetError
+
+        world = self.accelerator.num_processes
+        if self.fault is None:
+            try:
+                self.last, first = next(self.stream), self.last is None
+            except DatasetError as e:
+                self.fault, first = f"damaged training data: {_one_line(e)}", self.last is None
+                if world == 1:
+                    raise DataFault(self.fault) from e
+            if first and world > 1:
+                flag = torch.tensor([[int(self.fault is not None)]], device=self.accelerator.device)
+                if int(self.accelerator.gather(flag).max()) > 0:
+                    raise self.stopped("before its first step")
+        return self.last
+
+    def stopped(self, when: str) -> DataFault:
+        """Every rank calls this together once any rank met a damaged file: the fault of each rank that did, with
+        the file it names (gathered, so rank 0's line and log.txt name it too)."""
+        faults = [None] * self.accelerator.num_processes
+        torch.distributed.all_gather_object(faults, self.fault)
+        if self.fault is not None:
+            return DataFault(f"{self.fault} (the run stopped {when}, every process with it)")
+        rank, fault = next((r, f) for r, f in enumerate(faults) if f is not None)
+        return DataFault(f"process {rank} met {fault} (the run stopped {when}, every process with it)")
 
 
 class CheckpointWriteError(UsageError):
@@ -109,80 +131,6 @@ def checkpoint_status(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Settings on resume
-
-
-def plain(value):
-    """A value as JSON gives it back (tuples as lists), for comparing settings with args.json's."""
-    return json.loads(json.dumps(value))
-
-
-def setting_differences(saved: dict, now: dict) -> tuple[dict[str, list], list[str]]:
-    """({name: [saved value, this run's value]} of the settings that may change (MAY_CHANGE, or a setting `saved`
-    did not record), ["--flag: checkpoint X, now Y" for every other difference]); architecture keys are skipped."""
-    changed, refused = {}, []
-    for key in sorted(now):
-        if key in ARCH_KEYS or (key in saved and plain(saved[key]) == plain(now[key])):
-            continue
-        old = saved.get(key)
-        if key in MAY_CHANGE or key not in saved:
-            changed[key] = [old, plain(now[key])]
-        else:
-            refused.append(f"--{key.replace('_', '-')}: checkpoint {old!r}, now {now[key]!r}")
-    return changed, refused
-
-
-def compare_settings(saved: dict, now: dict, source: Path) -> dict[str, list]:
-    """{name: [checkpoint's value, this run's value]} of the settings that may change (MAY_CHANGE, or a setting the
-    checkpoint did not record); UsageError listing every other difference."""
-    changed, refused = setting_differences(saved, now)
-    if refused:
-        raise UsageError(f"resuming from {source} with other settings than it was trained with:\n  "
-                         + "\n  ".join(refused) + "\nUse the checkpoint's values, or start a new run (--exp-name); "
-                         "settings that may change on resume: the number of processes, " + ", ".join(
-                             f"--{k.replace('_', '-')}" for k in MAY_CHANGE if k != "world_size"))
-    return changed
-
-
-def read_args_json(path: Path) -> dict:
-    """A run's args.json as a dict; UsageError naming it when it is not a JSON object with a list as its history
-    (resuming rewrites it, and its history would be lost)."""
-    import shlex
-
-    try:
-        old = json.loads(path.read_text())
-        problem = None if isinstance(old, dict) else f"a JSON {type(old).__name__}, not an object"
-        if problem is None and not isinstance(old.get("history", []), list):
-            problem = "its 'history' is not a list"
-    except (OSError, ValueError) as e:
-        problem = " ".join(str(e).split())
-    if problem is not None:
-        move = shlex.join(["mv", str(path), f"{path}.bad"])
-        raise UsageError(f"{path}: expected the run's settings as a JSON object ({problem}). The checkpoint holds "
-                         f"them, and a resume rewrites this file: move it away (`{move}`) and run the same command "
-                         "again")
-    return old
-
-
-def record_args(run_dir: Path, run_args: dict, changed: dict, step: int) -> None:
-    """Write args.json: this run's settings; on a resume that changed some, the new values and a history entry."""
-    path = run_dir / "args.json"
-    record = dict(run_args)
-    if path.is_file():
-        old = read_args_json(path)
-        if not changed and {k: v for k, v in old.items() if k != "history"} == plain(run_args):
-            return
-        record["history"] = old.get("history", [])
-    if changed:
-        when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        record.setdefault("history", []).append({"step": step, "time": when, "changed": changed})
-        for key, (old_value, new_value) in changed.items():
-            logger.info("resume: %s changed from %r to %r (recorded in args.json)", key, old_value, new_value)
-    with atomic_write(path, "w") as f:
-        f.write(json.dumps(record, indent=2))
-
-
-# ----------------------------------------------------------------------------------------------
 # Data and non-finite values
 
 
@@ -204,15 +152,17 @@ def start_data_verification(dataset, args: argparse.Namespace, is_main: bool) ->
 
 
 class Watch:
-    """Faults that stop the run before any checkpoint is written: a damaged shard (the verifier), non-finite values
-    in a batch (the data is at fault), a non-finite loss, and a checkpoint the main process failed to write (the
-    background writer, training/checkpoint_writer.py). Per step only device operations; the flags are read where
-    the loop synchronises anyway (logging and checkpoint steps) and, in a single process, the verifier's and the
-    writer's verdicts at every step."""
+    """Faults that stop the run before any checkpoint is written: a damaged shard (the verifier), a damaged file one
+    rank met while reading (DataStream), non-finite values in a batch (the data is at fault), a non-finite loss, and a
+    checkpoint the main process failed to write (the background writer, training/checkpoint_writer.py). Per step
+    only device operations; the flags are read where the loop synchronises anyway (logging and checkpoint steps) and,
+    in a single process, the verifier's and the writer's verdicts at every step."""
 
-    def __init__(self, accelerator, dataset, verifier: ShardVerifier | None, run_dir: Path, writer=None):
+    def __init__(self, accelerator, dataset, verifier: ShardVerifier | None, run_dir: Path, writer=None,
+                 stream: DataStream | None = None):
         self.accelerator, self.dataset, self.verifier, self.run_dir = accelerator, dataset, verifier, run_dir
         self.writer = writer  # a CheckpointWriter (rank 0 writes; the others' stays idle), or None
+        self.stream = stream  # the training batches, whose damaged file one rank may have met
         device = accelerator.device
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.bad_index = torch.full((), -1, dtype=torch.int64, device=device)
@@ -254,15 +204,16 @@ class Watch:
         return self.writer.failure, in_flight
 
     def _gather(self, problem: str | None, running: bool) -> torch.Tensor:
-        """(processes, 6) per process: non-finite loss, damaged shard, first non-finite image index (-1: none), data
-        check still running, checkpoint write failed, checkpoint write in flight. Every rank then decides from these
-        same values."""
+        """(processes, 7) per process: non-finite loss, damaged shard, first non-finite image index (-1: none), data
+        check still running, checkpoint write failed, checkpoint write in flight, damaged file met while reading.
+        Every rank then decides from these same values."""
         device = self.bad_index.device
         failure, writing = self._writer_state()
-        local = torch.tensor([int(problem is not None), int(running), int(failure is not None), int(writing)],
-                             device=device)
-        flags = torch.stack([self.nonfinite.long(), local[0], self.bad_index, local[1], local[2], local[3]])
-        return self.accelerator.gather(flags[None]).reshape(-1, 6)
+        met = self.stream is not None and self.stream.fault is not None
+        local = torch.tensor([int(problem is not None), int(running), int(failure is not None), int(writing),
+                              int(met)], device=device)
+        flags = torch.stack([self.nonfinite.long(), local[0], self.bad_index, local[1], local[2], local[3], local[4]])
+        return self.accelerator.gather(flags[None]).reshape(-1, 7)
 
     @staticmethod
     def _must_wait_for_data(flags: torch.Tensor, before_checkpoint: bool) -> bool:
@@ -277,7 +228,8 @@ class Watch:
         """True while the previous checkpoint is still being written, before a checkpoint, an evaluation or the run's
         end (at most one write in flight, its failure known to every rank before anything else happens) or before
         stopping for damaged data or a non-finite loss (whose line names the last checkpoint written)."""
-        stopping = int(flags[:, 0].max()) > 0 or int(flags[:, 1].max()) > 0 or int(flags[:, 2].max()) >= 0
+        stopping = (int(flags[:, 0].max()) > 0 or int(flags[:, 1].max()) > 0 or int(flags[:, 2].max()) >= 0
+                    or int(flags[:, 6].max()) > 0)
         return (before_checkpoint or stopping) and int(flags[:, 5].max()) > 0
 
     def _must_wait(self, flags: torch.Tensor, before_checkpoint: bool) -> bool:
@@ -285,8 +237,8 @@ class Watch:
                                                                                               before_checkpoint)
 
     def check(self, step: int, sync: bool, before_checkpoint: bool) -> None:
-        """Raise if the run must stop: DataFault (damaged shard, non-finite data), CheckpointWriteError or
-        FloatingPointError.
+        """Raise if the run must stop: DataFault (damaged shard, a damaged file one rank met while reading, non-finite
+        data), CheckpointWriteError or FloatingPointError.
 
         `before_checkpoint` (a checkpoint step, an evaluation, the run's end): also wait for the checkpoint write in
         flight, and raise CheckpointWriteError on every rank if it failed.
@@ -315,6 +267,8 @@ class Watch:
         if int(flags[:, 1].max()) > 0:
             raise DataFault(f"stopped before step {step + 1}: " + (problem or "the main process found a damaged "
                                                                    "shard (see its log)"))
+        if int(flags[:, 6].max()) > 0:
+            raise self.stream.stopped(f"after step {step}")
         if int(flags[:, 4].max()) > 0:
             raise CheckpointWriteError(self._writer_state()[0] or "the main process failed to write a checkpoint "
                                        "(see its log)")

@@ -9,7 +9,6 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from devices import resolve_compile
 from integrity import atomic_write, worker_init
 from latent_codecs.autoencoder import decode_latents, load_vae
 from loss import LossConfig, training_loss
-from training import guard
+from training import guard, run_settings
 from training.checkpoint_writer import CheckpointWriter, prune_checkpoints
 from training.evaluation import make_evaluator
 from training.setup import (
@@ -164,7 +163,7 @@ class Run:
     model: torch.nn.Module  # raw_model (its blocks compiled with --compile) as accelerate prepared it (DDP)
     ema: torch.nn.Module
     optimizer: Any
-    data: Iterator  # (batch, epoch, position) from the resumable loader
+    data: guard.DataStream  # (batch, epoch, position) from the resumable loader
     step: int
     epoch: int
     position: int
@@ -239,12 +238,12 @@ def set_up_run(args: argparse.Namespace, hold: contextlib.ExitStack) -> Run:
     if dataset.use_flip != args.flip:  # a resumed run's own setting
         dataset = open_dataset(args, with_images="images" in needs)
     methods = alignment.build_methods(run_args)
-    changed = {} if checkpoint is None else guard.compare_settings(
+    changed = {} if checkpoint is None else run_settings.compare_settings(
         alignment.with_defaults(checkpoint["args"]), run_args, resume_from)
     if args.resume == "latest" and checkpoint is None:  # another run's files are refused, nothing touched yet
         args.notes.append(check_same_run(run_dir, run_args))
     if checkpoint is not None and (run_dir / "args.json").is_file():
-        guard.read_args_json(run_dir / "args.json")  # a malformed one is refused before anything is written
+        run_settings.read_args_json(run_dir / "args.json")  # a malformed one is refused before anything is written
     if len(dataset) // world < local_batch:
         raise UsageError(f"--data-dir {args.data_dir} holds {len(dataset)} latents: too few for --batch-size "
                          f"{args.batch_size} (a per-process batch of {local_batch} on {world} processes)")
@@ -254,7 +253,7 @@ def set_up_run(args: argparse.Namespace, hold: contextlib.ExitStack) -> Run:
     raw_model, ema, optimizer = build_model_and_optimizer(args, run_args, checkpoint, device)
     step, epoch, position = resume_position(checkpoint, run_dir)
     if is_main:
-        guard.record_args(run_dir, run_args, changed, step)
+        run_settings.record_args(run_dir, run_args, changed, step)
     if args.compile:  # per block, before DDP wraps the model; dynamo must not split the blocks at DDP's buckets
         torch._dynamo.config.optimize_ddp = False
         logger.info("torch.compile: %d blocks and heads, each compiled on its first call",
@@ -262,6 +261,10 @@ def set_up_run(args: argparse.Namespace, hold: contextlib.ExitStack) -> Run:
     model, optimizer = accelerator.prepare(raw_model, optimizer)
 
     set_up_methods(args, methods, device, raw_model, dataset.image_size)
+    if args.compile:  # SRA's EMA teacher blocks, REPA's encoder blocks: neither is in DDP, counted apart
+        counts = ", ".join(f"{m.name} {n}" for m in methods if (n := m.compile_blocks(ema)))
+        if counts:
+            logger.info("torch.compile: also the blocks the methods run outside the trained model: %s", counts)
     seed_and_restore_rng(args, accelerator, checkpoint)
     if checkpoint is not None:
         logger.info("resumed from %s at step %d (epoch %d, position %d)", resume_from, step, epoch, position)
@@ -273,7 +276,8 @@ def set_up_run(args: argparse.Namespace, hold: contextlib.ExitStack) -> Run:
     init_trackers(accelerator, args, run_args, run_dir)
     log_summary(args, raw_model, methods, device, world, local_batch)
     writer = CheckpointWriter()
-    watch = guard.Watch(accelerator, dataset, guard.start_data_verification(dataset, args, is_main), run_dir, writer)
+    watch = guard.Watch(accelerator, dataset, guard.start_data_verification(dataset, args, is_main), run_dir, writer,
+                        data)
     evaluator = make_evaluator(args, run_args, run_dir, accelerator)  # the Inception network, loaded once
     args.created_run_dir = None  # set-up done: from here on the run directory is kept whatever happens
     clock_start = time.time() - (checkpoint.get("wall_seconds", 0.0) if checkpoint is not None else 0.0)
@@ -284,7 +288,7 @@ def set_up_run(args: argparse.Namespace, hold: contextlib.ExitStack) -> Run:
 
 
 def open_loader(args: argparse.Namespace, dataset, accelerator, local_batch: int, epoch: int,
-                position: int) -> Iterator:
+                position: int) -> guard.DataStream:
     """The resumable data stream from (epoch, position); --epochs lowers args.max_train_steps to its last step."""
     from dataset import ResumableDistributedSampler
 
@@ -293,7 +297,7 @@ def open_loader(args: argparse.Namespace, dataset, accelerator, local_batch: int
                                           shuffle=True, drop_last=True)
     loader_kwargs = dict(batch_size=local_batch, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                          persistent_workers=False, worker_init_fn=worker_init() if args.num_workers > 0 else None)
-    data = guard.data_errors(batches(dataset, sampler, loader_kwargs, epoch, position))
+    data = guard.DataStream(batches(dataset, sampler, loader_kwargs, epoch, position), accelerator)
     if getattr(args, "epochs", None) is not None:
         limit = epoch_step_limit(args, sampler.per_rank, local_batch)
         logger.info("--epochs %d: the data passes end at step %d; training stops at step %d", args.epochs, limit,

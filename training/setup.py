@@ -27,7 +27,7 @@ from checkpoints import CHECKPOINT_FORMAT, DamagedCheckpointError, list_checkpoi
 from cli import UsageError
 from devices import ddp_options, enable_deterministic_mode, gpu_launch_problem, on_rank0
 from integrity import write_text
-from training import guard
+from training import guard, run_settings
 from training.run_lock import LOCK_NAME, RunLock, in_use_message, lock_age, read_holder, stale_reason
 
 logger = logging.getLogger("train")
@@ -72,8 +72,8 @@ def check_same_run(run_dir: Path, run_args: dict) -> str:
                              f"({e}), so it may be another run's: choose another --exp-name, or move the directory "
                              "away (nothing was changed)") from e
         differ = [f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, now {run_args.get(k)!r}" for k in ARCH_KEYS
-                  if k in saved and guard.plain(saved[k]) != guard.plain(run_args.get(k))]
-        differ += guard.setting_differences(saved, run_args)[1]
+                  if k in saved and run_settings.plain(saved[k]) != run_settings.plain(run_args.get(k))]
+        differ += run_settings.setting_differences(saved, run_args)[1]
         if differ:
             shown = "; ".join(d.replace(": checkpoint ", ": args.json ", 1) for d in differ)
             raise UsageError(f"--resume latest: {run_dir} holds no checkpoint, and another run's settings "
