@@ -24,7 +24,7 @@ from helpers_data import error_lines, free_bytes, full_disk_line, make_tiny_vae,
 
 import integrity
 import train
-from training import checkpoint_writer, guard, run_lock
+from training import checkpoint_writer, run_lock, run_settings
 from training.checkpoint_writer import CheckpointWriter
 from training.run_lock import LOCK_NAME, RunLock, stale_reason
 
@@ -314,18 +314,18 @@ def test_a_bad_inception_weights_file_leaves_no_directory(cli, tmp_path):
 def test_a_full_disk_at_start_is_one_line_and_leaves_no_directory(cli, tmp_path, monkeypatch):
     """ENOSPC injected where the run writes args.json (the first file of its own it writes)."""
     data = make_dataset(tmp_path / "data")
-    real = guard.atomic_write
+    real = run_settings.atomic_write
 
     def full(path, *a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(guard, "atomic_write", full)
+    monkeypatch.setattr(run_settings, "atomic_write", full)
     r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1")
     (line,) = error_lines(r.stderr)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert line == f"error: the run's set-up failed: No space left on device ({tmp_path / 'runs/a/args.json'})"
     assert not (tmp_path / "runs/a").exists()
-    monkeypatch.setattr(guard, "atomic_write", real)
+    monkeypatch.setattr(run_settings, "atomic_write", real)
     assert cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
 
 
