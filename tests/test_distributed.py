@@ -401,3 +401,65 @@ def test_a_damaged_file_one_rank_meets_while_reading_stops_every_rank_together(t
     assert mine[1] in (tmp_path / "runs/a/log.txt").read_text()
     kept = sorted(p.name for p in (tmp_path / "runs/a/checkpoints").glob("*.pt"))
     assert kept == (["0000002.pt"] if after else [])
+
+
+# Runs train.py's main with one rank's part of the --eval-every evaluation raising: rank 1's sampling (as an
+# out-of-memory error would on one GPU), or rank 0's scoring after the gather; the other rank evaluates as usual.
+EVAL_FAULT_ON_ONE_RANK_WORKER = """
+import os, sys
+import train
+import evaluations.scoring
+from training import evaluation
+
+where, argv = sys.argv[1], sys.argv[2:]
+rank = os.environ["RANK"]
+
+def fail(*args, **kwargs):
+    raise RuntimeError(f"out of memory (injected on rank {rank})")
+
+if where == "sampling" and rank == "1":
+    evaluation.sample_batch = fail
+if where == "scoring" and rank == "0":
+    evaluations.scoring.score_features = fail
+sys.exit(train.main(argv))
+"""
+
+
+@pytest.mark.parametrize("where", ["sampling", "scoring"])
+def test_an_evaluation_failing_on_one_rank_stops_every_rank_together(tmp_path, where):
+    """One rank's part of the evaluation at step 2 raises: rank 1's sampling (rank 0 once waited for its features in
+    the gather: "Connection closed by peer" under gloo, the process group's timeout under NCCL) or rank 0's scoring
+    (rank 1 waited in the barrier after it). The ranks meet after that work, exchange the fault and stop together,
+    each with the faulting rank's line; the checkpoint of step 2, written before the evaluation, stays intact and
+    metrics.jsonl gets no row."""
+    from helpers_data import make_tiny_vae
+
+    from evaluations.inception import write_random_weights
+
+    rng = np.random.default_rng(0)
+    data = make_dataset(tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["vae"] = str(make_tiny_vae(tmp_path / "vae"))  # latents 4x8x8 -> 16x16 images
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    record_checksums(data)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    weights = write_random_weights(tmp_path / "inception.pth")
+    (tmp_path / "worker.py").write_text(EVAL_FAULT_ON_ONE_RANK_WORKER)
+    r = torchrun(tmp_path, tmp_path / "worker.py", where, "--data-dir", str(data), "--output-dir",
+                 str(tmp_path / "runs"), *TINY, "--max-train-steps", "4", "--checkpointing-steps", "100",
+                 "--eval-every", "2", "--eval-ref", str(tmp_path / "ref.npz"), "--inception-weights", str(weights),
+                 "--eval-samples", "4", "--eval-num-steps", "2", "--eval-batch-size", "2", "--exp-name", "a")
+    assert r.returncode != 0
+    assert not [word for word in COLLECTIVE_ERRORS if word in r.stderr], r.stderr[-3000:]
+    lines = error_lines(r.stderr)
+    rank = 1 if where == "sampling" else 0
+    what = "sampling its images" if where == "sampling" else f"scoring the samples against {tmp_path / 'ref.npz'}"
+    line = (f"error: the evaluation at step 2 failed on process {rank} while {what}: RuntimeError: out of memory "
+            f"(injected on rank {rank}); every process stopped with it. The checkpoint of step 2 is written: fix the "
+            "cause and run the same command with --resume latest, which evaluates step 2 again")
+    assert lines == [line, line], r.stderr[-3000:]  # rank 1's and rank 0's
+    assert line[len("error: "):] in (tmp_path / "runs/a/log.txt").read_text()
+    folder = tmp_path / "runs/a/checkpoints"
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["0000002.pt"]
+    assert integrity.verify_file(folder / "0000002.pt")
+    assert not (tmp_path / "runs/a/metrics.jsonl").exists()

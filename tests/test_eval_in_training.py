@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_data import make_tiny_vae, write_latent_dataset
+from helpers_data import error_lines, make_tiny_vae, write_latent_dataset
 
 import generate
 import train
@@ -171,3 +171,26 @@ def test_more_guided_channels_than_the_model_has_are_refused(tmp_path):
     args = argparse.Namespace(eval_every=2, eval_cfg_channels=5)
     with pytest.raises(UsageError, match="--eval-cfg-channels 5: the model has 4 latent channels"):
         evaluation.make_evaluator(args, {"latent_shape": [4, 8, 8]}, tmp_path, accelerator=None)
+
+
+def test_an_evaluation_that_fails_stops_the_run_with_one_line_and_resume_evaluates_its_step(tmp_path, assets,
+                                                                                            monkeypatch, capsys):
+    """A single process whose sampling raises (e.g. out of memory) stops with one line naming what failed, in log.txt
+    too; the step's checkpoint is kept and --resume latest evaluates that step, as the line says."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory (injected)")
+
+    argv = ["--data-dir", str(assets["data"]), "--output-dir", str(tmp_path / "runs"), "--exp-name", "f", *TINY,
+            "--max-train-steps", "2", "--eval-every", "2", *eval_flags(assets)]
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "sample_batch", fail)
+        assert train.main(argv) == 2
+    line = ("the evaluation at step 2 failed while sampling its images: RuntimeError: out of memory (injected). The "
+            "checkpoint of step 2 is written: fix the cause and run the same command with --resume latest, which "
+            "evaluates step 2 again")
+    assert error_lines(capsys.readouterr().err) == [f"error: {line}"]
+    run = tmp_path / "runs" / "f"
+    assert line in (run / "log.txt").read_text()
+    assert evaluation.read_rows(run) == []
+    assert train.main([*argv, "--resume", "latest"]) == 0
+    assert [r["step"] for r in evaluation.read_rows(run)] == [2]

@@ -26,6 +26,11 @@ METRICS_FILE = "metrics.jsonl"
 METRIC_KEYS = ("fid", "sfid", "inception_score", "inception_score_std", "precision", "recall")
 
 
+class EvaluationFault(UsageError):
+    """The evaluation failed on some process (e.g. out of memory while sampling); the checkpoint of its step is
+    written, and every process stops with the same line."""
+
+
 def read_rows(run_dir: Path) -> list[dict]:
     """The rows of metrics.jsonl (a line cut short by a kill is ignored)."""
     path = Path(run_dir) / METRICS_FILE
@@ -103,12 +108,8 @@ class Evaluator:
             torch.distributed.broadcast_object_list(answer, src=0)
         return answer[0]
 
-    def _features(self, ema: torch.nn.Module):
-        """This rank's sample indices and their Inception features, sampled exactly as generate.py samples them."""
-        from evaluations import DEFAULT_BATCH_SIZE
-        from evaluations.data import ArrayImages
-        from evaluations.inception import extract_features
-
+    def _sample(self, ema: torch.nn.Module) -> tuple[list[int], np.ndarray]:
+        """This rank's sample indices and their images, sampled exactly as generate.py samples them."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         indices = list(range(rank, self.args.eval_samples, world))  # generate.py's split of the indices
         settings = sampling_settings(self.args)
@@ -119,10 +120,52 @@ class Evaluator:
         images = [sample_batch(ema, self.vae, indices[b:b + self.args.eval_batch_size], settings, self.info,
                                self.device, self.precision)
                   for b in range(0, len(indices), self.args.eval_batch_size)]
-        images = np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
-        feats = extract_features(self.inception, ArrayImages(images, "samples"), batch_size=DEFAULT_BATCH_SIZE,
-                                 device=self.device, progress=False) if len(images) else None
-        return indices, feats
+        return indices, np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
+
+    def _extract(self, images: np.ndarray):
+        """The Inception features of this rank's images (None for none)."""
+        from evaluations import DEFAULT_BATCH_SIZE
+        from evaluations.data import ArrayImages
+        from evaluations.inception import extract_features
+
+        return extract_features(self.inception, ArrayImages(images, "samples"), batch_size=DEFAULT_BATCH_SIZE,
+                                device=self.device, progress=False) if len(images) else None
+
+    def _local(self, ema: torch.nn.Module, step: int) -> tuple[list[int], object, str | None]:
+        """This rank's (indices, features, None), or ([], None, the line naming what failed): an error here (e.g. out
+        of memory on one GPU) must not leave this rank alone while the others wait for its features."""
+        was_training, what = ema.training, "sampling its images"
+        ema.eval()
+        try:
+            indices, images = self._sample(ema)
+            what = "computing the Inception features of its images"
+            return indices, self._extract(images), None
+        except Exception as e:  # noqa: BLE001  (any error: every rank must hear of it)
+            logger.warning("step %d: the evaluation failed while %s", step, what, exc_info=True)
+            return [], None, f"{what}: {type(e).__name__}: {e}"
+        finally:
+            ema.train(was_training)
+
+    def _agree(self, step: int, fault: str | None) -> None:
+        """A point every rank reaches: raise EvaluationFault on every rank if any rank's `fault` is set (the line of
+        the first such rank, gathered, so every rank's line and rank 0's log.txt name it); else return."""
+        world = self.accelerator.num_processes
+        if world > 1:
+            flag = torch.tensor([[int(fault is not None)]], device=self.device)
+            if int(self.accelerator.gather(flag).max()) == 0:
+                return
+            faults = [None] * world
+            torch.distributed.all_gather_object(faults, fault)
+            rank, fault = next((r, f) for r, f in enumerate(faults) if f is not None)
+            where = f" on process {rank}"
+        elif fault is None:
+            return
+        else:
+            where = ""
+        raise EvaluationFault(f"the evaluation at step {step} failed{where} while {fault}"
+                              + ("; every process stopped with it" if world > 1 else "")
+                              + f". The checkpoint of step {step} is written: fix the cause and run the same command "
+                              f"with --resume latest, which evaluates step {step} again")
 
     def _gather(self, indices: list[int], feats):
         """Rank 0: every rank's features, in sample order (the Inception Score scores contiguous splits)."""
@@ -140,50 +183,56 @@ class Evaluator:
                           for k in ("pool", "spatial", "logits")))
 
     def run(self, ema: torch.nn.Module, step: int, wall_seconds: float) -> dict | None:
-        """Evaluate the EMA model at `step` on all ranks; rank 0 logs and appends the row (returned there)."""
-        from evaluations.scoring import open_reference, reference_features, score_features
-
-        accelerator = self.accelerator
+        """Evaluate the EMA model at `step` on all ranks; rank 0 logs and appends the row (returned there). An error
+        on any rank, in its sampling or features or in rank 0's scoring, stops every rank together (EvaluationFault)."""
         logger.info("step %d: evaluating the EMA model (%d samples, %s %d steps, CFG %g) against %s", step,
                     self.args.eval_samples, self.args.eval_mode, self.args.eval_num_steps, self.args.eval_cfg_scale,
                     self.args.eval_ref)
         start = time.time()
-        was_training = ema.training
-        ema.eval()
-        features = self._gather(*self._features(ema))
-        ema.train(was_training)
-        row = None
-        if accelerator.is_main_process:
-            if self.reference is None:
-                images, stats = open_reference(self.args.eval_ref, num_workers=0)
-                self.reference = reference_features(images, stats, self.inception, device=self.device,
-                                                    progress=False)
-            metrics = score_features(features, self.reference, device=self.device)
-            eval_seconds = time.time() - start
-            before = sum(r.get("eval_seconds", 0.0) for r in read_rows(self.run_dir))
-            world = accelerator.num_processes
-            row = {"step": step, "images_seen": step * self.args.batch_size,
-                   "wall_seconds": round(wall_seconds, 3),
-                   "gpu_hours": wall_seconds * world / 3600 if self.device.type == "cuda" else None,
-                   "eval_seconds": round(eval_seconds, 3),
-                   "eval_fraction": (before + eval_seconds) / max(wall_seconds + eval_seconds, 1e-9),
-                   **{k: metrics[k] for k in METRIC_KEYS}, "num_samples": metrics["num_samples"],
-                   "protocol": {"ref": str(self.args.eval_ref), "generate_flags": generate_flags(self.args),
-                                "cfg_channels": getattr(self.args, "eval_cfg_channels", "all"),
-                                "precision": self.precision, "compiled": self.compile, "processes": world},
-                   "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-            if append_row(self.run_dir, row):
-                logger.info("step %d: FID %.4g, sFID %.4g, IS %.4g%s; evaluation took %.1fs (%.1f%% of the run's "
-                            "wall time so far)", step, row["fid"], row["sfid"], row["inception_score"],
-                            "" if row["precision"] is None else
-                            f", precision {row['precision']:.3f}, recall {row['recall']:.3f}",
-                            eval_seconds, 100 * row["eval_fraction"])
-            else:
-                logger.warning("step %d: metrics.jsonl already holds this step; the new figures are not written",
-                               step)
-        accelerator.log({f"eval/{k}": v for k, v in (row or {}).items() if k in METRIC_KEYS and v is not None},
-                        step=step)
-        accelerator.wait_for_everyone()
+        indices, feats, fault = self._local(ema, step)
+        self._agree(step, fault)  # every rank has its features, or every rank stops here
+        features = self._gather(indices, feats)
+        row = fault = None
+        if self.accelerator.is_main_process:
+            try:
+                row = self._score(features, step, wall_seconds, start)
+            except Exception as e:  # noqa: BLE001  (the others wait for rank 0 below: they must hear of it)
+                logger.warning("step %d: the evaluation failed while scoring", step, exc_info=True)
+                fault = f"scoring the samples against {self.args.eval_ref}: {type(e).__name__}: {e}"
+        self._agree(step, fault)  # all ranks wait for each other here
+        return row
+
+    def _score(self, features, step: int, wall_seconds: float, start: float) -> dict:
+        """Rank 0: score the gathered features, log them and append the row."""
+        from evaluations.scoring import open_reference, reference_features, score_features
+
+        accelerator = self.accelerator
+        if self.reference is None:
+            images, stats = open_reference(self.args.eval_ref, num_workers=0)
+            self.reference = reference_features(images, stats, self.inception, device=self.device, progress=False)
+        metrics = score_features(features, self.reference, device=self.device)
+        eval_seconds = time.time() - start
+        before = sum(r.get("eval_seconds", 0.0) for r in read_rows(self.run_dir))
+        world = accelerator.num_processes
+        row = {"step": step, "images_seen": step * self.args.batch_size,
+               "wall_seconds": round(wall_seconds, 3),
+               "gpu_hours": wall_seconds * world / 3600 if self.device.type == "cuda" else None,
+               "eval_seconds": round(eval_seconds, 3),
+               "eval_fraction": (before + eval_seconds) / max(wall_seconds + eval_seconds, 1e-9),
+               **{k: metrics[k] for k in METRIC_KEYS}, "num_samples": metrics["num_samples"],
+               "protocol": {"ref": str(self.args.eval_ref), "generate_flags": generate_flags(self.args),
+                            "cfg_channels": getattr(self.args, "eval_cfg_channels", "all"),
+                            "precision": self.precision, "compiled": self.compile, "processes": world},
+               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        if append_row(self.run_dir, row):
+            logger.info("step %d: FID %.4g, sFID %.4g, IS %.4g%s; evaluation took %.1fs (%.1f%% of the run's "
+                        "wall time so far)", step, row["fid"], row["sfid"], row["inception_score"],
+                        "" if row["precision"] is None else
+                        f", precision {row['precision']:.3f}, recall {row['recall']:.3f}",
+                        eval_seconds, 100 * row["eval_fraction"])
+        else:
+            logger.warning("step %d: metrics.jsonl already holds this step; the new figures are not written", step)
+        accelerator.log({f"eval/{k}": v for k, v in row.items() if k in METRIC_KEYS and v is not None}, step=step)
         return row
 
 
