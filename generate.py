@@ -180,7 +180,16 @@ from devices import barrier, init_processes, on_rank0, resolve_compile
 from latent_codecs.autoencoder import load_vae
 from sampling.batch import SamplingSettings, sample_batch
 from sampling.checkpoint import load_model, resolve_checkpoint, verify_checkpoint
-from sampling.folder import folder_name, npz_count, prepare_folder, sampling_config, write_npz
+from sampling.folder import (
+    folder_name,
+    merge_npz_parts,
+    npz_count,
+    part_path,
+    prepare_folder,
+    sampling_config,
+    write_npz,
+    write_npz_part,
+)
 from sampling.images import save_png
 
 
@@ -256,6 +265,23 @@ def _sample(net: torch.nn.Module, vae: torch.nn.Module, mine: list[int], args: a
             future.result()
 
 
+def _together(fn, rank: int, world: int) -> None:
+    """Run `fn` on every rank; if it fails on any (OSError, ValueError), every rank raises, naming the first that
+    failed: a rank must not leave alone while the others wait for it in the next collective."""
+    error = None
+    try:
+        fn()
+    except (OSError, ValueError) as e:
+        error = e
+    errors = [None] * world
+    dist.all_gather_object(errors, None if error is None else str(error))
+    if error is not None:
+        raise error
+    failed = next((r for r, e in enumerate(errors) if e is not None), None)
+    if failed is not None:
+        raise UsageError(f"rank {failed} failed: {errors[failed]}")
+
+
 def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     precision = _precision(args, device, log)
@@ -280,15 +306,24 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     elapsed = time.time() - start
     barrier(world)
 
-    def finish() -> tuple[int, ...]:
+    def finish() -> tuple[int, ...] | None:
+        """Rank 0: the .npz's shape once it holds every sample (written here by a single process), or None."""
         missing = [i for i in range(args.num_fid_samples) if not (folder / f"{i:06d}.png").is_file()]
         if missing:
             raise UsageError(f"{len(missing)} samples missing in {folder} (first: {missing[0]:06d}.png)")
         if npz_count(npz_path) == args.num_fid_samples and not pending:
             return (args.num_fid_samples, info["image_size"], info["image_size"], 3)
-        return write_npz(folder, args.num_fid_samples, npz_path)
+        return write_npz(folder, args.num_fid_samples, npz_path) if world == 1 else None
 
     shape = on_rank0(finish, rank, world)
+    if shape is None:  # several processes: each reads its share of the PNGs, rank 0 joins the shares in order
+        log(f"Reading the PNGs into {npz_path} on {world} processes")
+        try:
+            _together(lambda: write_npz_part(folder, args.num_fid_samples, rank, world), rank, world)
+            shape = on_rank0(lambda: merge_npz_parts(folder, args.num_fid_samples, world, npz_path), rank, world)
+        except (OSError, ValueError):
+            part_path(folder, rank, world).unlink(missing_ok=True)  # the PNGs stay; no share is left behind
+            raise
     rate = len(pending) / elapsed if elapsed > 0 else 0.0
     log(f"Done: {len(pending)} new images in {elapsed:.1f}s ({rate:.2f} img/s on {world} process(es)); "
         f"{args.num_fid_samples} PNGs in {folder}; {npz_path} holds arr_0 {tuple(shape)} uint8")

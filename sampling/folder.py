@@ -28,6 +28,7 @@ from sampling.images import read_png
 
 CONFIG_NAME = "config.json"
 PNG_NAME = re.compile(r"^\d{6}\.png$")
+PART_NAME = re.compile(r"^npz-part-\d{5}-of-\d{5}\.npy$")  # a rank's share of the .npz (part_path)
 # Keys of config.json that folders sampled before the key existed lack, with the value those folders had.
 OLD_FOLDER_DEFAULTS = {"cfg_channels": "all"}
 
@@ -43,28 +44,81 @@ def npz_count(path: Path) -> int | None:
         return None
 
 
+def _read_pngs(folder: Path, indices: range, shape: tuple[int, ...], pool: ThreadPoolExecutor,
+               chunk: int = 256) -> Iterator[np.ndarray]:
+    """PNGs `indices` of `folder` in order, in stacked chunks; UsageError for one whose shape is not `shape`."""
+    for start in range(indices.start, indices.stop, chunk):
+        paths = [folder / f"{i:06d}.png" for i in range(start, min(start + chunk, indices.stop))]
+        images = list(pool.map(read_png, paths))
+        for path, image in zip(paths, images):
+            if image.shape != shape:
+                raise UsageError(f"{path} has shape {image.shape}, sample 0 has {shape}")
+        yield np.stack(images)
+
+
 def write_npz(folder: Path, num: int, npz_path: Path, show_progress: bool = True) -> tuple[int, ...]:
     """Stream PNGs 000000..num-1 of `folder` into an .npz holding arr_0 (uint8 NHWC), as `np.savez` would
     write it, without holding the images in memory; the file appears atomically. Returns the array shape."""
     first = read_png(folder / f"{0:06d}.png")
     writer = NpzImageWriter(npz_path, num, first.shape)
-    chunk = 256
     try:
         with ThreadPoolExecutor(8) as pool, tqdm(total=num, unit="img", desc="npz", disable=not show_progress,
                                                   dynamic_ncols=True) as bar:
-            for start in range(0, num, chunk):
-                paths = [folder / f"{i:06d}.png" for i in range(start, min(start + chunk, num))]
-                images = list(pool.map(read_png, paths))
-                for path, image in zip(paths, images):
-                    if image.shape != first.shape:
-                        raise UsageError(f"{path} has shape {image.shape}, sample 0 has {first.shape}")
-                writer.write(np.stack(images))
-                bar.update(len(paths))
+            for images in _read_pngs(folder, range(num), first.shape, pool):
+                writer.write(images)
+                bar.update(len(images))
         writer.close()
     except BaseException:
         writer.abort()
         raise
     return (num, *first.shape)
+
+
+def npz_share(num: int, rank: int, world: int) -> range:
+    """The contiguous PNG indices whose pixels rank `rank` of `world` reads for the .npz (rank order = index order)."""
+    return range(rank * num // world, (rank + 1) * num // world)
+
+
+def part_path(folder: Path, rank: int, world: int) -> Path:
+    """Rank `rank`'s share of the .npz's pixels, a .npy in the sample folder until rank 0 merges it (PART_NAME)."""
+    return folder / f"npz-part-{rank:05d}-of-{world:05d}.npy"
+
+
+def write_npz_part(folder: Path, num: int, rank: int, world: int) -> Path:
+    """Read this rank's share of the PNGs (`npz_share`) into `part_path`, a uint8 .npy written through the atomic
+    writer (a kill leaves at most a temporary file, or a part that the next `prepare_folder` removes)."""
+    shape = read_png(folder / f"{0:06d}.png").shape
+    share, path = npz_share(num, rank, world), part_path(folder, rank, world)
+    with atomic_write(path) as f, ThreadPoolExecutor(8) as pool:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                 "shape": (len(share), *shape)})
+        for images in _read_pngs(folder, share, shape, pool):
+            f.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    return path
+
+
+def merge_npz_parts(folder: Path, num: int, world: int, npz_path: Path, chunk: int = 256) -> tuple[int, ...]:
+    """Rank 0: the parts of every rank (`write_npz_part`), in rank order, into the .npz that `write_npz` writes from
+    the same PNGs (the same bytes); the parts are removed once it has its name. Returns the array shape."""
+    parts = [np.load(part_path(folder, r, world), mmap_mode="r", allow_pickle=False) for r in range(world)]
+    shape = read_png(folder / f"{0:06d}.png").shape
+    for rank, part in enumerate(parts):
+        if part.dtype != np.uint8 or part.shape != (len(npz_share(num, rank, world)), *shape):
+            raise UsageError(f"{part_path(folder, rank, world)} holds {part.dtype} {part.shape}, expected uint8 "
+                             f"({len(npz_share(num, rank, world))}, {', '.join(map(str, shape))})")
+    writer = NpzImageWriter(npz_path, num, shape)
+    try:
+        for part in parts:
+            for start in range(0, len(part), chunk):
+                writer.write(part[start:start + chunk])
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    del parts
+    for rank in range(world):
+        part_path(folder, rank, world).unlink(missing_ok=True)
+    return (num, *shape)
 
 
 def guided_channels(args: argparse.Namespace, info: dict) -> str | int:
@@ -147,7 +201,10 @@ def prepare_folder(folder: Path, npz_path: Path, num: int, config: dict, sources
         except OSError as e:
             raise UsageError(f"--sample-dir {folder.parent}: cannot write to {folder} ({e.strerror or e})") from e
     # what a killed run's atomic writes left: only temporaries of our own names (a user's other .tmp files stay)
-    remove_stale_temps(folder, re.compile(rf"(\d{{6}}\.png|{re.escape(CONFIG_NAME)})$"))
+    remove_stale_temps(folder, re.compile(rf"(\d{{6}}\.png|{re.escape(CONFIG_NAME)}|{PART_NAME.pattern[1:-1]})$"))
+    for name in os.listdir(folder):  # a rank's share of an .npz that a kill left unmerged: made again at the end
+        if PART_NAME.match(name):
+            (folder / name).unlink(missing_ok=True)
     remove_stale_temps(folder.parent, re.compile(re.escape(npz_path.name) + "$"))
     existing = {int(f[:6]) for f in os.listdir(folder) if PNG_NAME.match(f)}
     return [i for i in range(num) if i not in existing]

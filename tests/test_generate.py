@@ -114,18 +114,60 @@ def test_images_do_not_depend_on_the_batch_size(assets, reference, tmp_path, mod
         assert not np.array_equal(results[0], reference["images"])
 
 
-def test_two_processes_give_the_same_images(assets, reference, tmp_path):
+# Runs generate.py's main recording, per rank, the PNGs it reads back for the .npz.
+READS_WORKER = """
+import os, sys
+import generate
+from sampling import folder
+
+out, real, reads = sys.argv[1], folder.read_png, []
+folder.read_png = lambda path: reads.append(path.name) or real(path)
+code = generate.main(sys.argv[2:])
+with open(os.path.join(out, f"reads{os.environ['RANK']}.txt"), "w") as f:
+    f.write("\\n".join(reads))
+sys.exit(code)
+"""
+
+
+def test_two_processes_give_the_same_images_and_each_reads_its_share_into_the_same_npz(assets, reference, tmp_path):
+    """Two processes sample the same images; each reads its half of the PNGs back, and rank 0 joins the halves into
+    the .npz that the single-process path (write_npz) writes from the same folder, byte for byte. A bad PNG in one
+    rank's half stops both ranks together."""
+    from sampling.folder import write_npz
+
     # CPU behaviour: the workers see no GPU (--device cpu as well), whatever this machine has.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    (tmp_path / "worker.py").write_text(READS_WORKER)
+    samples = tmp_path / "samples"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "generate.py"), "--ckpt", str(assets["run"]), "--sample-dir", str(tmp_path), *SETTINGS,
-           "--per-proc-batch-size", "2", "--device", "cpu"]
+           str(tmp_path / "worker.py"), str(tmp_path), "--ckpt", str(assets["run"]), "--sample-dir", str(samples),
+           *SETTINGS, "--per-proc-batch-size", "2", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 process(es)" in proc.stdout
-    npz = tmp_path / reference["npz"].name
-    assert (tmp_path / reference["folder"].name / "000007.png").is_file()
+    npz, folder = samples / reference["npz"].name, samples / reference["folder"].name
+    assert (folder / "000007.png").is_file()
     np.testing.assert_array_equal(arr_0(npz), reference["images"])
+    # the shape from sample 0 on both, then 0-3 on rank 0 and 4-7 on rank 1 (rank 0 reads sample 0 once more to join)
+    half = [[f"{i:06d}.png" for i in range(r * N // 2, (r + 1) * N // 2)] for r in (0, 1)]
+    # (sorted: a pool of threads reads them)
+    assert sorted((tmp_path / "reads0.txt").read_text().split()) == sorted(["000000.png", *half[0], "000000.png"])
+    assert sorted((tmp_path / "reads1.txt").read_text().split()) == sorted(["000000.png", *half[1]])
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(N)] + ["config.json"]
+    write_npz(folder, N, tmp_path / "one-process.npz", show_progress=False)  # today's path, the same PNGs
+    assert npz.read_bytes() == (tmp_path / "one-process.npz").read_bytes()
+
+    # a PNG of another size in rank 1's half: both ranks stop, rank 0 naming rank 1's file; no share is left behind
+    npz.unlink()
+    Image.new("RGB", (8, 8)).save(folder / "000005.png")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    line = f"{folder / '000005.png'} has shape (8, 8, 3), sample 0 has (16, 16, 3)"
+    assert f"[rank 1] generate.py: error: {line}" in proc.stderr, proc.stderr[-3000:]
+    assert f"[rank 0] generate.py: error: rank 1 failed: {line}" in proc.stderr, proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr and "Timed out" not in proc.stderr, proc.stderr[-3000:]
+    assert not npz.exists() and sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(N)] + [
+        "config.json"]
 
 
 def test_killed_run_resumes_to_the_same_npz(assets, reference, tmp_path, capsys):
@@ -136,6 +178,8 @@ def test_killed_run_resumes_to_the_same_npz(assets, reference, tmp_path, capsys)
     (folder / ".000004.png.3fa4b2c1.tmp").write_bytes(b"half a png")  # the atomic writer's temporary name
     (folder / ".mine.tmp").write_bytes(b"a file of the user's")  # not ours: left alone
     (folder / ".notes.txt.3fa4b2c1.tmp").write_bytes(b"a temporary of another name: not ours either")
+    (folder / "npz-part-00001-of-00002.npy").write_bytes(b"a share of the .npz a kill left unmerged")
+    (folder / ".npz-part-00000-of-00002.npy.3fa4b2c1.tmp").write_bytes(b"half a share")
     kept = {i: (folder / f"{i:06d}.png").stat().st_mtime_ns for i in (0, 2, 3, 5, 6)}
     capsys.readouterr()
 
@@ -147,6 +191,7 @@ def test_killed_run_resumes_to_the_same_npz(assets, reference, tmp_path, capsys)
         assert a.read("arr_0.npy") == b.read("arr_0.npy")
     assert {i: (folder / f"{i:06d}.png").stat().st_mtime_ns for i in kept} == kept  # not sampled again
     assert sorted(p.name for p in folder.glob(".*.tmp")) == [".mine.tmp", ".notes.txt.3fa4b2c1.tmp"]
+    assert not list(folder.glob("*npz-part-*"))
 
     before = npz.stat().st_mtime_ns  # a finished run: nothing to do
     rc, _, _ = sample(assets["run"], tmp_path, *SETTINGS)
