@@ -114,16 +114,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("SRA (SRA's flag names are accepted too; SRA's own switch SRA on without --align)")
     g.add_argument("--sra-student-depth", "--block-out-s", dest="sra_student_depth", type=int, default=None,
+                   action=peers.SraSpelling,
                    help="student block whose tokens go through SRA's head (default: 4 for S and B, 8 for L and XL)")
     g.add_argument("--sra-teacher-depth", "--block-out-t", dest="sra_teacher_depth", type=int, default=None,
+                   action=peers.SraSpelling,
                    help="EMA teacher block aligned to (default: 8 for S and B, 20 for L and XL)")
     g.add_argument("--sra-t-max", "--t-max", dest="sra_t_max", type=float, default=d["sra_t_max"],
+                   action=peers.SraSpelling,
                    help="teacher time = student time - U[0, 1) x this (a cleaner input)")
     g.add_argument("--sra-loss", choices=peers.SRA_OBJECTIVES, default=None,
                    help="SRA's objective: smooth_l1 (SRA's paper), l1, l2, cosine (1 - cos per token, averaged), or "
                         "cos (SRA's --loss-type cos: 1 - cos over the token axis, averaged over features). Default: "
                         "smooth_l1; cos for a command recognised as SRA's (its flags, no --align), as SRA's train.py")
-    g.add_argument("--loss-type", dest="sra_loss", choices=tuple(peers.SRA_LOSS_TYPES), action=peers.SraLossType,
+    g.add_argument("--loss-type", dest="sra_loss", choices=tuple(peers.SRA_LOSS_TYPES), action=peers.SraSpelling,
                    default=None,
                    help="SRA's flag, SRA's names: sml1 = --sra-loss smooth_l1, l1, l2, cos = --sra-loss cos")
     g.add_argument("--sra-coeff", type=float, default=None,
@@ -155,7 +158,7 @@ def resolve_args(args: argparse.Namespace, argv: list[str] | None, error) -> lis
     argv = sys.argv[1:] if argv is None else argv
     notes = _deprecation_notes(argv)
     repa_flags = [f"--{k.replace('_', '-')}" for k in REPA_FLAGS if getattr(args, k) is not None]
-    sra_flags = peers.sra_flags_given(argv)
+    sra_flags = peers.sra_flags_given(args)
     peer = []  # the peers whose own flags, without --align, name the methods (their code's settings follow)
     if args.align is None:
         peer = [name for name, flags in (("repa", repa_flags), ("sra", sra_flags)) if flags]

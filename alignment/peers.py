@@ -21,16 +21,20 @@ SETTLED = ("flip", "sra_loss", "sra_coeff", "sra_decay_after", "sra_decay_epochs
 # What a run whose arguments lack the key did (the behaviour before the key existed).
 OLD_RUN = {"flip": True, "sra_teacher_precision": "autocast"}
 # Namespace entries that describe the command line, not the run: never in args.json.
-PARSE_ONLY = ("notes", "defaulted", "peer_command")
+PARSE_ONLY = ("notes", "defaulted", "peer_command", "sra_spellings")
 PAPER_NOTE = ("SRA's paper, and VAE-REPA's Table 3 (its SRA row), used smooth-L1 with the decaying weight: "
               "--loss-type sml1, or --align sra, whose default is the paper's")
 
 
-class SraLossType(argparse.Action):
-    """SRA's `--loss-type`: stored as our `--sra-loss` value (SRA_LOSS_TYPES)."""
+class SraSpelling(argparse.Action):
+    """The SRA flags that have SRA's own spelling beside ours: stores the value (SRA's --loss-type names as ours,
+    SRA_LOSS_TYPES) and records in `sra_spellings` which of SRA's spellings the command used. argparse hands an
+    abbreviation (--loss-typ) over under its full name, so it counts too."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, SRA_LOSS_TYPES[values])
+        setattr(namespace, self.dest, SRA_LOSS_TYPES[values] if option_string == "--loss-type" else values)
+        if option_string in SRA_SPELLINGS:
+            namespace.sra_spellings = sorted({*getattr(namespace, "sra_spellings", []), option_string})
 
 
 def sra_schedule(resolution: int | None) -> tuple[int, int]:
@@ -39,8 +43,9 @@ def sra_schedule(resolution: int | None) -> tuple[int, int]:
     return (99, 800) if resolution == 512 else (149, 1000)
 
 
-def sra_flags_given(argv: list[str]) -> list[str]:
-    return sorted({a.split("=")[0] for a in argv if a.split("=")[0] in SRA_SPELLINGS})
+def sra_flags_given(args: argparse.Namespace) -> list[str]:
+    """SRA's own spellings the command line used (recorded by SraSpelling while parsing)."""
+    return list(getattr(args, "sra_spellings", []))
 
 
 def resolve(args: argparse.Namespace, peer: list[str]) -> list[str]:

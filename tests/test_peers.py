@@ -110,6 +110,15 @@ def test_repa_readme_command_trains_repa_without_flips():
     assert both.align == ["repa", "sra"] and both.flip is False
 
 
+@pytest.mark.parametrize("flag, value", [("--loss-typ", "cos"), ("--t-ma", "0.1"), ("--block-out-s=2", None)])
+def test_an_abbreviated_sra_flag_trains_sra_too(flag, value):
+    """argparse takes unique prefixes of long flags: SRA's flags shortened must switch SRA on as written out would
+    (they once set SRA's value and trained VAE-REPA, silently)."""
+    args = parse("--model", "SiT-B/2", flag, *([value] if value else []))
+    assert args.align == ["sra"] and args.flip is False
+    assert not hasattr(parse("--model", "SiT-B/2", "--sra-t-max", "0.1"), "sra_spellings")  # our spelling: ours
+
+
 def test_sra_flags_outside_the_method_set_are_refused(capsys):
     with pytest.raises(SystemExit) as e:
         parse(*SRA_README, "--align", "vae-repa")
