@@ -63,10 +63,12 @@ def check_same_run(run_dir: Path, run_args: dict) -> str:
     path = run_dir / "args.json"
     if path.is_file():
         try:
-            saved = json.loads(path.read_text())
-            if not isinstance(saved, dict) or not isinstance(saved.get("model"), str):
+            raw = json.loads(path.read_text())
+            if not isinstance(raw, dict) or not isinstance(raw.get("model"), str):
                 raise ValueError("not the settings of a train.py run")
-            saved = alignment.with_defaults(saved)
+            # the settings it recorded (an older version's file lacks today's keys: those are not differences)
+            recorded = alignment.upgrade_run_args(raw).keys()
+            saved = {k: v for k, v in alignment.with_defaults(raw).items() if k in recorded}
         except (OSError, ValueError, KeyError) as e:
             raise UsageError(f"--resume latest: {run_dir} holds no checkpoint, and its args.json cannot be read "
                              f"({e}), so it may be another run's: choose another --exp-name, or move the directory "
