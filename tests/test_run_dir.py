@@ -158,6 +158,21 @@ def test_a_lock_from_another_host_not_refreshed_for_ten_minutes_is_taken_over(cl
     assert (run_dir / "checkpoints/0000002.pt").is_file() and not lock.exists()
 
 
+def test_a_live_holder_on_this_machine_keeps_its_lock_whatever_its_age(cli, tmp_path, holder):
+    """A lock not refreshed for long (a suspended job, a heartbeat that missed beats) whose holder runs on this machine
+    is not stale: only a holder that cannot be checked from here loses its lock by age."""
+    data = make_dataset(tmp_path / "data")
+    assert cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
+    run_dir = tmp_path / "runs/a"
+    proc = holder(run_dir)
+    old = time.time() - run_lock.STALE_AFTER_SECONDS - 60
+    os.utime(run_dir / LOCK_NAME, (old, old))
+    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest")
+    (line,) = error_lines(r.stderr)
+    assert r.returncode == 2 and f"is in use by train.py (host {socket.gethostname()}, pid {proc.pid}" in line, line
+    assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == proc.pid
+
+
 def test_the_holder_refreshes_its_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(run_lock, "HEARTBEAT_SECONDS", 0.05)
     lock = RunLock(tmp_path)

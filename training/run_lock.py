@@ -81,23 +81,23 @@ def lock_age(path: Path) -> float | None:
 
 
 def stale_reason(holder: dict, age: float | None = None) -> str | None:
-    """Why the holder is gone, when this machine can tell (None: it may be alive, or runs elsewhere and refreshed its
-    lock less than STALE_AFTER_SECONDS ago); `age`: lock_age of the lock."""
+    """Why the holder is gone, when this machine can tell (None: it may be alive); `age`: lock_age of the lock. A
+    holder on this machine whose process is alive keeps its lock whatever the age (a suspended job, a heartbeat that
+    missed a beat); any other holder's lock is stale once not refreshed for STALE_AFTER_SECONDS."""
+    here = _here()
+    if holder.get("host") == here["host"] and isinstance(holder.get("pid"), int):
+        if holder.get("boot_id") and here["boot_id"] and holder["boot_id"] != here["boot_id"]:
+            return "this machine has restarted since"
+        if holder.get("pid_namespace") == here["pid_namespace"]:  # else another container: its pids are not ours
+            if not _alive(holder["pid"]):
+                return f"its process {holder['pid']} has ended"
+            start = _process_start(holder["pid"])
+            if holder.get("start") and start and start != holder["start"]:
+                return f"pid {holder['pid']} now belongs to another process"
+            return None
     if age is not None and age > STALE_AFTER_SECONDS:
         return (f"its lock has not been refreshed for {age / 60:.0f} minutes (a running train.py refreshes it every "
                 f"{HEARTBEAT_SECONDS:g} s)")
-    here = _here()
-    if holder.get("host") != here["host"] or not isinstance(holder.get("pid"), int):
-        return None
-    if holder.get("boot_id") and here["boot_id"] and holder["boot_id"] != here["boot_id"]:
-        return "this machine has restarted since"
-    if holder.get("pid_namespace") != here["pid_namespace"]:
-        return None  # another container with the same host name: its pids cannot be seen from here
-    if not _alive(holder["pid"]):
-        return f"its process {holder['pid']} has ended"
-    start = _process_start(holder["pid"])
-    if holder.get("start") and start and start != holder["start"]:
-        return f"pid {holder['pid']} now belongs to another process"
     return None
 
 
@@ -202,11 +202,12 @@ class RunLock:
     def _refresh(self) -> None:
         """Touch the lock every HEARTBEAT_SECONDS while it is ours (the file server sets the time)."""
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            record = self.record
-            if record is None or read_holder(self.path) != record:
-                return
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
+            holder = read_holder(self.path)
+            if self.record is None or (holder and holder != self.record):
+                return  # released, or another holder's now (taken over): never touch another's lock
+            if holder == self.record:  # None or {}: unreadable this instant (NFS, a take-over's rename): next beat
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
 
     def release(self) -> None:
         self._stop.set()
