@@ -48,6 +48,18 @@ def cfg_channels(text: str) -> str | int:
     return value
 
 
+def check_cfg_channels(flag: str, value: str | int, channels: int) -> None:
+    """UsageError when `flag`'s `value` (cfg_channels) names more channels than the model's latents have."""
+    if value != "all" and value > channels:
+        raise UsageError(f"{flag} {value}: the model has {channels} latent channels")
+
+
+def cfg_channels_in_effect(cfg_scale: float, value: str | int, channels: int) -> str | int:
+    """The guided channels as they act: "all" without guidance, or when N covers every latent channel (the same
+    images); what sample folders and evaluation rows record."""
+    return "all" if cfg_scale <= 1 or value == "all" or value >= channels else value
+
+
 TRUST_FLAG = "--trust-checkpoint"
 TRUST_HELP = ("also open a checkpoint that holds Python objects other than tensors and plain values (refused by "
               "default). Reading such an object RUNS CODE FROM THE FILE, as the person who made it chose: pass this "

@@ -234,9 +234,7 @@ def _load(args: argparse.Namespace, rank: int, world: int, log) -> tuple[Path, t
     if vae.config.latent_channels != info["arch"]["latent_shape"][0]:
         raise UsageError(f"--vae {info['vae']}: {vae.config.latent_channels} latent channels, the model "
                          f"expects {info['arch']['latent_shape'][0]}")
-    channels = info["arch"]["latent_shape"][0]
-    if args.cfg_channels != "all" and args.cfg_channels > channels:
-        raise UsageError(f"--cfg-channels {args.cfg_channels}: the model has {channels} latent channels")
+    cli.check_cfg_channels("--cfg-channels", args.cfg_channels, info["arch"]["latent_shape"][0])
     if info["format"] == "vae-repa" and args.resolution not in (None, info["image_size"]):
         raise UsageError(f"--resolution {args.resolution} contradicts checkpoint {ckpt}, whose images are "
                          f"{info['image_size']} px; drop the flag (it is only for REPA-format checkpoints)")

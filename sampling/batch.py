@@ -37,7 +37,7 @@ class SamplingSettings:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
-def guided_channels(cfg_channels: str | int) -> int | None:
+def sampler_channels(cfg_channels: str | int) -> int | None:
     """The samplers' `cfg_channels` of a --cfg-channels value: None for all channels."""
     return None if cfg_channels == "all" else int(cfg_channels)
 
@@ -53,7 +53,7 @@ def sample_batch(model: torch.nn.Module, vae: torch.nn.Module, indices: list[int
     kwargs = dict(model=model, latents=z, y=y, num_steps=settings.num_steps, heun=settings.heun,
                   cfg_scale=settings.cfg_scale, guidance_low=settings.guidance_low,
                   guidance_high=settings.guidance_high, path_type=info["path_type"],
-                  cfg_channels=guided_channels(getattr(settings, "cfg_channels", "all")))
+                  cfg_channels=sampler_channels(getattr(settings, "cfg_channels", "all")))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
         if settings.mode == "ode":
             x = samplers.euler_sampler(**kwargs, time_shift=settings.time_shift)

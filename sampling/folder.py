@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import UsageError
+from cli import UsageError, cfg_channels_in_effect
 from evaluations.data import NpzImageWriter
 from integrity import atomic_write, remove_stale_temps, sha256_hex
 from sampling.images import read_png
@@ -122,11 +122,8 @@ def merge_npz_parts(folder: Path, num: int, world: int, npz_path: Path, chunk: i
 
 
 def guided_channels(args: argparse.Namespace, info: dict) -> str | int:
-    """--cfg-channels as it acts: "all" without guidance or when N covers every latent channel (the same images)."""
-    n = getattr(args, "cfg_channels", "all")
-    if args.cfg_scale <= 1 or n == "all" or n >= info["arch"]["latent_shape"][0]:
-        return "all"
-    return n
+    """generate.py's --cfg-channels as it acts (cli.cfg_channels_in_effect)."""
+    return cfg_channels_in_effect(args.cfg_scale, getattr(args, "cfg_channels", "all"), info["arch"]["latent_shape"][0])
 
 
 def folder_name(args: argparse.Namespace, ckpt: Path, info: dict, image_size: int, precision: str) -> str:

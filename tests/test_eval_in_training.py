@@ -69,6 +69,8 @@ def test_logged_fid_equals_generate_and_evaluator_on_the_checkpoint(tmp_path, as
     assert generate.main(["--ckpt", str(run / "checkpoints" / "0000002.pt"), "--sample-dir", str(tmp_path / "s"),
                           "--device", "cpu", *row["protocol"]["generate_flags"]]) == 0
     (npz,) = (tmp_path / "s").glob("*.npz")
+    assert json.loads((npz.with_suffix("") / "config.json").read_text())["config"]["cfg_channels"] == row["protocol"][
+        "cfg_channels"]  # the folder and the row record the guided channels alike
     out = tmp_path / "metrics.json"
     assert evaluator.main([str(assets["ref"]), str(npz), "--inception-weights", str(assets["weights"]),
                            "--out", str(out), "--device", "cpu", "--quiet", "--num-workers", "0"]) == 0

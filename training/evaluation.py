@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import samplers
-from cli import UsageError
+from cli import UsageError, cfg_channels_in_effect, check_cfg_channels
 from sampling.batch import SamplingSettings, sample_batch
 from training.eval_flags import add_arguments, check_arguments  # noqa: F401  (train.py's flags, torch-free)
 
@@ -221,7 +221,8 @@ class Evaluator:
                "eval_fraction": (before + eval_seconds) / max(wall_seconds + eval_seconds, 1e-9),
                **{k: metrics[k] for k in METRIC_KEYS}, "num_samples": metrics["num_samples"],
                "protocol": {"ref": str(self.args.eval_ref), "generate_flags": generate_flags(self.args),
-                            "cfg_channels": getattr(self.args, "eval_cfg_channels", "all"),
+                            "cfg_channels": cfg_channels_in_effect(self.args.eval_cfg_scale, getattr(
+                                self.args, "eval_cfg_channels", "all"), self.run_args["latent_shape"][0]),
                             "precision": self.precision, "compiled": self.compile, "processes": world},
                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         if append_row(self.run_dir, row):
@@ -240,9 +241,7 @@ def make_evaluator(args: argparse.Namespace, run_args: dict, run_dir: Path, acce
     """The evaluator when --eval-every is set (Inception weights that cannot be read are a usage error)."""
     if args.eval_every <= 0:
         return None
-    channels, guided = run_args["latent_shape"][0], getattr(args, "eval_cfg_channels", "all")
-    if guided != "all" and guided > channels:
-        raise UsageError(f"--eval-cfg-channels {guided}: the model has {channels} latent channels")
+    check_cfg_channels("--eval-cfg-channels", getattr(args, "eval_cfg_channels", "all"), run_args["latent_shape"][0])
     from evaluations.data import EvaluationError
 
     try:
