@@ -1,10 +1,13 @@
 """Shared test settings: deterministic seeds; a fresh accelerate state per test; tests marked `gpu` skip (with the
 reason) where no GPU is visible."""
 
+import logging
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers_data import TINY_TRAIN
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,6 +32,26 @@ def _fresh_accelerate_state():
     yield
     if "accelerate.state" in sys.modules and not torch.distributed.is_initialized():
         sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def run_train(tmp_path, capsys):
+    """run_train(*argv): train.py's main in this process with TINY_TRAIN's flags and --output-dir tmp_path/runs, started
+    as a new process would be (no log handler of an earlier run): its exit status and stderr."""
+    import train
+
+    def run(*argv: str) -> SimpleNamespace:
+        root = logging.getLogger()
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+            handler.close()
+        try:
+            code = train.main(["--output-dir", str(tmp_path / "runs"), *TINY_TRAIN, *argv])
+        except SystemExit as e:  # argparse's refusals
+            code = e.code
+        return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+
+    return run
 
 
 @pytest.fixture(scope="module")

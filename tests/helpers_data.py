@@ -25,6 +25,13 @@ CORRUPT = "n02/broken.jpg"
 CLASSES = ["n01", "n02", "n10"]
 
 
+# train.py's flags for a tiny run on the CPU (SiT-S/2 cut to 2 blocks of width 32, a step a second or less), for the
+# tests that run its main on tiny data
+TINY_TRAIN = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--vae-repa-depth",
+              "1", "--mixed-precision", "no", "--num-workers", "0", "--sample-every", "0", "--logging-steps", "1",
+              "--batch-size", "4", "--learning-rate", "1e-3", "--ema-decay", "0.9", "--device", "cpu"]
+
+
 def make_image_folder(root: Path) -> Path:
     """ImageNet-style folder: 3 classes, odd sizes, L/P/CMYK/RGBA modes, one truncated JPEG, one non-image."""
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_data import free_bytes, full_disk_line, write_latent_dataset
+from helpers_data import TINY_TRAIN, free_bytes, full_disk_line, write_latent_dataset
 
 import integrity
 import train
@@ -30,9 +30,7 @@ from training import checkpoint_writer, guard, loop
 from training.checkpoint_writer import CheckpointWriter, prune_checkpoints, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--vae-repa-depth", "1",
-        "--mixed-precision", "no", "--num-workers", "0", "--sample-every", "0", "--logging-steps", "1",
-        "--batch-size", "4", "--learning-rate", "1e-3", "--ema-decay", "0.9", "--device", "cpu"]
+TINY = TINY_TRAIN
 TIMEOUT = 30  # seconds any single wait in these tests may take
 
 

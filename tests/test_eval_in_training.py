@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_data import error_lines, make_tiny_vae, write_latent_dataset
+from helpers_data import TINY_TRAIN, error_lines, make_tiny_vae, write_latent_dataset
 
 import generate
 import train
@@ -21,9 +21,7 @@ from evaluations.inception import write_random_weights
 from training import evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--vae-repa-depth", "1",
-        "--mixed-precision", "no", "--num-workers", "0", "--sample-every", "0", "--logging-steps", "1",
-        "--batch-size", "4", "--learning-rate", "1e-3", "--ema-decay", "0.9", "--device", "cpu"]
+TINY = TINY_TRAIN
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

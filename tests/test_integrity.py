@@ -10,21 +10,17 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from helpers_data import error_lines, make_image_folder, record_checksums, write_latent_dataset
+from helpers_data import TINY_TRAIN, error_lines, make_image_folder, record_checksums, write_latent_dataset
 
 import integrity
-import train
 from checkpoints import DamagedCheckpointError, atomic_save, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--vae-repa-depth", "1",
-        "--mixed-precision", "no", "--num-workers", "0", "--sample-every", "0", "--logging-steps", "1",
-        "--batch-size", "4", "--learning-rate", "1e-3", "--ema-decay", "0.9", "--device", "cpu"]
+TINY = TINY_TRAIN
 
 
 def make_dataset(root: Path, n: int = 10, checksums: bool = True, nan_at: int | None = None) -> Path:
@@ -39,20 +35,6 @@ def make_dataset(root: Path, n: int = 10, checksums: bool = True, nan_at: int | 
         manifest["source"] = "/data/imagenet/train"
         (root / "manifest.json").write_text(json.dumps(manifest))
     return root
-
-
-@pytest.fixture
-def cli(tmp_path, capsys):
-    """train.py's main in this process (as its command line, minus the interpreter's start-up): exit status and
-    stderr."""
-    def run(*argv: str) -> SimpleNamespace:
-        try:
-            code = train.main(["--output-dir", str(tmp_path / "runs"), *TINY, *argv])
-        except SystemExit as e:  # argparse's refusals
-            code = e.code
-        return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
-
-    return run
 
 
 def flip_byte(path: Path, offset_from_end: int = 7) -> None:
@@ -122,12 +104,12 @@ def test_stale_temporaries_removed_only_by_their_pattern(tmp_path):
 # Training: damaged data, damaged checkpoints, leftovers
 
 
-def test_a_damaged_shard_stops_training_before_any_checkpoint(cli, tmp_path):
+def test_a_damaged_shard_stops_training_before_any_checkpoint(run_train, tmp_path):
     data = make_dataset(tmp_path / "data")
     flip_byte(data / "mean-00001.npy")  # the header stays intact: np.load still opens it
     np.load(data / "mean-00001.npy")
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "4",
-            "--checkpointing-steps", "1")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "4",
+                  "--checkpointing-steps", "1")
     assert r.returncode == 2, r.stderr
     (line,) = error_lines(r.stderr)
     assert "mean-00001.npy is damaged" in line
@@ -136,7 +118,7 @@ def test_a_damaged_shard_stops_training_before_any_checkpoint(cli, tmp_path):
     assert not list((tmp_path / "runs/a/checkpoints").glob("*.pt"))
     assert "mean-00001.npy is damaged" in (tmp_path / "runs/a/log.txt").read_text()  # the fatal line is logged
 
-    r = cli("--data-dir", str(data), "--exp-name", "b", "--max-train-steps", "2", "--no-verify-data")
+    r = run_train("--data-dir", str(data), "--exp-name", "b", "--max-train-steps", "2", "--no-verify-data")
     assert r.returncode == 0, r.stderr
     assert "not verified (--no-verify-data)" in (tmp_path / "runs/b/log.txt").read_text()
 
@@ -157,19 +139,19 @@ def test_two_processes_both_stop_on_a_damaged_shard_before_any_checkpoint(tmp_pa
     assert not list((tmp_path / "runs/ddp/checkpoints").glob("*.pt"))
 
 
-def test_intact_data_is_verified_and_a_dataset_without_checksums_is_called_unverified(cli, tmp_path):
-    r = cli("--data-dir", str(make_dataset(tmp_path / "data")), "--exp-name", "a", "--max-train-steps", "2")
+def test_intact_data_is_verified_and_a_dataset_without_checksums_is_called_unverified(run_train, tmp_path):
+    r = run_train("--data-dir", str(make_dataset(tmp_path / "data")), "--exp-name", "a", "--max-train-steps", "2")
     assert r.returncode == 0, r.stderr
     assert "data: all 7 files match their checksums" in (tmp_path / "runs/a/log.txt").read_text()
-    r = cli("--data-dir", str(make_dataset(tmp_path / "plain", checksums=False)), "--exp-name", "b",
-            "--max-train-steps", "1")
+    r = run_train("--data-dir", str(make_dataset(tmp_path / "plain", checksums=False)), "--exp-name", "b",
+                  "--max-train-steps", "1")
     assert r.returncode == 0, r.stderr
     assert "carries no checksums" in (tmp_path / "runs/b/log.txt").read_text()
 
 
-def test_nan_in_the_data_is_blamed_on_the_data_and_logged(cli, tmp_path):
+def test_nan_in_the_data_is_blamed_on_the_data_and_logged(run_train, tmp_path):
     data = make_dataset(tmp_path / "data", nan_at=5)
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "6", "--logging-steps", "3")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "6", "--logging-steps", "3")
     assert r.returncode == 2, r.stderr
     (line,) = error_lines(r.stderr)
     assert "not the learning rate" in line and "image 5 (row 1 of shard 1)" in line
@@ -178,17 +160,17 @@ def test_nan_in_the_data_is_blamed_on_the_data_and_logged(cli, tmp_path):
     assert "image 5" in (tmp_path / "runs/a/log.txt").read_text()
 
 
-def test_a_damaged_checkpoint_is_refused_and_the_intact_one_named(cli, tmp_path):
+def test_a_damaged_checkpoint_is_refused_and_the_intact_one_named(run_train, tmp_path):
     data = make_dataset(tmp_path / "data")
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2",
-            "--checkpointing-steps", "1")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2",
+                  "--checkpointing-steps", "1")
     assert r.returncode == 0, r.stderr
     folder = tmp_path / "runs/a/checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["0000001.pt", "0000001.pt.sha256", "0000002.pt",
                                                         "0000002.pt.sha256"]
     newest = folder / "0000002.pt"
     flip_byte(newest, newest.stat().st_size // 2)
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "3", "--resume", "latest")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "3", "--resume", "latest")
     assert r.returncode == 2
     (line,) = error_lines(r.stderr)
     assert f"checkpoint {newest} is damaged" in line
@@ -196,17 +178,17 @@ def test_a_damaged_checkpoint_is_refused_and_the_intact_one_named(cli, tmp_path)
     move = f"mv {newest} {newest}.damaged"
     assert move in line
     subprocess.run(move.split(), check=True)  # the advice, followed as given
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "3", "--resume", "latest")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "3", "--resume", "latest")
     assert r.returncode == 0, r.stderr
     log = (tmp_path / "runs/a/log.txt").read_text()
     assert f"resumed from {folder / '0000001.pt'} at step 1" in log and "verified against its sha256" in log
 
 
-def test_an_old_checkpoint_without_checksum_loads_unverified(cli, tmp_path):
+def test_an_old_checkpoint_without_checksum_loads_unverified(run_train, tmp_path):
     data = make_dataset(tmp_path / "data")
-    assert cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
+    assert run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
     (tmp_path / "runs/a/checkpoints/0000001.pt.sha256").unlink()
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest")
     assert r.returncode == 0, r.stderr
     assert "0000001.pt: unverified" in (tmp_path / "runs/a/log.txt").read_text()
 
@@ -248,34 +230,34 @@ def test_a_kill_during_a_checkpoint_write_leaves_a_temporary_that_the_next_start
 
 @pytest.mark.parametrize("bad", [["--learning-rate", "-1"], ["--batch-size", "64"], ["--ema-decay", "2"],
                                  ["--sample-every", "1"]])
-def test_a_refused_run_leaves_nothing_and_the_corrected_command_runs(cli, tmp_path, bad):
+def test_a_refused_run_leaves_nothing_and_the_corrected_command_runs(run_train, tmp_path, bad):
     data = make_dataset(tmp_path / "data")
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["vae"] = str(tmp_path / "no-such-vae")  # --sample-every: refused after the run directory exists
     (data / "manifest.json").write_text(json.dumps(manifest))
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1", *bad)
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1", *bad)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert bad[0] in r.stderr or "no-such-vae" in r.stderr
     assert not (tmp_path / "runs/a").exists()
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1")
     assert r.returncode == 0, r.stderr
 
 
-def test_resume_refuses_changed_settings_and_records_the_ones_that_may_change(cli, tmp_path):
+def test_resume_refuses_changed_settings_and_records_the_ones_that_may_change(run_train, tmp_path):
     data = make_dataset(tmp_path / "data")
-    assert cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
+    assert run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
     args_file = tmp_path / "runs/a/args.json"
     before = args_file.read_bytes()
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest",
-            "--batch-size", "2", "--seed", "1", "--learning-rate", "2e-3", "--gradient-accumulation-steps", "2")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest",
+                  "--batch-size", "2", "--seed", "1", "--learning-rate", "2e-3", "--gradient-accumulation-steps", "2")
     assert r.returncode == 2
     for difference in ("--batch-size: checkpoint 4, now 2", "--seed: checkpoint 0, now 1",
                        "--learning-rate: checkpoint 0.001, now 0.002",
                        "--gradient-accumulation-steps: checkpoint 1, now 2"):  # the global batch is batch x steps
         assert difference in r.stderr
     assert args_file.read_bytes() == before
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "3", "--resume", "latest",
-            "--checkpointing-steps", "2")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "3", "--resume", "latest",
+                  "--checkpointing-steps", "2")
     assert r.returncode == 0, r.stderr
     recorded = json.loads(args_file.read_text())
     assert recorded["max_train_steps"] == 3 and recorded["checkpointing_steps"] == 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import shutil
 import signal
@@ -15,12 +14,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from helpers_data import error_lines, free_bytes, full_disk_line, make_tiny_vae, write_latent_dataset
+from helpers_data import TINY_TRAIN, error_lines, free_bytes, full_disk_line, make_tiny_vae, write_latent_dataset
 
 import integrity
 import train
@@ -30,9 +28,7 @@ from training.run_lock import LOCK_NAME, RunLock, stale_reason
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "SiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--vae-repa-depth", "1",
-        "--mixed-precision", "no", "--num-workers", "0", "--sample-every", "0", "--logging-steps", "1",
-        "--batch-size", "4", "--learning-rate", "1e-3", "--ema-decay", "0.9", "--device", "cpu"]
+TINY = TINY_TRAIN
 # A process that takes a run directory's lock through our API and keeps it until it is killed.
 HOLDER = """
 import sys, time
@@ -49,23 +45,6 @@ def make_dataset(root: Path, n: int = 10) -> Path:
     mean = rng.standard_normal((n, 4, 8, 8)).astype(np.float32)
     return write_latent_dataset(root, mean, np.full_like(mean, 0.1), rng.integers(0, 3, n), shard_size=4,
                                 num_classes=3)
-
-
-@pytest.fixture
-def cli(tmp_path, capsys):
-    """train.py's main in this process, started as a new process would be (no log handler of an earlier run):
-    exit status and stderr."""
-    def run(*argv: str) -> SimpleNamespace:
-        for handler in logging.getLogger().handlers[:]:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
-        try:
-            code = train.main(["--output-dir", str(tmp_path / "runs"), *TINY, *argv])
-        except SystemExit as e:  # argparse's refusals
-            code = e.code
-        return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
-
-    return run
 
 
 @pytest.fixture
@@ -94,15 +73,15 @@ def files(folder: Path) -> dict[str, bytes]:
 # The lock (item 6)
 
 
-def test_a_second_run_on_a_directory_in_use_is_refused_naming_the_holder(cli, tmp_path, holder):
+def test_a_second_run_on_a_directory_in_use_is_refused_naming_the_holder(run_train, tmp_path, holder):
     data = make_dataset(tmp_path / "data")
-    assert cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
+    assert run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
     run_dir = tmp_path / "runs/a"
     proc = holder(run_dir)
     before = files(run_dir)
     holder_words = f"host {socket.gethostname()}, pid {proc.pid}, since "
     for extra in (["--resume", "latest"], []):  # a resume, and the same new-run command again
-        r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", *extra)
+        r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", *extra)
         (line,) = error_lines(r.stderr)
         assert r.returncode == 2 and line.startswith(f"error: run directory {run_dir} is in use by train.py"), r.stderr
         assert holder_words in line and "Traceback" not in r.stderr
@@ -110,15 +89,15 @@ def test_a_second_run_on_a_directory_in_use_is_refused_naming_the_holder(cli, tm
     assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == proc.pid
 
 
-def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_line(cli, tmp_path, holder):
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_line(run_train, tmp_path, holder):
     data = make_dataset(tmp_path / "data")
-    assert cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
+    assert run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
     run_dir = tmp_path / "runs/a"
     proc = holder(run_dir)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == proc.pid  # left behind
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest")
     assert r.returncode == 0, r.stderr
     log = (run_dir / "log.txt").read_text()
     assert (f"run directory lock {run_dir / LOCK_NAME}: left by train.py (host {socket.gethostname()}, pid "
@@ -126,31 +105,31 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_line(cli, tmp_path, ho
     assert (run_dir / "checkpoints/0000002.pt").is_file() and not (run_dir / LOCK_NAME).exists()
 
 
-def test_a_lock_from_another_host_or_without_owner_is_refused_with_how_to_remove_it(cli, tmp_path):
+def test_a_lock_from_another_host_or_without_owner_is_refused_with_how_to_remove_it(run_train, tmp_path):
     data = make_dataset(tmp_path / "data")
-    assert cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
+    assert run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
     lock = tmp_path / "runs/a" / LOCK_NAME
     for content, words in ((json.dumps({"host": "node-17.elsewhere", "pid": 4242, "since": "2026-01-02 03:04:05 UTC"}),
                             "train.py (host node-17.elsewhere, pid 4242, since 2026-01-02 03:04:05 UTC)"),
                            ("", "holds no owner")):
         lock.write_text(content)
-        r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest")
+        r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest")
         (line,) = error_lines(r.stderr)
         assert r.returncode == 2 and words in line and "remove the lock" in line and f"rm {lock}" in line, line
         assert lock.read_text() == content
 
 
-def test_a_lock_from_another_host_not_refreshed_for_ten_minutes_is_taken_over(cli, tmp_path):
+def test_a_lock_from_another_host_not_refreshed_for_ten_minutes_is_taken_over(run_train, tmp_path):
     """A job killed outright on one node and requeued on another: its lock's time stops moving, and once it is
     STALE_AFTER_SECONDS old the resume takes the lock over with a line."""
     data = make_dataset(tmp_path / "data")
-    assert cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
+    assert run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
     run_dir = tmp_path / "runs/a"
     lock = run_dir / LOCK_NAME
     lock.write_text(json.dumps({"host": "node-17.elsewhere", "pid": 4242, "since": "2026-01-02 03:04:05 UTC"}))
     old = time.time() - run_lock.STALE_AFTER_SECONDS - 60
     os.utime(lock, (old, old))
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest")
     assert r.returncode == 0, r.stderr
     log = (run_dir / "log.txt").read_text()
     assert "left by train.py (host node-17.elsewhere, pid 4242" in log
@@ -158,16 +137,16 @@ def test_a_lock_from_another_host_not_refreshed_for_ten_minutes_is_taken_over(cl
     assert (run_dir / "checkpoints/0000002.pt").is_file() and not lock.exists()
 
 
-def test_a_live_holder_on_this_machine_keeps_its_lock_whatever_its_age(cli, tmp_path, holder):
+def test_a_live_holder_on_this_machine_keeps_its_lock_whatever_its_age(run_train, tmp_path, holder):
     """A lock not refreshed for long (a suspended job, a heartbeat that missed beats) whose holder runs on this machine
     is not stale: only a holder that cannot be checked from here loses its lock by age."""
     data = make_dataset(tmp_path / "data")
-    assert cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
+    assert run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
     run_dir = tmp_path / "runs/a"
     proc = holder(run_dir)
     old = time.time() - run_lock.STALE_AFTER_SECONDS - 60
     os.utime(run_dir / LOCK_NAME, (old, old))
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--resume", "latest")
     (line,) = error_lines(r.stderr)
     assert r.returncode == 2 and f"is in use by train.py (host {socket.gethostname()}, pid {proc.pid}" in line, line
     assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == proc.pid
@@ -204,7 +183,7 @@ def test_a_live_pid_is_no_proof_of_a_live_holder_on_this_machine(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()
 
 
-def test_the_lock_is_held_until_the_last_checkpoint_write_has_ended(cli, tmp_path, monkeypatch):
+def test_the_lock_is_held_until_the_last_checkpoint_write_has_ended(run_train, tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "data")
     lock = tmp_path / "runs/a" / LOCK_NAME
     real, seen = checkpoint_writer.write_checkpoint, []
@@ -215,7 +194,7 @@ def test_the_lock_is_held_until_the_last_checkpoint_write_has_ended(cli, tmp_pat
         seen.append((path.name, json.loads(lock.read_text())["pid"]))
 
     monkeypatch.setattr(checkpoint_writer, "write_checkpoint", slow)
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--checkpointing-steps", "1")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "2", "--checkpointing-steps", "1")
     assert r.returncode == 0, r.stderr
     assert seen == [("0000001.pt", os.getpid()), ("0000002.pt", os.getpid())] and not lock.exists()
 
@@ -245,22 +224,23 @@ def test_every_rank_learns_that_the_directory_is_in_use(tmp_path, holder):
 # --resume latest without a checkpoint (item 7)
 
 
-def test_resume_latest_without_a_checkpoint_says_so_and_refuses_another_runs_directory(cli, tmp_path):
+def test_resume_latest_without_a_checkpoint_says_so_and_refuses_another_runs_directory(run_train, tmp_path):
     data = make_dataset(tmp_path / "data")
-    r = cli("--data-dir", str(data), "--exp-name", "typo", "--max-train-steps", "1", "--resume", "latest")
+    r = run_train("--data-dir", str(data), "--exp-name", "typo", "--max-train-steps", "1", "--resume", "latest")
     assert r.returncode == 0, r.stderr
     log = (tmp_path / "runs/typo/log.txt").read_text()
     assert f"no checkpoint in {tmp_path / 'runs/typo'}: starting a new run" in log
 
     # another run's directory, killed before its first checkpoint: its args.json and a temporary file stay
-    assert cli("--data-dir", str(data), "--exp-name", "b", "--max-train-steps", "1", "--seed", "7").returncode == 0
+    r = run_train("--data-dir", str(data), "--exp-name", "b", "--max-train-steps", "1", "--seed", "7")
+    assert r.returncode == 0, r.stderr
     run_dir = tmp_path / "runs/b"
     for p in (run_dir / "checkpoints").iterdir():
         p.unlink()
     temp = run_dir / "checkpoints/.0000001.pt.0a1b2c3d.tmp"
     temp.write_bytes(b"half a checkpoint")
     before = files(run_dir)
-    r = cli("--data-dir", str(data), "--exp-name", "b", "--max-train-steps", "1", "--resume", "latest")
+    r = run_train("--data-dir", str(data), "--exp-name", "b", "--max-train-steps", "1", "--resume", "latest")
     (line,) = error_lines(r.stderr)
     assert r.returncode == 2 and line.startswith(f"error: --resume latest: {run_dir} holds no checkpoint, and another "
                                                  "run's settings"), r.stderr
@@ -269,7 +249,7 @@ def test_resume_latest_without_a_checkpoint_says_so_and_refuses_another_runs_dir
 
     # an args.json that is not a run's settings: refused as well, left as it is
     (run_dir / "args.json").write_text("{not json")
-    r = cli("--data-dir", str(data), "--exp-name", "b", "--max-train-steps", "1", "--resume", "latest")
+    r = run_train("--data-dir", str(data), "--exp-name", "b", "--max-train-steps", "1", "--resume", "latest")
     (line,) = error_lines(r.stderr)
     assert r.returncode == 2 and "its args.json cannot be read" in line, r.stderr
     assert (run_dir / "args.json").read_text() == "{not json" and temp.exists()
@@ -280,7 +260,8 @@ def test_resume_latest_without_a_checkpoint_says_so_and_refuses_another_runs_dir
     older = {k: v for k, v in json.loads(before["args.json"]).items()
              if k not in ("sra_teacher_precision", "tracker_project_name", "eval_cfg_channels")}
     (run_dir / "args.json").write_text(json.dumps(older))
-    r = cli("--data-dir", str(data), "--exp-name", "b", "--max-train-steps", "1", "--resume", "latest", "--seed", "7")
+    r = run_train("--data-dir", str(data), "--exp-name", "b", "--max-train-steps", "1", "--resume", "latest", "--seed",
+                  "7")
     assert r.returncode == 0, r.stderr
     assert f"no checkpoint in {run_dir}: starting a new run" in (run_dir / "log.txt").read_text()
     assert not temp.exists()
@@ -313,7 +294,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def test_a_bad_inception_weights_file_leaves_no_directory(cli, tmp_path):
+def test_a_bad_inception_weights_file_leaves_no_directory(run_train, tmp_path):
     data = make_dataset(tmp_path / "data")
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["vae"] = str(make_tiny_vae(tmp_path / "vae"))
@@ -322,15 +303,15 @@ def test_a_bad_inception_weights_file_leaves_no_directory(cli, tmp_path):
     np.savez(ref, arr_0=np.zeros((8, 16, 16, 3), np.uint8))
     weights = tmp_path / "inception.pth"
     weights.write_bytes(b"not a weights file")
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1", "--eval-every", "1", "--eval-ref",
-            str(ref), "--inception-weights", str(weights))
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1", "--eval-every", "1",
+                  "--eval-ref", str(ref), "--inception-weights", str(weights))
     (line,) = error_lines(r.stderr)
     assert r.returncode == 2 and line.startswith("error: --eval-every:") and str(weights) in line, r.stderr
     assert not (tmp_path / "runs/a").exists()
-    assert cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
+    assert run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
 
 
-def test_a_full_disk_at_start_is_one_line_and_leaves_no_directory(cli, tmp_path, monkeypatch):
+def test_a_full_disk_at_start_is_one_line_and_leaves_no_directory(run_train, tmp_path, monkeypatch):
     """ENOSPC injected where the run writes args.json (the first file of its own it writes)."""
     data = make_dataset(tmp_path / "data")
     real = run_settings.atomic_write
@@ -339,16 +320,16 @@ def test_a_full_disk_at_start_is_one_line_and_leaves_no_directory(cli, tmp_path,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.setattr(run_settings, "atomic_write", full)
-    r = cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1")
+    r = run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1")
     (line,) = error_lines(r.stderr)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert line == f"error: the run's set-up failed: No space left on device ({tmp_path / 'runs/a/args.json'})"
     assert not (tmp_path / "runs/a").exists()
     monkeypatch.setattr(run_settings, "atomic_write", real)
-    assert cli("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
+    assert run_train("--data-dir", str(data), "--exp-name", "a", "--max-train-steps", "1").returncode == 0
 
 
-def test_a_really_full_disk_at_start_leaves_nothing_on_it(cli, tmp_path, small_disk):
+def test_a_really_full_disk_at_start_leaves_nothing_on_it(run_train, tmp_path, small_disk):
     data = make_dataset(tmp_path / "data")
     disk = small_disk(64)
     filler = disk / "filler"
@@ -357,7 +338,8 @@ def test_a_really_full_disk_at_start_leaves_nothing_on_it(cli, tmp_path, small_d
             while True:
                 f.write(b"\0" * 4096)
     assert e.value.errno == errno.ENOSPC
-    r = cli("--data-dir", str(data), "--output-dir", str(disk / "runs"), "--exp-name", "a", "--max-train-steps", "1")
+    r = run_train("--data-dir", str(data), "--output-dir", str(disk / "runs"), "--exp-name", "a", "--max-train-steps",
+                  "1")
     (line,) = error_lines(r.stderr)
     assert r.returncode == 2 and "No space left on device" in line and str(disk / "runs/a") in line, r.stderr
     assert sorted(p.name for p in (disk / "runs").iterdir()) == [] and (disk / "filler").exists()
