@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from integrity import inside
-from latent_data.format import FORMAT, MANIFEST
+from latent_data.format import FORMAT, MANIFEST, shard_kinds
 from latent_data.reader import DatasetError, LatentReader, load_npy
 
 
@@ -58,14 +58,11 @@ class ShardsReader(LatentReader):
     def __init__(self, root: Path, in_memory: bool, use_flip: bool, with_images: bool):
         path = root / MANIFEST
         m = read_manifest(path)
-        std = m.get("posterior", "moments") != "sample"  # a stored sample: "mean" holds it, its std is 0
-        kinds = ["mean"] + (["std"] if std else [])
-        kinds += (["flip-mean"] + (["flip-std"] if std else [])) if m.get("flip") and use_flip else []
-        if with_images:
-            if not m.get("images"):
-                raise DatasetError(f"{path}: the dataset holds no images, which REPA's encoder needs. Preprocess "
-                                   "with --save-images (into a new --dest; 196 KB per 256 px image)")
-            kinds.append("images")
+        if with_images and not m.get("images"):
+            raise DatasetError(f"{path}: the dataset holds no images, which REPA's encoder needs. Preprocess "
+                               "with --save-images (into a new --dest; 196 KB per 256 px image)")
+        # a stored sample (--posterior sample): "mean" holds it, its std is 0
+        kinds = shard_kinds(bool(m.get("flip")) and use_flip, with_images, m.get("posterior", "moments") != "sample")
         try:
             counts = [int(shard["count"]) for shard in m["shards"]]
             self._shard_files = [{kind: _inside(root, shard["files"][kind], f"shard {k}'s {kind!r} file", path)

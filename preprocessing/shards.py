@@ -12,7 +12,7 @@ import numpy as np
 
 from cli import UsageError
 from integrity import atomic_write, inside, remove_stale_temps, sha256_file, write_text
-from latent_data.format import FORMAT, MANIFEST
+from latent_data.format import FORMAT, MANIFEST, shard_kinds
 from preprocessing.normalization import channel_moments, final_normalization
 
 # Manifest entries that must agree between two runs writing into one --dest, and the flag that sets each.
@@ -62,9 +62,7 @@ def save_npy(path: Path, arr: np.ndarray) -> str:
 
 def shard_files(k: int, flip: bool, images: bool, std: bool = True) -> dict[str, str]:
     """File name of each array of shard k, by kind (without std: --posterior sample, "mean" holds the sample)."""
-    kinds = ["mean"] + (["std"] if std else []) + (["flip-mean"] + (["flip-std"] if std else []) if flip else [])
-    kinds += ["images"] if images else []
-    return {kind: f"{kind}-{k:05d}.npy" for kind in kinds}
+    return {kind: f"{kind}-{k:05d}.npy" for kind in shard_kinds(flip, images, std)}
 
 
 def posterior_noise(seed: int, index: int, flipped: bool, shape: tuple[int, ...]) -> np.ndarray:
