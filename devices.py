@@ -95,26 +95,56 @@ def init_processes(device_flag: str | None) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def first_fault(fault: str | None, world: int) -> tuple[int, str] | None:
+    """Every rank calls this at the same point with its own fault line (None: it has none) and gets the same answer:
+    the lowest rank that has one and its line, or None when no rank has. A rank that failed must not leave alone:
+    the others would wait for it in their next collective (the process group's timeout, an hour here). One object
+    gather; no collective with a single process."""
+    if world == 1:
+        return None if fault is None else (0, fault)
+    faults = [None] * world
+    dist.all_gather_object(faults, fault)
+    return next(((r, f) for r, f in enumerate(faults) if f is not None), None)
+
+
+def together(fn: Callable[[], Any], world: int) -> Any:
+    """Run `fn` on every rank and return its result; if it raised on any rank, every rank raises: the failing ones
+    their own error (its traceback intact), the others a UsageError naming the first rank that failed and its line."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as e:
+        error = e
+    found = first_fault(None if error is None else str(error), world)
+    if error is not None:
+        raise error
+    if found is not None:
+        raise UsageError(f"rank {found[0]} failed: {found[1]}")
+    return result
+
+
 def on_rank0(fn: Callable[[], Any], rank: int, world: int, then_others: bool = False) -> Any:
     """Run `fn` on rank 0 and share its result with every rank; with `then_others`, the other ranks run `fn`
-    themselves once rank 0 has succeeded (e.g. to load what rank 0 downloaded). If rank 0 fails, all ranks raise."""
+    themselves once rank 0 has succeeded (e.g. to load what rank 0 downloaded). If it fails on any rank, every rank
+    raises (`together`)."""
+    if world == 1:
+        return fn()
     result, error = None, None
     if rank == 0:
         try:
             result = fn()
-        except (OSError, ValueError) as e:
+        except Exception as e:
             error = e
-    if world > 1:
-        box = [(None if then_others else result, None if error is None else str(error))]
-        dist.broadcast_object_list(box, src=0)
-        shared, message = box[0]
-        if rank != 0:
-            if message is not None:
-                raise UsageError(f"rank 0 failed: {message}")
-            result = fn() if then_others else shared
+    box = [(None if then_others else result, None if error is None else str(error))]
+    dist.broadcast_object_list(box, src=0)  # the result and rank 0's fault in one collective
+    shared, message = box[0]
     if error is not None:
         raise error
-    return result
+    if message is not None:
+        raise UsageError(f"rank 0 failed: {message}")
+    if not then_others:
+        return result if rank == 0 else shared
+    return together(lambda: result if rank == 0 else fn(), world)  # a rank whose own attempt fails stops them all
 
 
 def barrier(world: int) -> None:

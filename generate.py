@@ -176,7 +176,7 @@ from tqdm import tqdm
 
 import samplers
 from cli import UsageError
-from devices import barrier, init_processes, on_rank0, resolve_compile
+from devices import barrier, init_processes, on_rank0, resolve_compile, together
 from latent_codecs.autoencoder import load_vae
 from sampling.batch import SamplingSettings, sample_batch
 from sampling.checkpoint import load_model, resolve_checkpoint, verify_checkpoint
@@ -263,23 +263,6 @@ def _sample(net: torch.nn.Module, vae: torch.nn.Module, mine: list[int], args: a
             future.result()
 
 
-def _together(fn, rank: int, world: int) -> None:
-    """Run `fn` on every rank; if it fails on any (OSError, ValueError), every rank raises, naming the first that
-    failed: a rank must not leave alone while the others wait for it in the next collective."""
-    error = None
-    try:
-        fn()
-    except (OSError, ValueError) as e:
-        error = e
-    errors = [None] * world
-    dist.all_gather_object(errors, None if error is None else str(error))
-    if error is not None:
-        raise error
-    failed = next((r for r, e in enumerate(errors) if e is not None), None)
-    if failed is not None:
-        raise UsageError(f"rank {failed} failed: {errors[failed]}")
-
-
 def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     precision = _precision(args, device, log)
@@ -317,9 +300,9 @@ def _generate(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     if shape is None:  # several processes: each reads its share of the PNGs, rank 0 joins the shares in order
         log(f"Reading the PNGs into {npz_path} on {world} processes")
         try:
-            _together(lambda: write_npz_part(folder, args.num_fid_samples, rank, world), rank, world)
+            together(lambda: write_npz_part(folder, args.num_fid_samples, rank, world), world)
             shape = on_rank0(lambda: merge_npz_parts(folder, args.num_fid_samples, world, npz_path), rank, world)
-        except (OSError, ValueError):
+        except Exception:
             part_path(folder, rank, world).unlink(missing_ok=True)  # the PNGs stay; no share is left behind
             raise
     rate = len(pending) / elapsed if elapsed > 0 else 0.0

@@ -156,3 +156,79 @@ def test_two_processes_on_one_gpu_both_stop_at_once(tmp_path, entry, argv):
     assert len(errors) == 2 and all("2 processes on this node but 1 visible GPU" in e for e in errors), proc.stderr
     assert "invalid device ordinal" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["launch.py"]  # nothing written
+
+
+# ---------------------------------------------------------------- a fault on some ranks only
+
+# Each case fails on some ranks only; every rank records what it raised (or returned), then all meet in a barrier:
+# a rank left behind in a collective would end the launch with gloo's error instead.
+AGREE = """
+import json, os, sys
+import torch.distributed as dist
+import devices
+
+rank, world, _ = devices.init_processes("cpu")
+
+def fail_on(*ranks, kind=ValueError):
+    def fn():
+        if rank in ranks:
+            raise kind(f"broken on {rank}")
+        return rank * 10
+    return fn
+
+cases = {
+    "first_fault none": lambda: devices.first_fault(None, world),
+    "first_fault 2 and 1": lambda: devices.first_fault(f"line {rank}" if rank else None, world),
+    "together ok": lambda: devices.together(fail_on(), world),
+    "together fails on 2": lambda: devices.together(fail_on(2), world),
+    "together RuntimeError on 1": lambda: devices.together(fail_on(1, kind=RuntimeError), world),
+    "on_rank0 ok": lambda: devices.on_rank0(fail_on(), rank, world),
+    "on_rank0 RuntimeError on 0": lambda: devices.on_rank0(fail_on(0, kind=RuntimeError), rank, world),
+    "then_others fails on 1": lambda: devices.on_rank0(fail_on(1), rank, world, then_others=True),
+}
+seen = {}
+for name, case in cases.items():
+    try:
+        seen[name] = ["returned", case()]
+    except Exception as e:
+        seen[name] = [type(e).__name__, str(e)]
+    dist.barrier()
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump(seen, f)
+dist.destroy_process_group()
+"""
+
+
+def test_a_fault_on_some_ranks_reaches_every_rank_at_the_same_point(tmp_path):
+    """devices.first_fault, together and on_rank0 with three gloo processes: the failing rank raises its own error,
+    every other rank a UsageError naming the first rank that failed; none leaves alone (it once did: an error other
+    than OSError/ValueError on rank 0 in on_rank0, and any error of another rank's own attempt with then_others)."""
+    (tmp_path / "agree.py").write_text(AGREE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
+                           str(tmp_path / "agree.py"), str(tmp_path)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+
+    def other(r: int, failed: int, kind: str = "ValueError") -> list:
+        return [kind, f"broken on {r}"] if r == failed else ["UsageError", f"rank {failed} failed: broken on {failed}"]
+
+    for r in range(3):
+        assert seen[r]["first_fault none"] == ["returned", None]
+        assert seen[r]["first_fault 2 and 1"] == ["returned", [1, "line 1"]]  # the lowest rank with a fault
+        assert seen[r]["together ok"] == ["returned", 10 * r]
+        assert seen[r]["together fails on 2"] == other(r, 2)
+        assert seen[r]["together RuntimeError on 1"] == other(r, 1, "RuntimeError")
+        assert seen[r]["on_rank0 ok"] == ["returned", 0]  # rank 0's result, shared
+        assert seen[r]["on_rank0 RuntimeError on 0"] == other(r, 0, "RuntimeError")
+        assert seen[r]["then_others fails on 1"] == other(r, 1)
+
+
+def test_one_process_raises_its_own_error_with_no_collective():
+    assert devices.first_fault(None, 1) is None and devices.first_fault("x", 1) == (0, "x")
+    with pytest.raises(OSError, match="gone"):
+        devices.together(lambda: (_ for _ in ()).throw(OSError("gone")), 1)
+    assert devices.on_rank0(lambda: 7, 0, 1, then_others=True) == 7

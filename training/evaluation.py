@@ -18,6 +18,7 @@ import torch
 
 import samplers
 from cli import UsageError, cfg_channels_in_effect, check_cfg_channels
+from devices import first_fault
 from sampling.batch import SamplingSettings, sample_batch
 from training.eval_flags import add_arguments, check_arguments  # noqa: F401  (train.py's flags, torch-free)
 
@@ -150,18 +151,11 @@ class Evaluator:
         """A point every rank reaches: raise EvaluationFault on every rank if any rank's `fault` is set (the line of
         the first such rank, gathered, so every rank's line and rank 0's log.txt name it); else return."""
         world = self.accelerator.num_processes
-        if world > 1:
-            flag = torch.tensor([[int(fault is not None)]], device=self.device)
-            if int(self.accelerator.gather(flag).max()) == 0:
-                return
-            faults = [None] * world
-            torch.distributed.all_gather_object(faults, fault)
-            rank, fault = next((r, f) for r, f in enumerate(faults) if f is not None)
-            where = f" on process {rank}"
-        elif fault is None:
+        found = first_fault(fault, world)
+        if found is None:
             return
-        else:
-            where = ""
+        rank, fault = found
+        where = f" on process {rank}" if world > 1 else ""
         raise EvaluationFault(f"the evaluation at step {step} failed{where} while {fault}"
                               + ("; every process stopped with it" if world > 1 else "")
                               + f". The checkpoint of step {step} is written: fix the cause and run the same command "

@@ -14,6 +14,7 @@ import torch
 
 from checkpoints import list_checkpoints
 from cli import UsageError
+from devices import first_fault
 from integrity import CHECKSUM_SUFFIX, ShardVerifier, checksum_path, remove_stale_temps, verify_file
 from training.run_lock import LOCK_NAME
 
@@ -65,21 +66,18 @@ class DataStream:
                 self.fault, first = f"damaged training data: {_one_line(e)}", self.last is None
                 if world == 1:
                     raise DataFault(self.fault) from e
-            if first and world > 1:
-                flag = torch.tensor([[int(self.fault is not None)]], device=self.accelerator.device)
-                if int(self.accelerator.gather(flag).max()) > 0:
-                    raise self.stopped("before its first step")
+            if first and world > 1 and (found := first_fault(self.fault, world)) is not None:
+                raise self.stopped("before its first step", found)
         return self.last
 
-    def stopped(self, when: str) -> DataFault:
-        """Every rank calls this together once any rank met a damaged file: the fault of each rank that did, with
-        the file it names (gathered, so rank 0's line and log.txt name it too)."""
-        faults = [None] * self.accelerator.num_processes
-        torch.distributed.all_gather_object(faults, self.fault)
+    def stopped(self, when: str, found: tuple[int, str] | None = None) -> DataFault:
+        """Every rank calls this together once any rank met a damaged file (`found`: the first such rank and its
+        line, gathered here if not given): each rank that met one names its own file, the others the first rank's,
+        so rank 0's line and log.txt name a file too."""
+        found = found or first_fault(self.fault, self.accelerator.num_processes)
         if self.fault is not None:
             return DataFault(f"{self.fault} (the run stopped {when}, every process with it)")
-        rank, fault = next((r, f) for r, f in enumerate(faults) if f is not None)
-        return DataFault(f"process {rank} met {fault} (the run stopped {when}, every process with it)")
+        return DataFault(f"process {found[0]} met {found[1]} (the run stopped {when}, every process with it)")
 
 
 class CheckpointWriteError(UsageError):
