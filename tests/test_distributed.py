@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers_data import error_lines, full_disk_line, record_checksums, write_latent_dataset, write_repa_layout
+from helpers_distributed import free_port, torchrun
 
 import integrity
 
@@ -87,24 +87,6 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (a fixed one collides with another suite running on the same machine)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(tmp_path: Path, script: Path, *argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`nproc` gloo processes on this machine. Without TORCH_DISTRIBUTED_DEBUG=DETAIL (gloo's report of mismatched
-    collectives): with torch 2.14 on these CPUs DDP's constructor segfaults under it in many launches. A rank left
-    behind in a collective still shows, as gloo's own errors (COLLECTIVE_ERRORS) or the subprocess timeout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "TORCH_DISTRIBUTED_DEBUG": "OFF"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), str(script), *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-
-
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_a_damaged_shard_with_non_finite_data_ends_every_rank_with_its_line(tmp_path, nproc):
     """Rank 0's check finds a damaged shard while every rank sees non-finite values: every rank takes the same branch
@@ -145,80 +127,6 @@ def test_a_slow_data_check_never_keeps_a_rank_waiting_in_a_collective(tmp_path):
     assert "data: all 9 files match their checksums" in log
     assert log.index("data: all 9 files match") < log.index("saved checkpoint")  # verified before the first one
     assert sorted(p.name for p in (tmp_path / "runs/a/checkpoints").glob("*.pt")) == ["0000001.pt", "0000002.pt"]
-
-
-# train.train in two processes with each block and head compiled by a counting backend (dynamo's graphs, run as
-# Python: no code generation), recording the optimizer step at which each graph was compiled, DDP's bucket count, and
-# the final weights.
-COMPILE_WORKER = """
-import os, sys, torch
-import train
-from models.heads import AlignmentHeads
-from training import loop
-
-steps, graphs = [0], []
-
-def counting_backend(gm, example_inputs):
-    graphs.append(steps[0])
-    return gm.forward
-
-compile_blocks = AlignmentHeads.compile_blocks
-AlignmentHeads.compile_blocks = lambda self, **kwargs: compile_blocks(self, backend=counting_backend)
-update_ema = loop.update_ema
-
-def counted(*args):
-    steps[0] += 1
-    return update_ema(*args)
-
-loop.update_ema = counted
-run_steps, buckets = loop.run_steps, []
-
-def record(run):
-    run_steps(run)  # DDP's buckets after the first step (it rebuilds them then, in the order gradients came)
-    buckets.append(run.model._get_ddp_logging_data().get("rebuilt_bucket_sizes"))
-
-loop.run_steps = record
-model, ema = train.train(train.parse_args(sys.argv[2:]))
-units = len(model.blocks) + len(model.head_taps)
-torch.save({"model": model.state_dict(), "graphs": graphs, "units": units, "buckets": buckets},
-           f"{sys.argv[1]}/{sys.argv[sys.argv.index('--exp-name') + 1]}-rank{os.environ['RANK']}.pt")
-"""
-
-
-def test_per_block_compile_under_ddp_with_many_buckets_trains_as_eager(tmp_path):
-    """With --compile, each block and head is compiled before DDP wraps the model: with gradients in many small
-    buckets and gradient accumulation, the number of graphs is bounded by the blocks and heads (not the buckets), all
-    are compiled before the first optimizer step (no recompile after it), and the weights equal the eager run's;
-    --ddp-comm bf16 trains within bf16's rounding of the fp32 run."""
-    data = make_dataset(tmp_path / "data")
-    (tmp_path / "worker.py").write_text(COMPILE_WORKER)
-    wide = [*TINY, "--hidden-size", "128", "--num-heads", "4", "--max-train-steps", "3", "--logging-steps", "3",
-            "--checkpointing-steps", "3", "--gradient-accumulation-steps", "2", "--ddp-bucket-cap-mb", "0.05"]
-    for name, flags in (("eager", ["--no-compile"]), ("blocks", ["--compile"]),
-                        ("bf16comm", ["--no-compile", "--ddp-comm", "bf16"])):
-        r = torchrun(tmp_path, tmp_path / "worker.py", str(tmp_path), "--data-dir", str(data), "--output-dir",
-                     str(tmp_path / "runs"), *wide, "--exp-name", name, *flags)
-        assert r.returncode == 0, r.stderr[-3000:]
-    import torch
-
-    for rank in (0, 1):
-        eager = torch.load(tmp_path / f"eager-rank{rank}.pt", weights_only=False)
-        blocks = torch.load(tmp_path / f"blocks-rank{rank}.pt", weights_only=False)
-        bucket_sizes = str(blocks["buckets"][0]).split(",")
-        assert len(bucket_sizes) > blocks["units"], blocks["buckets"]  # more buckets than compiled units
-        assert not eager["graphs"] and 1 <= len(blocks["graphs"]) <= blocks["units"], blocks["graphs"]
-        assert set(blocks["graphs"]) == {0}  # every graph compiled before the first optimizer step
-        for key, p in eager["model"].items():
-            torch.testing.assert_close(blocks["model"][key], p, rtol=1e-5, atol=1e-6, msg=key)
-    # --ddp-comm bf16: the gradients were rounded to bf16 on their way between the ranks, and nothing else changed
-    eager, bf16 = (torch.load(tmp_path / f"{name}-rank0.pt", weights_only=False)["model"]
-                   for name in ("eager", "bf16comm"))
-    assert any(not torch.equal(bf16[k], p) for k, p in eager.items())
-    for key, p in eager.items():  # AdamW moves a weight by about lr (1e-3) a step: 3 steps apart at most twice that
-        torch.testing.assert_close(bf16[key], p, rtol=0, atol=2 * 3 * 1e-3, msg=key)
-    log = (tmp_path / "runs/blocks/log.txt").read_text()
-    assert "torch.compile: 3 blocks and heads, each compiled on its first call" in log
-    assert "DDP: 0.05 MB gradient buckets" in log
 
 
 # generate.main in one of two processes, recording which checkpoint files this rank hashed against their sidecar.

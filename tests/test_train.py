@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_data import make_tiny_vae, write_latent_dataset
+from helpers_distributed import torchrun
 
 import train
 from alignment import model_from_args
@@ -331,18 +332,15 @@ torch.save({"model": model.state_dict(), "ema": ema.state_dict()}, f"{sys.argv[1
 
 
 def test_two_gloo_processes_keep_identical_weights(tmp_path):
-    """Two ranks on gloo end with the same weights, eager and with --compile (the CUDA default; compiled around DDP's
-    wrapper, as on GPUs), and the compiled run trains as the eager one, up to float rounding."""
+    """Two ranks on gloo end with the same weights, eager and with --compile (the CUDA default; each block compiled
+    before DDP wraps the model, as on GPUs), and the compiled run trains as the eager one, up to float rounding."""
     data = make_dataset(tmp_path / "data", n=16)
     (tmp_path / "worker.py").write_text(WORKER)
-    # CPU behaviour: the workers see no GPU (a machine with one GPU would otherwise give both ranks CUDA).
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     runs = {}
     for name, flag in (("compiled", "--compile"), ("ddp", "--no-compile")):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                            "29517", str(tmp_path / "worker.py"), str(tmp_path), "--data-dir", str(data),
-                            "--output-dir", str(tmp_path / "runs"), *TINY, "--max-train-steps", "3", "--exp-name", name,
-                            flag], capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+        # CPU behaviour: the workers see no GPU (a machine with one GPU would otherwise give both ranks CUDA).
+        r = torchrun(tmp_path, tmp_path / "worker.py", str(tmp_path), "--data-dir", str(data), "--output-dir",
+                     str(tmp_path / "runs"), *TINY, "--max-train-steps", "3", "--exp-name", name, flag, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = [torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1)]
     for a, b in runs.values():
