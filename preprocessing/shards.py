@@ -107,10 +107,13 @@ def check_destination(dest: Path, config: dict) -> dict | None:
             f"{manifest_path} is not a manifest written by this tool (format {manifest.get('format')!r}, "
             f"expected {FORMAT!r}). Choose another --dest, or pass --overwrite to replace it."
         )
+    # A finished channel-wise dataset records the scale and shift its statistics give (normalization.py's
+    # final_normalization) where this run's request holds None: the request is compared by its --latent-* flags.
+    derived = {"scale", "shift"} if (manifest.get("normalization") or {}).get("type") == "channelwise" else set()
     differences = [
         f"{CONFIG_FLAGS[key]}: {manifest_path} records {manifest.get(key)!r}, this run asks for {value!r}"
         for key, value in config.items()
-        if manifest.get(key) != value
+        if manifest.get(key) != value and not (key in derived and value is None)
     ]
     if differences:
         raise UsageError(

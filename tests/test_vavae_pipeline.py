@@ -77,6 +77,22 @@ def test_statistics_are_the_moments_of_the_posterior_samples(assets):
     assert np.abs(x.mean(axis=1)).max() < 0.05 and np.abs(x.std(axis=1) - 1).max() < 0.05
 
 
+def test_the_same_command_again_finds_the_finished_dataset_complete(assets, capsys):
+    """A finished channel-wise dataset records the scale and shift its statistics give, which the command does not
+    ask for: running the same command again (to check the dataset is complete) once refused it as "a different
+    dataset"."""
+    data = assets["data"]
+    before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
+    assert encode.main(assets["argv"](data)) == 0
+    assert "nothing to encode, all shards were already complete" in capsys.readouterr().out
+    after = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
+    assert after == before
+    # a request that differs is still refused, naming the flag
+    assert encode.main(assets["argv"](data, "--latent-multiplier", "2")) == 2
+    assert "--latent-multiplier: " in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()} == before
+
+
 def test_decoding_inverts_the_datasets_normalisation(assets):
     """An image's posterior mean, normalised as the dataset does and decoded as generate.py does, decodes as the
     raw posterior mean: the two sides use the same statistics, inverted."""
