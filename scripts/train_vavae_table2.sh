@@ -22,9 +22,10 @@
 #
 # Data: encode ImageNet with the VA-VAE file (channel-wise statistics from latents_stats.pt beside it):
 #   torchrun --nproc-per-node 8 -m preprocessing.encode --source ImageNet/train --dest data/imagenet256-vavae \
-#       --vae vae/vavae-imagenet256-f16d32-dinov2.pt --flip
-# (download vavae-imagenet256-f16d32-dinov2.pt and latents_stats.pt from the Hugging Face repository
-# hustvl/vavae-imagenet256-f16d32-dinov2 into vae/). Resume an interrupted run by re-running this script.
+#       --vae pretrained/vavae-imagenet256-f16d32-dinov2/vavae-imagenet256-f16d32-dinov2.pt --flip
+# (first, where there is network: hf download hustvl/vavae-imagenet256-f16d32-dinov2
+#  vavae-imagenet256-f16d32-dinov2.pt latents_stats.pt --local-dir pretrained/vavae-imagenet256-f16d32-dinov2).
+# Resume an interrupted run by re-running this script.
 set -euo pipefail
 LAUNCHER_TOOL=train.py
 source "$(dirname "${BASH_SOURCE[0]}")/launcher_lib.sh"  # --help, run names, resuming
