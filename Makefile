@@ -21,10 +21,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml $(CONSTRAINTS)
 quickstart: $(VENV)/.installed
 	$(PY) scripts/quickstart.py
 
-# pytest exits 5 when it collects no test; that is reported, not treated as a failure.
+# pytest exits 5 when it collects no test: a failure (a suite that ran nothing must not pass), said in one line.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests; status=$$?; \
-	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
+	if [ $$status -eq 5 ]; then echo "error: pytest collected no tests from tests/" >&2; fi; exit $$status
 
 # Only the CUDA tests (tests/test_gpu.py and any test marked gpu); without a visible GPU they are reported as skipped.
 test-gpu: $(VENV)/.installed
