@@ -63,8 +63,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--report-to", choices=("none", "wandb", "tensorboard"), default="none",
                    help="experiment tracker; wandb honours WANDB_MODE=offline and needs no account then")
     g.add_argument("--tracker-project-name", default=None,
-                   help="the tracker's project: wandb's project, TensorBoard's folder in the run directory (default: "
-                        "$WANDB_PROJECT for wandb, else vae-repa)")
+                   help="the tracker's project: wandb's project, TensorBoard's folder in the run directory (default: a "
+                        "resumed run's own, else $WANDB_PROJECT for wandb, else vae-repa; recorded in args.json)")
     g.add_argument("--logging-steps", type=int, default=100, help="log losses, grad norm and throughput every N steps")
     g.add_argument("--checkpointing-steps", type=int, default=10000, help="write a checkpoint every N steps")
     g.add_argument("--keep-last", type=int, default=2, help="retain the newest N checkpoints ...")

@@ -86,6 +86,12 @@ def test_wandb_gets_typed_settings_and_the_named_project(tmp_path, fake_wandb, m
     assert [c["project"] for c in recorded(fake_wandb, "init")] == ["from-env"]
     fake_wandb.calls.clear()
     monkeypatch.delenv("WANDB_PROJECT")
+    # resumed in another shell (no $WANDB_PROJECT): the run continues in its own project (it once moved to vae-repa,
+    # where wandb started a new run under the same id)
+    run(tmp_path, data, "--exp-name", "w2", "--max-train-steps", "2", "--report-to", "wandb", "--resume", "latest")
+    assert [c["project"] for c in recorded(fake_wandb, "init")] == ["from-env"]
+    assert json.loads((tmp_path / "runs/w2/args.json").read_text())["tracker_project_name"] == "from-env"
+    fake_wandb.calls.clear()
     run(tmp_path, data, "--exp-name", "w3", "--max-train-steps", "1", "--report-to", "wandb")
     assert [c["project"] for c in recorded(fake_wandb, "init")] == ["vae-repa"]  # the name every run had before
 

@@ -44,6 +44,7 @@ from training.setup import (
     seed_and_restore_rng,
     set_up_methods,
     split_batch,
+    tracker_project,
 )
 
 logger = logging.getLogger("train")
@@ -238,6 +239,9 @@ def set_up_run(args: argparse.Namespace, hold: contextlib.ExitStack) -> Run:
     if dataset.use_flip != args.flip:  # a resumed run's own setting
         dataset = open_dataset(args, with_images="images" in needs)
     methods = alignment.build_methods(run_args)
+    if args.report_to != "none":  # the project used, recorded: a resume stays in it without the flag or $WANDB_PROJECT
+        args.tracker_project_name = run_args["tracker_project_name"] = tracker_project(
+            args, None if checkpoint is None else checkpoint["args"].get("tracker_project_name"))
     changed = {} if checkpoint is None else run_settings.compare_settings(
         alignment.with_defaults(checkpoint["args"]), run_args, resume_from)
     if args.resume == "latest" and checkpoint is None:  # another run's files are refused, nothing touched yet

@@ -190,11 +190,13 @@ def build_model_and_optimizer(args: argparse.Namespace, run_args: dict, checkpoi
 DEFAULT_TRACKER_PROJECT = "vae-repa"  # every run's project before --tracker-project-name
 
 
-def tracker_project(args: argparse.Namespace) -> str:
-    """--tracker-project-name; else, for wandb, $WANDB_PROJECT (wandb.init's project argument would override it);
-    else vae-repa."""
+def tracker_project(args: argparse.Namespace, recorded: str | None = None) -> str:
+    """--tracker-project-name; else the project a resumed run recorded (`recorded`); else, for wandb, $WANDB_PROJECT
+    (wandb.init's project argument would override it); else vae-repa."""
     if getattr(args, "tracker_project_name", None):
         return args.tracker_project_name
+    if recorded:
+        return recorded
     if args.report_to == "wandb" and os.environ.get("WANDB_PROJECT"):
         return os.environ["WANDB_PROJECT"]
     return DEFAULT_TRACKER_PROJECT
