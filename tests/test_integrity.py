@@ -127,8 +127,8 @@ def test_two_processes_both_stop_on_a_damaged_shard_before_any_checkpoint(tmp_pa
     data = make_dataset(tmp_path / "data", n=16)
     flip_byte(data / "std-00002.npy")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29531", str(ROOT / "train.py"), "--data-dir", str(data), "--output-dir",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "train.py"), "--data-dir", str(data), "--output-dir",
                         str(tmp_path / "runs"), *TINY, "--max-train-steps", "3", "--logging-steps", "2",
                         "--checkpointing-steps", "1", "--exp-name", "ddp"],
                        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)

@@ -206,11 +206,8 @@ def test_every_rank_learns_that_the_directory_is_in_use(tmp_path, holder):
     run_dir.mkdir(parents=True)
     proc = holder(run_dir)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), str(ROOT / "train.py"), "--data-dir", str(data), "--output-dir",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "train.py"), "--data-dir", str(data), "--output-dir",
                         str(tmp_path / "runs"), *TINY, "--exp-name", "a", "--max-train-steps", "1", "--resume",
                         "latest"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     lines = error_lines(r.stderr)
