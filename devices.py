@@ -115,7 +115,12 @@ def together(fn: Callable[[], Any], world: int) -> Any:
         result = fn()
     except Exception as e:
         error = e
-    found = first_fault(None if error is None else str(error), world)
+    try:
+        found = first_fault(None if error is None else str(error), world)
+    except Exception:
+        if error is None:
+            raise
+        raise error from None  # the meeting failed too (a peer gone): this rank's own error is the one to show
     if error is not None:
         raise error
     if found is not None:
