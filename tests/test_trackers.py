@@ -91,6 +91,10 @@ def test_wandb_gets_typed_settings_and_the_named_project(tmp_path, fake_wandb, m
     run(tmp_path, data, "--exp-name", "w2", "--max-train-steps", "2", "--report-to", "wandb", "--resume", "latest")
     assert [c["project"] for c in recorded(fake_wandb, "init")] == ["from-env"]
     assert json.loads((tmp_path / "runs/w2/args.json").read_text())["tracker_project_name"] == "from-env"
+    # a leg without a tracker keeps the record for the next one
+    run(tmp_path, data, "--exp-name", "w2", "--max-train-steps", "3", "--resume", "latest")
+    run(tmp_path, data, "--exp-name", "w2", "--max-train-steps", "4", "--report-to", "wandb", "--resume", "latest")
+    assert [c["project"] for c in recorded(fake_wandb, "init")] == ["from-env", "from-env"]
     fake_wandb.calls.clear()
     run(tmp_path, data, "--exp-name", "w3", "--max-train-steps", "1", "--report-to", "wandb")
     assert [c["project"] for c in recorded(fake_wandb, "init")] == ["vae-repa"]  # the name every run had before
@@ -106,3 +110,16 @@ def test_tensorboard_hparams_keep_numbers_as_numbers(tmp_path):
     values = yaml.safe_load(hparams.read_text())
     assert type(values["learning_rate"]) is float and type(values["batch_size"]) is int
     assert values["flip"] is True and values["align"] == "['vae-repa']"  # hparams take no lists: text
+
+
+def test_a_resume_without_a_checkpoint_reads_the_project_from_args_json(tmp_path):
+    """--resume latest after an attempt that died before its first checkpoint: the project its args.json recorded."""
+    from training.run_settings import recorded_value
+
+    (tmp_path / "args.json").write_text(json.dumps({"model": "SiT-B/2", "tracker_project_name": "mine"}))
+    assert recorded_value("tracker_project_name", None, tmp_path) == "mine"
+    assert recorded_value("tracker_project_name", {"args": {"tracker_project_name": "ckpt"}}, tmp_path) == "ckpt"
+    assert recorded_value("tracker_project_name", None, None) is None  # not a resume
+    (tmp_path / "args.json").write_text("{not json")
+    assert recorded_value("tracker_project_name", None, tmp_path) is None  # check_same_run reports it
+    assert recorded_value("tracker_project_name", None, tmp_path / "missing") is None

@@ -239,9 +239,10 @@ def set_up_run(args: argparse.Namespace, hold: contextlib.ExitStack) -> Run:
     if dataset.use_flip != args.flip:  # a resumed run's own setting
         dataset = open_dataset(args, with_images="images" in needs)
     methods = alignment.build_methods(run_args)
-    if args.report_to != "none":  # the project used, recorded: a resume stays in it without the flag or $WANDB_PROJECT
-        args.tracker_project_name = run_args["tracker_project_name"] = tracker_project(
-            args, None if checkpoint is None else checkpoint["args"].get("tracker_project_name"))
+    # the tracker project, recorded (also by a leg without a tracker): a resume stays in it whatever the environment
+    recorded = run_settings.recorded_value("tracker_project_name", checkpoint, run_dir if args.resume else None)
+    args.tracker_project_name = run_args["tracker_project_name"] = (
+        tracker_project(args, recorded) if args.report_to != "none" else args.tracker_project_name or recorded)
     changed = {} if checkpoint is None else run_settings.compare_settings(
         alignment.with_defaults(checkpoint["args"]), run_args, resume_from)
     if args.resume == "latest" and checkpoint is None:  # another run's files are refused, nothing touched yet

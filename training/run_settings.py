@@ -64,6 +64,18 @@ def compare_settings(saved: dict, now: dict, source: Path) -> dict[str, list]:
     return changed
 
 
+def recorded_value(key: str, checkpoint: dict | None, run_dir: Path | None):
+    """What a resumed run recorded for `key`: its checkpoint's, or without one (`--resume latest` after an attempt
+    that died before its first checkpoint) its args.json's when `run_dir` is given and the file reads; else None."""
+    if checkpoint is not None:
+        return checkpoint["args"].get(key)
+    try:
+        saved = json.loads((run_dir / "args.json").read_text()) if run_dir is not None else None
+    except (OSError, ValueError):
+        return None
+    return saved.get(key) if isinstance(saved, dict) else None
+
+
 def read_args_json(path: Path) -> dict:
     """A run's args.json as a dict; UsageError naming it when it is not a JSON object with a list as its history
     (resuming rewrites it, and its history would be lost)."""
