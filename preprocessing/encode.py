@@ -264,7 +264,7 @@ def encode_dataset(
         config.update(scale=None, shift=None, latent_norm=args.latent_norm, latent_stats=args.latent_stats,
                       latent_multiplier=args.latent_multiplier)
     check_latent_shape(args, dest, latent_shape)
-    manifest = None if args.overwrite else check_destination(dest, config)
+    manifest = None if args.overwrite else check_destination(dest, config, normalisation)
     if normalisation["type"] == "scale" and rank == 0:
         warn_about_vae_config(vae, args)
 

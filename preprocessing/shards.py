@@ -85,8 +85,10 @@ def sidecar_path(dest: Path, k: int) -> Path:
     return dest / f"shard-{k:05d}.json"
 
 
-def check_destination(dest: Path, config: dict) -> dict | None:
-    """Refuse a --dest that holds another dataset; return its manifest when this run continues it."""
+def check_destination(dest: Path, config: dict, normalisation: dict | None = None) -> dict | None:
+    """Refuse a --dest that holds another dataset; return its manifest when this run continues it. `normalisation`
+    (preprocessing.normalization.resolve_normalisation's): what --latent-stats resolved to, compared with a
+    channel-wise dataset's record (the file it names, and the values read from a file), not only the flag's text."""
     if not dest.exists():
         return None
     if not dest.is_dir():
@@ -108,13 +110,23 @@ def check_destination(dest: Path, config: dict) -> dict | None:
             f"expected {FORMAT!r}). Choose another --dest, or pass --overwrite to replace it."
         )
     # A finished channel-wise dataset records the scale and shift its statistics give (normalization.py's
-    # final_normalization) where this run's request holds None: the request is compared by its --latent-* flags.
-    derived = {"scale", "shift"} if (manifest.get("normalization") or {}).get("type") == "channelwise" else set()
+    # final_normalization) where this run's request holds None: the request is compared by its --latent-* flags, and
+    # by what --latent-stats resolved to.
+    recorded = manifest.get("normalization") or {}
+    derived = {"scale", "shift"} if recorded.get("type") == "channelwise" else set()
     differences = [
         f"{CONFIG_FLAGS[key]}: {manifest_path} records {manifest.get(key)!r}, this run asks for {value!r}"
         for key, value in config.items()
         if manifest.get(key) != value and not (key in derived and value is None)
     ]
+    if normalisation is not None and normalisation["type"] == "channelwise" == recorded.get("type"):
+        if normalisation["stats"] != recorded.get("stats"):
+            differences.append(f"--latent-stats: {manifest_path} records statistics from {recorded.get('stats')!r}, "
+                               f"this run's come from {normalisation['stats']!r}")
+        elif any(json.loads(json.dumps(normalisation[k])) != recorded.get(k) for k in ("mean", "std")
+                 if k in normalisation):
+            differences.append(f"--latent-stats: {normalisation['stats']} holds other values than {manifest_path} "
+                               "records (the file changed since)")
     if differences:
         raise UsageError(
             f"--dest {dest} already holds a different dataset:\n  " + "\n  ".join(differences)

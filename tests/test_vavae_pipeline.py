@@ -108,7 +108,7 @@ def test_decoding_inverts_the_datasets_normalisation(assets):
         assert torch.allclose(decode_latents(vae, x, m["scale"], m["shift"]), vae.decode(z).sample, atol=1e-5)
 
 
-def test_released_statistics_are_used_and_checked(assets, tmp_path):
+def test_released_statistics_are_used_and_checked(assets, tmp_path, capsys):
     mean, std = torch.randn(1, C, 1, 1), torch.rand(1, C, 1, 1) + 0.5
     vae = tmp_path / "release" / "vavae.pt"
     vae.parent.mkdir()
@@ -119,6 +119,18 @@ def test_released_statistics_are_used_and_checked(assets, tmp_path):
     assert m["normalization"]["stats"] == str(vae.parent / "latents_stats.pt")
     assert np.allclose(m["scale"], 0.5 / std.flatten().numpy(), rtol=1e-6)
     assert np.allclose(m["shift"], -mean.flatten().numpy(), rtol=1e-6)
+    # the same command again finds it complete; once the statistics beside the weights changed, or are gone (auto
+    # then computes them), it is another dataset: refused, naming the file, nothing changed
+    again = assets["argv"](tmp_path / "auto", "--latent-multiplier", "0.5", vae=vae)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "auto").iterdir()}
+    assert encode.main(again) == 0
+    save_latent_stats(vae.parent / "latents_stats.pt", mean + 1, std)
+    assert encode.main(again) == 2
+    assert f"--latent-stats: {vae.parent / 'latents_stats.pt'} holds other values than" in capsys.readouterr().err
+    (vae.parent / "latents_stats.pt").unlink()
+    assert encode.main(again) == 2
+    assert "this run's come from 'compute'" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "auto").iterdir()} == before
     # statistics of another channel count are refused, nothing is written
     save_latent_stats(tmp_path / "four.pt", torch.zeros(1, 4, 1, 1), torch.ones(1, 4, 1, 1))
     assert encode.main(assets["argv"](tmp_path / "bad", "--latent-stats", str(tmp_path / "four.pt"))) == 2
