@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import re
 import statistics
@@ -324,10 +323,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.compile = resolve_compile(args.compile, device)  # the JSON records the value used
-    if args.ddp and not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29599")
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    if args.ddp and not torch.distributed.is_initialized():  # a group of one, met in memory: no port to collide on
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                             store=torch.distributed.HashStore())
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     base_report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
