@@ -19,8 +19,9 @@ from helpers_distributed import torchrun
 #   step's losses and gradients do not depend on how its samples are split over processes.
 # - Each block and head is compiled by a counting backend (dynamo's graphs, run as Python: no code generation), which
 #   records at which of this process's optimizer steps each graph was compiled.
-# - Recorded per optimizer step: the loss terms averaged over the ranks, at full precision; after the run, DDP's
-#   buckets and the final model and EMA.
+# - Recorded per optimizer step: the loss terms averaged over the ranks, at full precision, and the gradients'
+#   global norm (after DDP's all-reduce, before clipping); after the run, DDP's buckets, the final model and EMA, and
+#   how many compiled units and kinds of unit (blocks, heads) the model has.
 WORKER = """
 import hashlib, os, sys, torch
 import loss, train
@@ -28,7 +29,7 @@ from models.heads import AlignmentHeads
 from training import loop
 
 out, argv = sys.argv[1], sys.argv[2:]
-steps, graphs, losses, buckets = [0], [], [], []
+steps, graphs, losses, norms, buckets = [0], [], [], [], []
 
 def counting_backend(gm, example_inputs):
     graphs.append(steps[0])
@@ -60,6 +61,14 @@ def recorded(*args, **kwargs):
     return parts, epoch, position
 
 loop.accumulate_gradients = recorded
+gradient_norm = loop.gradient_norm
+
+def norm_recorded(*args):
+    norm = gradient_norm(*args)
+    norms.append(norm.clone())
+    return norm
+
+loop.gradient_norm = norm_recorded
 update_ema = loop.update_ema
 
 def counted(*args):
@@ -70,21 +79,23 @@ loop.update_ema = counted
 run_steps = loop.run_steps
 
 def record(run):
-    run_steps(run)  # DDP's buckets after the first step (it rebuilds them then, in the order gradients came)
-    if hasattr(run.model, "_get_ddp_logging_data"):
-        buckets.append(run.model._get_ddp_logging_data().get("rebuilt_bucket_sizes"))
+    run_steps(run)  # DDP's buckets: as rebuilt after the first step, in the order gradients came (a run of one step
+    if hasattr(run.model, "_get_ddp_logging_data"):  # has not rebuilt them yet: its first ones)
+        data = run.model._get_ddp_logging_data()
+        buckets.append(data.get("rebuilt_bucket_sizes") or data.get("bucket_sizes"))
 
 loop.run_steps = record
 model, ema = train.train(train.parse_args(argv))
 name = f"{argv[argv.index('--exp-name') + 1]}-{argv[argv.index('--max-train-steps') + 1]}"
+units = [*model.blocks, *(getattr(model, attr) for attr, _ in model.head_taps.values())]
 torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "graphs": graphs, "losses": losses,
-            "units": len(model.blocks) + len(model.head_taps), "buckets": buckets},
+            "norms": norms, "units": len(units), "kinds": len({type(u) for u in units}), "buckets": buckets},
            f"{out}/{name}-rank{os.environ['RANK']}.pt")
 """
 # 24 images: an epoch is 4 micro-batches of 6 (2 optimizer steps) on 1, 2 and 3 processes alike (the sampler cuts
-# nothing), so each global micro-batch is the same 6 images whatever the split. Width 128 in buckets of 0.05 MB:
-# about 20 buckets for 3 compiled units.
-IMAGES, STEPS = 24, ["--max-train-steps", "4"]
+# nothing), so each global micro-batch is the same 6 images whatever the split; a run stopped at step 3 resumes in the
+# middle of the second epoch. Width 128 in buckets of 0.05 MB: about 20 buckets for 3 compiled units.
+IMAGES, STEPS = 24, ["--max-train-steps", "5"]
 FLAGS = [*TINY_TRAIN, "--hidden-size", "128", "--num-heads", "4", "--batch-size", "6", "--gradient-accumulation-steps",
          "2", "--ddp-bucket-cap-mb", "0.05", "--logging-steps", "2", "--checkpointing-steps", "2"]
 
@@ -103,39 +114,41 @@ def train_in(tmp_path: Path, data: Path, name: str, nproc: int, *flags: str) -> 
 
 
 def results(tmp_path: Path, name: str, nproc: int) -> list[dict]:
-    """Each rank's record of the run stopped at step 2 and resumed to step 4, joined: losses of steps 1-4, the final
-    weights, and per process the optimizer steps at which graphs were compiled."""
+    """Each rank's record of the run stopped at step 3 and resumed to step 5, joined: losses and gradient norms of
+    steps 1-5, the final weights, and per process the optimizer steps at which graphs were compiled."""
     ranks = []
     for rank in range(nproc):
         first, resumed = (torch.load(tmp_path / f"{name}-{steps}-rank{rank}.pt", weights_only=False)
-                          for steps in (2, 4))
+                          for steps in (3, 5))
         ranks.append({**resumed, "losses": torch.stack(first["losses"] + resumed["losses"]),
+                      "norms": torch.stack(first["norms"] + resumed["norms"]),
                       "graphs": [first["graphs"], resumed["graphs"]], "buckets": first["buckets"] + resumed["buckets"]})
     return ranks
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> tuple[Path, dict]:
-    """The dataset, and one process's eager run of 4 steps straight at the same global batch (6, accumulated twice)."""
+    """The dataset, and one process's eager run of 5 steps straight at the same global batch (6, accumulated twice)."""
     tmp_path = tmp_path_factory.mktemp("one")
     data = make_dataset(tmp_path / "data")
     (tmp_path / "worker.py").write_text(WORKER)
     train_in(tmp_path, data, "one", 1, *STEPS)
-    return data, torch.load(tmp_path / "one-4-rank0.pt", weights_only=False)
+    return data, torch.load(tmp_path / "one-5-rank0.pt", weights_only=False)
 
 
 def assert_same_training(ranks: list[dict], reference: dict) -> None:
-    """Every rank holds the same weights, bit for bit; losses and weights equal the one-process run's up to the float
-    rounding of a different summation order (gradients summed per rank, then all-reduced). The weights' tolerance is
-    looser than the losses': AdamW divides each gradient entry by its running RMS, which enlarges the rounding of
-    entries near zero (up to 4e-6 seen on weights of about 0.1, against the 1e-3 a step moves them)."""
+    """Every rank holds the same weights, bit for bit; losses, gradient norms and weights equal the one-process run's
+    up to the float rounding of a different summation order (gradients summed per rank, then all-reduced): the norms
+    see the gradients themselves (a wrong scale or sign moves AdamW's steps too little to show). The weights'
+    tolerance is looser than the losses': AdamW divides each gradient entry by its running RMS, which enlarges the
+    rounding of entries near zero (up to 4e-6 seen on weights of about 0.1, against the 1e-3 a step moves them)."""
     for other in ranks[1:]:
-        assert torch.equal(other["losses"], ranks[0]["losses"])
         for key in ("model", "ema"):
             for name, p in ranks[0][key].items():
                 assert torch.equal(other[key][name], p), (key, name)
-    assert ranks[0]["losses"].shape == (4, len(reference["losses"][0]))
+    assert ranks[0]["losses"].shape == (5, len(reference["losses"][0]))
     torch.testing.assert_close(ranks[0]["losses"], torch.stack(reference["losses"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["norms"], torch.stack(reference["norms"]), rtol=1e-5, atol=0)
     for key in ("model", "ema"):
         for name, p in reference[key].items():
             torch.testing.assert_close(ranks[0][key][name], p, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
@@ -143,15 +156,16 @@ def assert_same_training(ranks: list[dict], reference: dict) -> None:
 
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_ddp_with_many_buckets_and_a_resume_trains_as_one_process(tmp_path, one_process, nproc):
-    """nproc processes, eager and with each block and head compiled before DDP wraps the model, stopped at step 2 and
-    resumed with --resume latest to step 4: the losses of each step and the final model and EMA equal one process's
-    at the same global batch; DDP had more buckets than compiled units; each process compiled its graphs (at most one
-    per block and head) at its first optimizer step only, the resumed one too."""
+    """nproc processes, eager and with each block and head compiled before DDP wraps the model, stopped at step 3 (in
+    the middle of an epoch) and resumed with --resume latest to step 5: the losses and gradient norms of each step and
+    the final model and EMA equal one process's at the same global batch; DDP had more buckets than compiled units;
+    each process compiled its graphs at its first optimizer step only, the resumed one too: at least one per kind of
+    unit (block, head) and at most one per unit (identical blocks may share a graph)."""
     data, reference = one_process
     (tmp_path / "worker.py").write_text(WORKER)
     runs = {}
     for name, flag in (("eager", "--no-compile"), ("blocks", "--compile")):
-        train_in(tmp_path, data, name, nproc, flag, "--max-train-steps", "2")
+        train_in(tmp_path, data, name, nproc, flag, "--max-train-steps", "3")
         train_in(tmp_path, data, name, nproc, flag, *STEPS, "--resume", "latest")
         assert "resumed from" in (tmp_path / f"runs/{name}/log.txt").read_text()
         runs[name] = ranks = results(tmp_path, name, nproc)
@@ -163,7 +177,7 @@ def test_ddp_with_many_buckets_and_a_resume_trains_as_one_process(tmp_path, one_
         for buckets in rank["buckets"]:
             assert len(str(buckets).split(",")) > rank["units"], rank["buckets"]  # more buckets than compiled units
         for graphs in rank["graphs"]:  # each process's: the first run's, the resumed run's
-            assert 1 <= len(graphs) <= rank["units"] and set(graphs) == {0}, rank["graphs"]
+            assert rank["kinds"] <= len(graphs) <= rank["units"] and set(graphs) == {0}, rank["graphs"]
     assert runs["eager"][0]["graphs"] == [[], []]  # eager: nothing compiled
     log = (tmp_path / "runs/blocks/log.txt").read_text()
     assert "torch.compile: 3 blocks and heads, each compiled on its first call" in log
@@ -172,14 +186,17 @@ def test_ddp_with_many_buckets_and_a_resume_trains_as_one_process(tmp_path, one_
 
 def test_bf16_gradient_communication_trains_within_its_rounding(tmp_path, one_process):
     """--ddp-comm bf16 on 2 processes: the gradients are rounded to bf16 on their way between the ranks and nothing
-    else changes, so the first step's losses (computed before any exchange) are the one-process run's and the weights
-    stay within a few optimizer steps' size of its weights without equalling them."""
+    else changes, so the first step's losses (computed before any exchange) are the one-process run's, its gradient
+    norm is within bf16's rounding (2^-8 relative, once for the cast and once for the sum) of the one-process run's
+    without equalling it, and the weights move as far as AdamW's steps allow."""
     data, reference = one_process
     (tmp_path / "worker.py").write_text(WORKER)
     train_in(tmp_path, data, "bf16", 2, "--no-compile", "--ddp-comm", "bf16", *STEPS)
-    bf16 = torch.load(tmp_path / "bf16-4-rank0.pt", weights_only=False)
+    bf16 = torch.load(tmp_path / "bf16-5-rank0.pt", weights_only=False)
     torch.testing.assert_close(bf16["losses"][0], reference["losses"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bf16["norms"][0], reference["norms"][0], rtol=1e-2, atol=0)
+    assert not torch.equal(bf16["norms"][0], reference["norms"][0])
     assert any(not torch.equal(bf16["model"][k], p) for k, p in reference["model"].items())
-    for key, p in reference["model"].items():  # AdamW moves a weight by about lr (1e-3) a step: 4 steps, twice that
-        torch.testing.assert_close(bf16["model"][key], p, rtol=0, atol=2 * 4 * 1e-3, msg=key)
+    for key, p in reference["model"].items():  # AdamW moves a weight by about lr (1e-3) a step: 5 steps, twice that
+        torch.testing.assert_close(bf16["model"][key], p, rtol=0, atol=2 * 5 * 1e-3, msg=key)
     assert "gradients communicated in bf16" in (tmp_path / "runs/bf16/log.txt").read_text()

@@ -323,8 +323,19 @@ def test_help_works_without_a_gpu():
     assert "--trust-checkpoint" in r.stdout and "RUNS CODE FROM THE FILE" in " ".join(r.stdout.split())
 
 
+# train.train in one of two processes; after the first optimizer step, a recompile of any compiled block is an error
+# (with --compile: the real batch shapes, under DDP).
 WORKER = """
 import os, sys, torch, train
+from training import loop
+
+update_ema = loop.update_ema
+
+def after_first_step(*args):
+    update_ema(*args)
+    torch._dynamo.config.error_on_recompile = True
+
+loop.update_ema = after_first_step
 model, ema = train.train(train.parse_args(sys.argv[2:]))
 rank = int(os.environ["RANK"])
 torch.save({"model": model.state_dict(), "ema": ema.state_dict()}, f"{sys.argv[1]}/rank{rank}.pt")
@@ -333,7 +344,8 @@ torch.save({"model": model.state_dict(), "ema": ema.state_dict()}, f"{sys.argv[1
 
 def test_two_gloo_processes_keep_identical_weights(tmp_path):
     """Two ranks on gloo end with the same weights, eager and with --compile (the CUDA default; each block compiled
-    before DDP wraps the model, as on GPUs), and the compiled run trains as the eager one, up to float rounding."""
+    before DDP wraps the model, as on GPUs, by inductor), the compiled run trains as the eager one, up to float
+    rounding, and nothing is recompiled after the first step."""
     data = make_dataset(tmp_path / "data", n=16)
     (tmp_path / "worker.py").write_text(WORKER)
     runs = {}
