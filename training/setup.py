@@ -101,6 +101,9 @@ def open_resume_checkpoint(path: Path, trust: bool, run_args: dict) -> dict:
     if mismatched:
         raise UsageError(f"checkpoint {path} does not match this run: " + ", ".join(
             f"{k}: checkpoint {saved[k]!r} vs now {run_args.get(k)!r}" for k in mismatched))
+    if isinstance(checkpoint.get("step"), int) and checkpoint["step"] > run_args["max_train_steps"]:
+        raise UsageError(f"--max-train-steps {run_args['max_train_steps']}: checkpoint {path} is at step "
+                         f"{checkpoint['step']} already; pass a larger --max-train-steps to train on")
     return checkpoint
 
 
