@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise EvaluationError(f"{path} exists; pass --overwrite to replace it (or --out for another name)")
             if not Path(path).resolve().parent.is_dir():
                 raise EvaluationError(f"the folder of {path} does not exist")
+            if not os.access(Path(path).resolve().parent, os.W_OK):  # a read-only file system says so too
+                raise EvaluationError(f"{path}: its folder cannot be written to (the metrics would be lost at the end)")
         result = evaluate(
             args.ref,
             args.sample,

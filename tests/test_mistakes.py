@@ -202,6 +202,44 @@ def test_evaluator_out_naming_a_folder_is_refused_before_any_work(tmp_path, caps
     assert tree(tmp_path) == before
 
 
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder this process cannot write to: chmod 555 for a user, a read-only bind mount for root (whom the mode
+    does not stop); skipped where root may not mount."""
+    import os
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    source = tmp_path / "source"
+    source.mkdir()
+    mount = shutil.which("mount")
+    binds = [["mount", "--bind", str(source), str(folder)], ["mount", "-o", "remount,ro,bind", str(folder)]]
+    if mount is None or any(subprocess.run(cmd, capture_output=True).returncode for cmd in binds):
+        subprocess.run(["umount", str(folder)], capture_output=True)
+        pytest.skip("root may not mount here, and a folder's mode does not stop root")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_evaluator_out_in_a_folder_it_cannot_write_is_refused_before_any_work(tmp_path, capsys, read_only_folder):
+    """It computed every feature, then ended in the atomic writer's OSError traceback."""
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    out = read_only_folder / "m.json"
+    argv = [str(ref), str(ref), "--out", str(out), "--device", "cpu", "--inception-weights", str(tmp_path / "no.pth")]
+    code, err = refused(lambda: evaluator.main(argv), capsys)
+    assert code == 2 and error_lines(err) == [
+        f"error: {out}: its folder cannot be written to (the metrics would be lost at the end)"], err
+    assert list(read_only_folder.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--num-workers", "-2"], "--num-workers -2: must be at least 0"),  # DataLoader's ValueError, a directory left
     (["--scale", "0"], "--scale 0.0: must be positive"),  # encoded with a warning, a manifest with scale 0
