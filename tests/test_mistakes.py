@@ -85,7 +85,12 @@ def test_depth_zero_names_the_depth(tmp_path, capsys):
 # train.py: a resume past --max-train-steps
 
 
-def test_resume_with_fewer_steps_than_the_checkpoint_changes_nothing(run_train, tmp_path):
+@pytest.mark.parametrize("argv, flag", [
+    (["--max-train-steps", "1"], "--max-train-steps 1"),
+    # 8 latents in batches of 4: an epoch is 2 steps, so --epochs 1 ends at step 2
+    (["--max-train-steps", "3", "--epochs", "1"], "--epochs 1 (its passes end at step 2)"),
+])
+def test_resume_past_the_runs_end_changes_nothing(run_train, tmp_path, argv, flag):
     rng = np.random.default_rng(0)
     mean = rng.standard_normal((8, 4, 8, 8)).astype(np.float32)
     data = write_latent_dataset(tmp_path / "data", mean, np.full_like(mean, 0.1), rng.integers(0, 3, 8), num_classes=3)
@@ -93,11 +98,11 @@ def test_resume_with_fewer_steps_than_the_checkpoint_changes_nothing(run_train, 
     assert run_train(*common, "--max-train-steps", "3").returncode == 0
     run_dir = tmp_path / "runs" / "r"
     before = tree(run_dir)
-    proc = run_train(*common, "--max-train-steps", "1", "--resume", "latest")
-    # it used to exit 0 ("done: 3 steps") with args.json rewritten to max_train_steps 1
+    proc = run_train(*common, *argv, "--resume", "latest")
+    # it used to exit 0 ("done: 3 steps"), args.json rewritten with the smaller end
     assert proc.returncode == 2 and error_lines(proc.stderr) == [
-        f"error: --max-train-steps 1: checkpoint {run_dir / 'checkpoints' / '0000003.pt'} is at step 3 already; pass "
-        "a larger --max-train-steps to train on"], proc.stderr
+        f"error: {flag}: checkpoint {run_dir / 'checkpoints' / '0000003.pt'} is at step 3 already; pass a larger "
+        f"{flag.split()[0]} to train on"], proc.stderr
     after = tree(run_dir)
     assert {k: v for k, v in after.items() if k != "log.txt"} == {k: v for k, v in before.items() if k != "log.txt"}
     assert after["log.txt"].startswith(before["log.txt"])  # the refusal is appended to the log, nothing is lost
