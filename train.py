@@ -247,7 +247,11 @@ def check_ranges(args: argparse.Namespace, error) -> None:
              "epochs": positive, "resolution": positive, "num_classes": positive,
              # blocks are counted from 1 (0 used to fall back to the default block silently)
              "encoder_depth": positive, "vae_repa_depth": positive, "sra_student_depth": positive,
-             "sra_teacher_depth": positive}  # None (unset) passes
+             "sra_teacher_depth": positive,
+             # a negative weight ascends the alignment loss (it trained, exit 0)
+             "vae_repa_coeff": non_negative, "proj_coeff": non_negative, "sra_coeff": non_negative,
+             "vae_repa_beta": non_negative, "sra_beta": non_negative, "sra_t_max": unit,
+             "vae_repa_head_width": positive}  # None (unset) passes
     for name, (ok, what) in rules.items():
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and ok(value)):

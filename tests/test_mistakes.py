@@ -81,6 +81,19 @@ def test_depth_zero_names_the_depth(tmp_path, capsys):
     assert code == 2 and "error: --depth must be positive, got 0" in err and not (tmp_path / "r").exists(), err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--vae-repa-coeff", "-1"], "--vae-repa-coeff must be non-negative, got -1.0"),  # trained, exit 0
+    (["--align", "repa", "--proj-coeff", "-0.5"], "--proj-coeff must be non-negative, got -0.5"),
+    (["--align", "sra", "--sra-coeff", "-1"], "--sra-coeff must be non-negative, got -1.0"),
+    (["--align", "sra", "--sra-t-max", "1.5"], "--sra-t-max must be in [0, 1], got 1.5"),
+])
+def test_a_negative_loss_weight_is_a_usage_error(tmp_path, capsys, argv, message):
+    code, err = refused(lambda: train.main(["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "r"),
+                                            *TINY_TRAIN, *argv]), capsys)
+    assert code == 2 and error_lines(err) == [f"error: {message}"], err
+    assert not (tmp_path / "r").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # train.py: a resume past --max-train-steps
 
