@@ -94,6 +94,30 @@ def test_a_negative_loss_weight_is_a_usage_error(tmp_path, capsys, argv, message
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("where, hint", [
+    ("parent", "; a dataset is one level down, in {root}/latents: name that folder"),
+    ("manifest", None),
+    ("images", "; it holds images in class folders: encode them first (python -m preprocessing.encode --source "
+               "{root}/images --dest DEST), then pass DEST"),
+])
+def test_a_data_dir_next_to_the_dataset_says_where_it_is(tmp_path, capsys, where, hint):
+    root = tmp_path / "d"
+    rng = np.random.default_rng(0)
+    mean = rng.standard_normal((4, 4, 8, 8)).astype(np.float32)
+    write_latent_dataset(root / "latents", mean, np.full_like(mean, 0.1), np.arange(4) % 2, num_classes=2)
+    make_image_folder(root / "images")
+    data_dir = {"parent": root, "manifest": root / "latents" / "manifest.json", "images": root / "images"}[where]
+    code, err = refused(lambda: train.main(["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "r"),
+                                            *TINY_TRAIN]), capsys)
+    if hint is None:
+        expected = f"{data_dir} is a file; expected the dataset's folder (the one holding manifest.json)"
+    else:
+        expected = (f"{data_dir}: no manifest.json (a folder written by preprocessing/encode.py) and no "
+                    f"vae-sd/dataset.json or dataset.json (REPA's layout)" + hint.format(root=root))
+    assert code == 2 and error_lines(err) == [f"error: --data-dir {data_dir}: {expected}"], err
+    assert not (tmp_path / "r").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # train.py: a resume past --max-train-steps
 
