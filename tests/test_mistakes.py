@@ -118,6 +118,25 @@ def test_a_data_dir_next_to_the_dataset_says_where_it_is(tmp_path, capsys, where
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--eval-samples", "1"], "--eval-samples must be at least 2, got 1"),  # was one line naming three flags
+    (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1, got 0"),
+    (["--eval-ref", "IMAGENET"], "--eval-ref: IMAGENET: no image files"),  # was "--eval-ref / --inception-weights"
+    (["--inception-weights", "MISSING"], "--inception-weights: Inception weights not found: MISSING"),
+])
+def test_eval_flags_name_the_one_flag_at_fault(tmp_path, capsys, argv, message):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    names = {"IMAGENET": str(make_image_folder(tmp_path / "imagenet")), "MISSING": str(tmp_path / "none.pth")}
+    argv = [names.get(a, a) for a in argv]
+    message = message.replace("IMAGENET", names["IMAGENET"]).replace("MISSING", names["MISSING"])
+    full = ["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "r"), *TINY_TRAIN, "--eval-every",
+            "1", "--eval-ref", str(ref), "--inception-weights", str(tmp_path / "none.pth"), *argv]
+    code, err = refused(lambda: train.main(full), capsys)
+    assert code == 2 and f".py: error: {message}" in err.splitlines()[-1], err
+    assert not (tmp_path / "r").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # train.py: a resume past --max-train-steps
 
