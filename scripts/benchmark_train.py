@@ -132,7 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
              ("--profile-steps", args.profile_steps >= 0, "non-negative"),
              ("--trace-dir", not args.trace_dir or args.profile_steps, "given with --profile-steps N (N > 0)"),
              ("--batch-size", min(args.batch_size) >= 1, "positive (each)"),
-             ("--latent-size", args.latent_size >= 2 and args.latent_size % 2 == 0, "a positive even number"),
+             ("--latent-size", args.latent_size >= 2 and args.latent_size % (32 if "repa" in sets else 2) == 0,
+              "a positive even number, and a multiple of 32 with repa (its encoder takes 256 * k pixel images)"),
              ("--align", sets <= {*METHOD_NAMES, "none"}, f"sets of {', '.join(METHOD_NAMES)} or none"))
     problems = [f"{flag} must be {what}" for flag, ok, what in rules if not ok]
     problems += filter(None, (size_problem(m, args.depth, args.hidden_size, args.num_heads) for m in args.models))

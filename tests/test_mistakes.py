@@ -374,6 +374,7 @@ def test_curves_with_nothing_to_plot_says_so_instead_of_an_empty_table(tmp_path,
     (["--steps", "0"], "--steps must be positive"),  # ZeroDivisionError after the timed steps
     (["--align", "none", "vae_repa"], "--align must be sets of vae-repa, repa, sra or none"),  # ValueError traceback
     (["--latent-size", "0"], "--latent-size must be a positive even number"),  # a convolution's RuntimeError
+    (["--align", "repa"], "--latent-size must be a positive even number, and a multiple of 32 with repa"),  # 8 here
     (["--num-heads", "3"], "--hidden-size 32 is not divisible by --num-heads 3"),
 ])
 def test_benchmark_train_mistakes_are_usage_errors(capsys, argv, message):
