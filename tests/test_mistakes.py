@@ -165,6 +165,15 @@ def test_resume_past_the_runs_end_changes_nothing(run_train, tmp_path, argv, fla
     assert json.loads(after["args.json"])["max_train_steps"] == 3
 
 
+def test_resume_naming_a_folder_says_what_to_name_instead(run_train, tmp_path):
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    proc = run_train("--data-dir", str(tmp_path / "data"), "--resume", str(tmp_path / "old"))
+    assert proc.returncode == 2 and error_lines(proc.stderr) == [
+        f"error: --resume {tmp_path / 'old'}: a folder, not a checkpoint file: name its NNNNNNN.pt, or resume a run "
+        "with --resume latest and its --output-dir / --exp-name"], proc.stderr  # was "no such checkpoint file"
+    assert not (tmp_path / "runs").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # A file that is no checkpoint at all, given as --ckpt
 

@@ -45,7 +45,9 @@ def locate_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
         return run_dir, ckpts[max(ckpts)] if ckpts else None
     if args.resume is not None:
         if not Path(args.resume).is_file():
-            raise UsageError(f"--resume {args.resume}: no such checkpoint file")
+            raise UsageError(f"--resume {args.resume}: " + ("a folder, not a checkpoint file: name its NNNNNNN.pt, or "
+                             "resume a run with --resume latest and its --output-dir / --exp-name" if Path(
+                                 args.resume).is_dir() else "no such checkpoint file"))
         return run_dir, Path(args.resume)
     if run_dir.exists() and any(run_dir.iterdir()):
         holder = read_holder(run_dir / LOCK_NAME)
