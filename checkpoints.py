@@ -104,6 +104,17 @@ def _load_pickled(path: Path, trust: bool, flag: str) -> Any:
         raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {_first_line(e)})") from e
 
 
+def _check_torch_file(path: Path) -> None:
+    """ValueError when `path` is neither torch.save's zip archive nor a pickle (protocol 2 or later starts with 0x80):
+    a text file, an image, a .npy passed as a checkpoint, which the pickle reader would report as data it refuses
+    (advising the opt-in that runs code)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head and not zipfile.is_zipfile(path) and head[0] != 0x80:
+        raise ValueError(f"{path} is not a checkpoint: expected torch.save's zip file (or a pickle) or a "
+                         f".safetensors file, and it starts with {head!r}")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
@@ -173,6 +184,7 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, flag: str = TR
         check_integrity(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
+    _check_torch_file(path)
     checkpoint = _load_pickled(path, trust, flag)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"checkpoint {path}: expected a dict, got {type(checkpoint).__name__}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from latent_data.format import MANIFEST
 from latent_data.reader import DatasetError, LatentReader  # DatasetError: callers import it from here
 from latent_data.repa import RepaReader
 from latent_data.shards import ShardsReader
+from preprocessing.images import IMG_EXTENSIONS
 
 
 class LatentDataset(Dataset):
@@ -63,10 +65,16 @@ class LatentDataset(Dataset):
         for vae_dir in (self.root / "vae-sd", self.root):
             if (vae_dir / "dataset.json").is_file():
                 return RepaReader(self.root, vae_dir, self.in_memory, self.with_images)
-        raise DatasetError(
-            f"{self.root}: no {MANIFEST} (a folder written by preprocessing/encode.py) and no "
-            "vae-sd/dataset.json or dataset.json (REPA's layout)"
-        )
+        if self.root.is_file():  # e.g. the manifest itself
+            raise DatasetError(f"{self.root} is a file; expected the dataset's folder (the one holding {MANIFEST})")
+        inside = sorted({str(p.parent) for pattern in (f"*/{MANIFEST}", "*/dataset.json") for p in self.root.glob(
+            pattern)} | {str(p.parent.parent) for p in self.root.glob("*/vae-sd/dataset.json")})[:3]
+        hint = f"; a dataset is one level down, in {', '.join(inside)}: name that folder" if inside else ""
+        if not hint and self.root.is_dir() and _holds_class_folders_of_images(self.root):
+            hint = ("; it holds images in class folders: encode them first (python -m preprocessing.encode "
+                    f"--source {self.root} --dest DEST), then pass DEST")
+        raise DatasetError(f"{self.root}: no {MANIFEST} (a folder written by preprocessing/encode.py) and no "
+                           f"vae-sd/dataset.json or dataset.json (REPA's layout){hint}")
 
     # -- verification --------------------------------------------------------------------------------------
 
@@ -194,3 +202,10 @@ class ResumableDistributedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.per_rank - self.start
+
+
+def _holds_class_folders_of_images(root: Path) -> bool:
+    """Whether the first few sub-folders of `root` hold image files (an ImageNet-style folder given as --data-dir);
+    a bounded look, for a folder of a million images."""
+    folders = itertools.islice((d for d in root.iterdir() if d.is_dir()), 3)
+    return any(f.suffix.lower() in IMG_EXTENSIONS for d in folders for f in itertools.islice(d.iterdir(), 20))

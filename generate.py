@@ -143,8 +143,9 @@ def _repa_flags(p: argparse.ArgumentParser) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.num_fid_samples < 1 or args.per_proc_batch_size < 1 or args.num_steps < 1:
-        p.error("--num-fid-samples, --per-proc-batch-size and --num-steps must be positive")
+    for flag in ("--num-fid-samples", "--per-proc-batch-size", "--num-steps"):
+        if getattr(args, flag[2:].replace("-", "_")) < 1:
+            p.error(f"{flag} must be positive, got {getattr(args, flag[2:].replace('-', '_'))}")
     if args.legacy:
         p.error("--legacy converts REPA's pre-release checkpoint layout, which this generate.py does not read; load "
                 "the file with REPA's utils.load_legacy_checkpoints, save its state dict as {'ema': ...}, and pass "

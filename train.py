@@ -17,6 +17,7 @@ from pathlib import Path
 import alignment  # declares the methods' flags without importing torch
 import cli
 from cli import MODEL_NAMES, PATH_TYPES, TRUST_FLAG, TRUST_HELP, WEIGHTINGS
+from models.registry import size_problem  # torch-free
 from training import eval_flags  # --eval-* flags (torch-free)
 
 
@@ -200,6 +201,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--resume-step and --resume both name the checkpoint to resume from: pass one")
         args.resume = os.path.join(args.output_dir, args.exp_name, "checkpoints", f"{args.resume_step:07d}.pt")
     check_ranges(args, p.error)
+    problem = size_problem(args.model, args.depth, args.hidden_size, args.num_heads)
+    if problem:
+        p.error(problem)
     check_blocks(args, defaulted, p.error)
     eval_flags.check_arguments(args, p.error)
     return args
@@ -243,7 +247,11 @@ def check_ranges(args: argparse.Namespace, error) -> None:
              "epochs": positive, "resolution": positive, "num_classes": positive,
              # blocks are counted from 1 (0 used to fall back to the default block silently)
              "encoder_depth": positive, "vae_repa_depth": positive, "sra_student_depth": positive,
-             "sra_teacher_depth": positive}  # None (unset) passes
+             "sra_teacher_depth": positive,
+             # a negative weight ascends the alignment loss (it trained, exit 0)
+             "vae_repa_coeff": non_negative, "proj_coeff": non_negative, "sra_coeff": non_negative,
+             "vae_repa_beta": non_negative, "sra_beta": non_negative, "sra_t_max": unit,
+             "vae_repa_head_width": positive}  # None (unset) passes
     for name, (ok, what) in rules.items():
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and ok(value)):

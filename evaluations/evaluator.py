@@ -79,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--num-workers", args.num_workers, 0),
+                             ("--ref-pr-images", args.ref_pr_images, 4)):  # 4: PR_NEIGHBOURS (3) + 1, metrics.py
+        if value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
+    return args
 
 
 if __name__ == "__main__":
@@ -115,10 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         for path in (out, args.save_ref):
             if path is None:
                 continue
+            if Path(path).is_dir():
+                raise EvaluationError(f"{path} is a folder: --out and --save-ref name the file to write")
             if Path(path).exists() and not args.overwrite:
                 raise EvaluationError(f"{path} exists; pass --overwrite to replace it (or --out for another name)")
             if not Path(path).resolve().parent.is_dir():
                 raise EvaluationError(f"the folder of {path} does not exist")
+            if not os.access(Path(path).resolve().parent, os.W_OK):  # a read-only file system says so too
+                raise EvaluationError(f"{path}: its folder cannot be written to (the metrics would be lost at the end)")
         result = evaluate(
             args.ref,
             args.sample,

@@ -43,3 +43,28 @@ def model_family(name: str) -> str:
 def model_size(name: str) -> str:
     """'B', 'L', 'XL', ... of a registry name (the per-size defaults of the alignment methods key on it)."""
     return parse_model_name(name)[1]
+
+
+def size_problem(name: str, depth: int | None, hidden_size: int | None, num_heads: int | None) -> str | None:
+    """What keeps `name`'s backbone from being built with the --depth / --hidden-size / --num-heads overrides (None:
+    the size's own value), as one line naming the flags; None when it can be built."""
+    family = model_family(name)
+    config = model_config(name)
+    given = {"--depth": depth, "--hidden-size": hidden_size, "--num-heads": num_heads}
+    values = {flag: config[flag[2:].replace("-", "_")] if value is None else value for flag, value in given.items()}
+    for flag, value in values.items():
+        if value < 1:
+            return f"{flag} must be positive, got {value}"
+
+    def named(flag: str) -> str:
+        return f"{flag} {values[flag]}" + ("" if given[flag] is not None else f" ({name}'s)")
+
+    hidden, heads = values["--hidden-size"], values["--num-heads"]
+    if hidden % heads:
+        return f"{named('--hidden-size')} is not divisible by {named('--num-heads')}: each head takes hidden/heads"
+    if family == "SiT" and hidden % 4:
+        return f"{named('--hidden-size')}: SiT's 2-D sin-cos position embedding needs a multiple of 4"
+    if family == "LightningDiT" and (hidden // heads) % 4:
+        return (f"{named('--hidden-size')} / {named('--num-heads')}: LightningDiT's 2-D RoPE needs a head width "
+                "(hidden size / heads) divisible by 4")
+    return None

@@ -118,13 +118,20 @@ from preprocessing.shards import (
 
 def list_source(args: argparse.Namespace) -> tuple[list[str], list[int], list[str], int]:
     """Check the flags that need no VAE and list the images: (paths, labels, class names, number of classes)."""
-    source = Path(args.source)
-    if not source.is_dir():
-        raise UsageError(f"--source {source}: no such directory")
-    if args.resolution <= 0 or args.resolution % 8:
-        raise UsageError(f"--resolution {args.resolution}: must be a positive multiple of 8")
-    if args.shard_size < 1 or args.batch_size < 1:
-        raise UsageError("--shard-size and --batch-size must be at least 1")
+    source, res, finite = Path(args.source), args.resolution, (lambda v: math.isfinite(v) and v > 0)
+    for bad, message in (
+        (not source.is_dir(), f"--source {source}: no such directory"),
+        (res <= 0 or res % 8, f"--resolution {res}: must be a positive multiple of 8"),
+        (args.shard_size < 1, f"--shard-size {args.shard_size}: must be at least 1"),
+        (args.batch_size < 1, f"--batch-size {args.batch_size}: must be at least 1"),
+        ((args.num_workers or 0) < 0, f"--num-workers {args.num_workers}: must be at least 0"),
+        (not finite(args.scale), f"--scale {args.scale}: must be positive"),
+        (not finite(args.latent_multiplier), f"--latent-multiplier {args.latent_multiplier}: must be positive"),
+        (Path(args.dest).resolve() == source.resolve(), f"--dest {args.dest} is the --source folder: give the latents "
+                                                          "a folder of their own"),
+    ):
+        if bad:
+            raise UsageError(message)
     paths, labels, class_names = list_images(source, Path(args.labels) if args.labels else None)
     if not paths:
         where = f"listed in --labels {args.labels}" if args.labels else "in class sub-folders"

@@ -51,8 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli  # noqa: E402
-from cli import MODEL_NAMES  # noqa: E402
+from alignment import METHOD_NAMES  # noqa: E402  (torch-free)
 from integrity import atomic_write  # noqa: E402
+from models.registry import MODEL_NAMES, size_problem  # noqa: E402
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
 # The paper's Table 4 (SiT-XL/2, H100, batch 256): EFP in M (external + head), iterations/s, GFLOPs, latency ms.
@@ -125,10 +126,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.models, args.align = VAVAE_MODELS, ["none", "vae-repa"]
         if "--batch-size" not in (argv if argv is not None else sys.argv[1:]):
             args.batch_size = [32]
-    if args.profile_steps < 0 or min(args.batch_size) < 1:
-        p.error("--profile-steps must be >= 0 and every --batch-size >= 1")
-    if args.trace_dir and not args.profile_steps:
-        p.error("--trace-dir needs --profile-steps N (N > 0)")
+    sets = set(",".join(args.align).split(","))
+    rules = (("--steps", args.steps >= 1, "positive"), ("--warmup", args.warmup >= 0, "non-negative"),
+             ("--profile-steps", args.profile_steps >= 0, "non-negative"),
+             ("--trace-dir", not args.trace_dir or args.profile_steps, "given with --profile-steps N (N > 0)"),
+             ("--batch-size", min(args.batch_size) >= 1, "positive (each)"),
+             ("--latent-size", args.latent_size >= 2 and args.latent_size % (32 if "repa" in sets else 2) == 0,
+              "a positive even number, and a multiple of 32 with repa (its encoder takes 256 * k pixel images)"),
+             ("--align", sets <= {*METHOD_NAMES, "none"}, f"sets of {', '.join(METHOD_NAMES)} or none"))
+    problems = [f"{flag} must be {what}" for flag, ok, what in rules if not ok]
+    problems += filter(None, (size_problem(m, args.depth, args.hidden_size, args.num_heads) for m in args.models))
+    if problems:
+        p.error(problems[0])
     return args
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cli import CFG_CHANNELS_HELP, cfg_channels  # noqa: E402  (torch-free)
+from cli import CFG_CHANNELS_HELP, cfg_channels, parser  # noqa: E402  (torch-free)
 
 # VAE-REPA paper, Table 2: FID-50K on ImageNet 256x256, batch 256, no CFG; (model, method) -> {iterations: FID}.
 PAPER_TABLE2 = {
@@ -40,12 +40,13 @@ PAPER_TABLE2 = {
     ("SiT-XL/2", "repa+vae-repa"): {100_000: 16.3, 200_000: 9.2, 400_000: 6.8},
 }
 PAPER_BATCH = 256
+METRICS_FILE = "metrics.jsonl"  # training/evaluation.py's METRICS_FILE (that module imports torch)
 COLUMNS = ("run", "series", "model", "method", "step", "images_seen", "gpu_hours", "num_samples", "fid", "sfid",
            "inception_score", "precision", "recall")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("runs", nargs="+", help="train.py run directories (each with args.json and checkpoints/)")
     p.add_argument("--ref", default=None,
                    help="reference batch for the evaluator (ADM's VIRTUAL_imagenet256_labeled.npz for ImageNet 256); "
@@ -69,7 +70,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--inception-weights", default=None, help="the evaluator's --inception-weights (default: its own)")
     g.add_argument("--delete-samples", action="store_true",
                    help="delete a checkpoint's PNGs and .npz once its result is written (50K PNGs: ~5 GB each)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args, p.error)
+    return args
+
+
+def check_args(args: argparse.Namespace, error) -> None:
+    """The protocol's ranges and the paths, before any work: a mistake used to surface as generate.py's error under
+    "rerun to resume" (or a traceback, or an empty table with exit 0)."""
+    rules = [(flag, lambda v: v >= 1, "positive") for flag in ("--num-samples", "--num-steps", "--per-proc-batch-size",
+                                                                "--nproc-per-node")]
+    rules += [("--cfg-scale", lambda v: v >= 1, ">= 1 (1: no guidance)"), ("--guidance-high", lambda v: 0 <= v <= 1,
+              "in [0, 1]"), ("--global-seed", lambda v: v >= 0, "non-negative")]
+    for flag, ok, what in rules:
+        if not ok(value := getattr(args, flag[2:].replace("-", "_"))):
+            error(f"{flag} must be {what}, got {value}")
+    for run in map(Path, args.runs):
+        if not (run / "checkpoints").is_dir() and not (run / METRICS_FILE).is_file():
+            what = "no such folder" if not run.exists() else f"no checkpoints/ and no {METRICS_FILE}"
+            error(f"{run} is not a train.py run directory ({what})")
+    if args.ref is not None and not Path(args.ref).exists():
+        error(f"--ref {args.ref}: no such file or folder")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        error(f"--out-dir {args.out_dir} is a file; expected a folder")
 
 
 def protocol_tag(args: argparse.Namespace) -> str:
@@ -168,8 +191,6 @@ def collect(args: argparse.Namespace) -> list[dict]:
 
     rows, paper_done = [], set()
     for run in map(Path, args.runs):
-        if not run.is_dir():
-            raise SystemExit(f"error: {run} is not a run directory")
         info, name = run_info(run), run.name
         logged = {r["step"]: r for r in read_rows(run)}
         base = {"run": name, "model": info["model"], "method": info["method"]}
@@ -259,6 +280,10 @@ def plot(rows: list[dict], path: Path, caption: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = collect(args)
+    if not any(r["run"] in {Path(run).name for run in args.runs} for r in rows):
+        print(f"error: nothing to plot: no checkpoints/NNNNNNN.pt and no {METRICS_FILE} rows in "
+              f"{', '.join(args.runs)}", file=sys.stderr)
+        return 2
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     caption = protocol_caption(args)

@@ -75,3 +75,17 @@ default_name() {
     done
     printf '%s-%s' "${1//\//-}" "${joined:-vanilla}"
 }
+
+# GPUS, the processes of one launch: a whole number from 1 up, else one line and exit 2 (accelerate and torchrun
+# answered 0 or a word with a traceback). LAUNCH_PROCS: accelerate launch's flags for it, --multi_gpu from 2
+# processes on (accelerate refuses --multi_gpu for one).
+check_gpus() {
+    if ! [[ "$GPUS" =~ ^[1-9][0-9]*$ ]]; then
+        echo "$(basename "${BASH_SOURCE[1]}"): GPUS=$GPUS: expected the number of GPUs (processes) to use, 1 or more" >&2
+        exit 2
+    fi
+    LAUNCH_PROCS=(--num_processes "$GPUS")
+    if [ "$GPUS" -gt 1 ]; then
+        LAUNCH_PROCS=(--multi_gpu "${LAUNCH_PROCS[@]}")
+    fi
+}

@@ -18,6 +18,7 @@ launcher_help "$@"
 RUN=${RUN:?set RUN to a run directory of scripts/train_vavae_table2.sh}
 REF=${REF:?set REF to the ADM reference batch VIRTUAL_imagenet256_labeled.npz}
 GPUS=${GPUS:-8}
+check_gpus
 case "$RUN" in
     *-lightningdit-64ep-*) STEPS=${STEPS:-80000}; PROTOCOL=${PROTOCOL:-lightningdit} ;;
     *) STEPS=${STEPS:-"100000 200000 400000"}; PROTOCOL=${PROTOCOL:-repa} ;;

@@ -10,6 +10,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/launcher_lib.sh"  # --help, run names, re
 launcher_help "$@"
 CKPT=${CKPT:?set CKPT to a checkpoint file or run directory}
 GPUS=${GPUS:-8}
+check_gpus
 
 torchrun --nproc_per_node "$GPUS" generate.py --ckpt "$CKPT" --mode sde --num-steps 250 \
     --cfg-scale 1.8 --guidance-low 0.0 --guidance-high 0.7 --num-fid-samples 50000 \

@@ -12,6 +12,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/launcher_lib.sh"  # --help, run names, re
 launcher_help "$@"
 DATA=${DATA:-data/imagenet256}
 GPUS=${GPUS:-8}
+check_gpus
 COMMON=(--model SiT-B/2 --data-dir "$DATA" --batch-size 256 --max-train-steps 400000
         --checkpointing-steps 50000 --keep-every 50000 --mixed-precision bf16)
 
@@ -27,5 +28,5 @@ for run in $RUNS; do
         *) echo "train_b2_table1.sh: RUNS holds vanilla and/or vae-repa, got $run" >&2; exit 2 ;;
     esac
     run_args "$(default_name SiT-B/2 "${run/vanilla/none}")" "sit-b2-$run" "$@"
-    accelerate launch --multi_gpu --num_processes "$GPUS" train.py "${COMMON[@]}" "${METHOD[@]}" "${RUN_ARGS[@]}" "$@"
+    accelerate launch "${LAUNCH_PROCS[@]}" train.py "${COMMON[@]}" "${METHOD[@]}" "${RUN_ARGS[@]}" "$@"
 done

@@ -17,12 +17,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/launcher_lib.sh"  # --help, run names, re
 launcher_help "$@"
 DATA=${DATA:-data/imagenet256}
 GPUS=${GPUS:-8}
+check_gpus
 MODEL=${MODEL:-SiT-XL/2}
 METHODS=${METHODS:-vae-repa}
 STEPS=${STEPS:-400000}
 OLD_NAME=$(echo "$MODEL" | tr '/' '-' | tr 'A-Z' 'a-z')-$(echo "$METHODS" | tr ',' '+')  # before: lowercased
 run_args "$(default_name "$MODEL" "$METHODS")" "$OLD_NAME" "$@"
 
-accelerate launch --multi_gpu --num_processes "$GPUS" train.py --model "$MODEL" --data-dir "$DATA" \
+accelerate launch "${LAUNCH_PROCS[@]}" train.py --model "$MODEL" --data-dir "$DATA" \
     --align "$METHODS" --batch-size 256 --max-train-steps "$STEPS" --checkpointing-steps 50000 \
     --keep-every 100000 "${RUN_ARGS[@]}" "$@"

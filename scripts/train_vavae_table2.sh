@@ -32,6 +32,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/launcher_lib.sh"  # --help, run names, re
 launcher_help "$@"
 DATA=${DATA:-data/imagenet256-vavae}
 GPUS=${GPUS:-8}
+check_gpus
 MODEL=${MODEL:-LightningDiT-XL/1}
 METHODS=${METHODS:-vae-repa}
 RECIPE=${RECIPE:-table2}
@@ -70,5 +71,5 @@ if [ "$RECIPE" = table2 ] && [ "${RUN_ARGS[3]}" = "$OLD_NAME" ]; then
     RECIPE_FLAGS+=(--max-grad-norm 1.0)
 fi
 
-accelerate launch --multi_gpu --num_processes "$GPUS" train.py --model "$MODEL" --data-dir "$DATA" \
+accelerate launch "${LAUNCH_PROCS[@]}" train.py --model "$MODEL" --data-dir "$DATA" \
     --align "$METHODS" "${RECIPE_FLAGS[@]}" "${RUN_ARGS[@]}" "$@"

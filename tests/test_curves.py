@@ -130,7 +130,10 @@ def test_cfg_channels_reach_generate_and_name_their_own_protocol(tmp_path, monke
         seen.append(argv)
 
     monkeypatch.setattr(curves, "run_tool", run_tool)
+    monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)  # the paths exist: curves.py checks them before any work
+    Path("ref.npz").touch()
     base = [str(run), "--ref", "ref.npz", "--cfg-scale", "4", "--guidance-high", "0.9"]
     three = curves.parse_args([*base, "--cfg-channels", "3"])
     with pytest.raises(SystemExit, match="expected one .npz"):

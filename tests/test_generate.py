@@ -337,7 +337,7 @@ def test_bad_input_fails_clearly_before_writing(assets, tmp_path, capsys):
     (tmp_path / "empty_run").mkdir()
     assert "without step checkpoints" in fails(tmp_path / "empty_run")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    assert "garbage.pt could not be read" in fails(tmp_path / "garbage.pt")
+    assert "garbage.pt is not a checkpoint: expected torch.save's zip file" in fails(tmp_path / "garbage.pt")
     assert "--model SiT-B/2 contradicts" in fails(assets["ckpt"], "--model", "SiT-B/2")
     assert "--resolution 256 contradicts" in fails(assets["ckpt"], "--resolution", "256")
     ema_only = make_repa_checkpoint(tmp_path / "ema_only.pt", random_state(TINY_ARGS, 0, with_heads=False))

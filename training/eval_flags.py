@@ -54,8 +54,10 @@ def check_arguments(args: argparse.Namespace, error) -> None:
         error("--eval-every must be >= 0 (0: no evaluation)")
     if args.eval_every == 0:
         return
-    if args.eval_samples < 2 or args.eval_num_steps < 1 or args.eval_batch_size < 1:
-        error("--eval-samples (>= 2), --eval-num-steps and --eval-batch-size must be positive")
+    for flag, value, low in (("--eval-samples", args.eval_samples, 2), ("--eval-num-steps", args.eval_num_steps, 1),
+                             ("--eval-batch-size", args.eval_batch_size, 1)):
+        if value < low:
+            error(f"{flag} must be at least {low}, got {value}")
     if args.eval_cfg_scale < 1.0:
         error("--eval-cfg-scale must be >= 1 (1: no guidance)")
     if not 0.0 <= args.eval_guidance_low <= args.eval_guidance_high <= 1.0:
@@ -73,8 +75,11 @@ def check_arguments(args: argparse.Namespace, error) -> None:
         error(f"--eval-ref {ref}: not readable")
     try:
         images, stats = open_reference(str(ref), num_workers=0)
-        if images is not None and len(images) < 4:
-            error(f"--eval-ref {ref}: {len(images)} images; at least 4 are needed")
+    except (EvaluationError, OSError, ValueError) as e:
+        error(f"--eval-ref: {e}")
+    if images is not None and len(images) < 4:
+        error(f"--eval-ref {ref}: {len(images)} images; at least 4 are needed")
+    try:
         resolve_weights(args.inception_weights)
     except (EvaluationError, OSError, ValueError) as e:
-        error(f"--eval-ref / --inception-weights: {e}")
+        error(f"--inception-weights: {e}")

@@ -231,7 +231,10 @@ def set_up_run(args: argparse.Namespace, hold: contextlib.ExitStack) -> Run:
     run_args.update(latent_shape=list(dataset.latent_shape), num_classes=dataset.num_classes, vae=dataset.vae,
                     latent_scale=dataset.scale, latent_shift=dataset.shift, world_size=world)
     # before anything is written: a checkpoint that is refused or does not fit leaves no run directory behind
-    checkpoint = None if resume_from is None else open_resume_checkpoint(resume_from, args.trust_checkpoint, run_args)
+    last_step = args.max_train_steps if args.epochs is None else min(args.max_train_steps, epoch_step_limit(
+        args, len(dataset) // world, local_batch))  # where the run ends: a checkpoint past it is refused
+    checkpoint = None if resume_from is None else open_resume_checkpoint(resume_from, args.trust_checkpoint, run_args,
+                                                                         last_step)
     # a peer's settings (flips, SRA's schedule and teacher): the dataset's resolution, or the run's own on a resume
     args.notes += alignment.peers.settle(args, None if checkpoint is None else alignment.with_defaults(
         checkpoint["args"]), dataset.manifest.get("resolution"), world)

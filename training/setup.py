@@ -45,7 +45,9 @@ def locate_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
         return run_dir, ckpts[max(ckpts)] if ckpts else None
     if args.resume is not None:
         if not Path(args.resume).is_file():
-            raise UsageError(f"--resume {args.resume}: no such checkpoint file")
+            raise UsageError(f"--resume {args.resume}: " + ("a folder, not a checkpoint file: name its NNNNNNN.pt, or "
+                             "resume a run with --resume latest and its --output-dir / --exp-name" if Path(
+                                 args.resume).is_dir() else "no such checkpoint file"))
         return run_dir, Path(args.resume)
     if run_dir.exists() and any(run_dir.iterdir()):
         holder = read_holder(run_dir / LOCK_NAME)
@@ -84,8 +86,9 @@ def check_same_run(run_dir: Path, run_args: dict) -> str:
     return f"no checkpoint in {run_dir}: starting a new run"
 
 
-def open_resume_checkpoint(path: Path, trust: bool, run_args: dict) -> dict:
-    """The checkpoint to resume from, checked against this run's architecture (UsageError if it does not fit)."""
+def open_resume_checkpoint(path: Path, trust: bool, run_args: dict, last_step: int) -> dict:
+    """The checkpoint to resume from, checked against this run's architecture and `last_step`, where the run ends
+    (UsageError if it does not fit, or is past the end)."""
     try:
         checkpoint = load_checkpoint(path, trust=trust)
     except DamagedCheckpointError as e:
@@ -101,6 +104,11 @@ def open_resume_checkpoint(path: Path, trust: bool, run_args: dict) -> dict:
     if mismatched:
         raise UsageError(f"checkpoint {path} does not match this run: " + ", ".join(
             f"{k}: checkpoint {saved[k]!r} vs now {run_args.get(k)!r}" for k in mismatched))
+    if isinstance(checkpoint.get("step"), int) and checkpoint["step"] > last_step:
+        flag = ("--max-train-steps", run_args["max_train_steps"]) if last_step == run_args["max_train_steps"] else \
+            ("--epochs", f"{run_args['epochs']} (its passes end at step {last_step})")
+        raise UsageError(f"{flag[0]} {flag[1]}: checkpoint {path} is at step {checkpoint['step']} already; pass a "
+                         f"larger {flag[0]} to train on")
     return checkpoint
 
 
