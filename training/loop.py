@@ -32,7 +32,6 @@ from training.setup import (
     check_dataset_flags,
     check_same_run,
     epoch_step_limit,
-    init_trackers,
     locate_run,
     log_run_start,
     log_summary,
@@ -44,8 +43,8 @@ from training.setup import (
     seed_and_restore_rng,
     set_up_methods,
     split_batch,
-    tracker_project,
 )
+from training.trackers import init_trackers, settle_project
 
 logger = logging.getLogger("train")
 
@@ -242,10 +241,7 @@ def set_up_run(args: argparse.Namespace, hold: contextlib.ExitStack) -> Run:
     if dataset.use_flip != args.flip:  # a resumed run's own setting
         dataset = open_dataset(args, with_images="images" in needs)
     methods = alignment.build_methods(run_args)
-    # the tracker project, recorded (also by a leg without a tracker): a resume stays in it whatever the environment
-    recorded = run_settings.recorded_value("tracker_project_name", checkpoint, run_dir if args.resume else None)
-    args.tracker_project_name = run_args["tracker_project_name"] = (
-        tracker_project(args, recorded) if args.report_to != "none" else args.tracker_project_name or recorded)
+    settle_project(args, run_args, checkpoint, run_dir)
     changed = {} if checkpoint is None else run_settings.compare_settings(
         alignment.with_defaults(checkpoint["args"]), run_args, resume_from)
     if args.resume == "latest" and checkpoint is None:  # another run's files are refused, nothing touched yet

@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,6 @@ from alignment import ARCH_KEYS, model_from_args
 from checkpoints import CHECKPOINT_FORMAT, DamagedCheckpointError, list_checkpoints, load_checkpoint, set_rng_state
 from cli import UsageError
 from devices import ddp_options, enable_deterministic_mode, gpu_launch_problem, on_rank0
-from integrity import write_text
 from training import guard, run_settings
 from training.run_lock import LOCK_NAME, RunLock, in_use_message, lock_age, read_holder, stale_reason
 
@@ -193,54 +191,6 @@ def build_model_and_optimizer(args: argparse.Namespace, run_args: dict, checkpoi
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["opt"])
     return model, ema, optimizer
-
-
-DEFAULT_TRACKER_PROJECT = "vae-repa"  # every run's project before --tracker-project-name
-
-
-def tracker_project(args: argparse.Namespace, recorded: str | None = None) -> str:
-    """--tracker-project-name; else the project a resumed run recorded (`recorded`); else, for wandb, $WANDB_PROJECT
-    (wandb.init's project argument would override it); else vae-repa."""
-    if getattr(args, "tracker_project_name", None):
-        return args.tracker_project_name
-    if recorded:
-        return recorded
-    if args.report_to == "wandb" and os.environ.get("WANDB_PROJECT"):
-        return os.environ["WANDB_PROJECT"]
-    return DEFAULT_TRACKER_PROJECT
-
-
-def tracker_config(run_args: dict, report_to: str) -> dict:
-    """A run's settings as its tracker stores them, with their types: numbers, bools, strings and None as they are (runs
-    can then be filtered and sorted by them); for wandb, lists and dicts as such (TensorBoard's hparams take neither:
-    there, as text); anything else as text."""
-
-    def typed(value):
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        if report_to == "wandb" and isinstance(value, dict):
-            return {str(k): typed(v) for k, v in value.items()}
-        if report_to == "wandb" and isinstance(value, (list, tuple)):
-            return [typed(v) for v in value]
-        return str(list(value) if isinstance(value, tuple) else value)
-
-    return {k: typed(v) for k, v in run_args.items()}
-
-
-def init_trackers(accelerator, args: argparse.Namespace, run_args: dict, run_dir: Path) -> None:
-    if args.report_to == "none":
-        return
-    init_kwargs = {}
-    if args.report_to == "wandb":
-        id_file = run_dir / "wandb_id.txt"
-        if accelerator.is_main_process and not id_file.exists():
-            write_text(id_file, uuid.uuid4().hex[:12])  # a resumed run continues the same wandb run
-        accelerator.wait_for_everyone()
-        init_kwargs["wandb"] = {"id": id_file.read_text().strip(), "resume": "allow", "name": args.exp_name,
-                                "dir": str(run_dir)}
-    project = tracker_project(args)
-    logger.info("%s: project %s", args.report_to, project)
-    accelerator.init_trackers(project, config=tracker_config(run_args, args.report_to), init_kwargs=init_kwargs)
 
 
 def log_summary(args: argparse.Namespace, model: torch.nn.Module, methods: list, device: torch.device, world: int,
