@@ -110,7 +110,9 @@ def _check_torch_file(path: Path) -> None:
     (advising the opt-in that runs code)."""
     with open(path, "rb") as f:
         head = f.read(8)
-    if head and not zipfile.is_zipfile(path) and head[0] != 0x80:
+    # torch.save's zip (a damaged one is left to torch, which says what is wrong), a pickle of protocol 2 or later,
+    # or torch's legacy format under protocol 0 or 1 (its magic number, written as text)
+    if head and head[:2] != b"PK" and head[0] != 0x80 and not head.startswith(b"L1195470"):
         raise ValueError(f"{path} is not a checkpoint: expected torch.save's zip file (or a pickle) or a "
                          f".safetensors file, and it starts with {head!r}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,6 @@ from latent_data.format import MANIFEST
 from latent_data.reader import DatasetError, LatentReader  # DatasetError: callers import it from here
 from latent_data.repa import RepaReader
 from latent_data.shards import ShardsReader
-from preprocessing.images import IMG_EXTENSIONS
 
 
 class LatentDataset(Dataset):
@@ -205,7 +205,17 @@ class ResumableDistributedSampler(Sampler[int]):
 
 
 def _holds_class_folders_of_images(root: Path) -> bool:
-    """Whether the first few sub-folders of `root` hold image files (an ImageNet-style folder given as --data-dir);
-    a bounded look, for a folder of a million images."""
-    folders = itertools.islice((d for d in root.iterdir() if d.is_dir()), 3)
-    return any(f.suffix.lower() in IMG_EXTENSIONS for d in folders for f in itertools.islice(d.iterdir(), 20))
+    """Whether the first few entries of `root` are folders holding image files (an ImageNet-style folder given as
+    --data-dir): a bounded look (a few dozen entries), for a folder of a million images; False where it cannot look."""
+    from preprocessing.images import IMG_EXTENSIONS  # here: reading a dataset does not load the encoder's image side
+
+    try:
+        with os.scandir(root) as entries:
+            folders = [e.path for e in itertools.islice(entries, 20) if e.is_dir()][:3]
+        for folder in folders:
+            with os.scandir(folder) as entries:
+                if any(Path(e.name).suffix.lower() in IMG_EXTENSIONS for e in itertools.islice(entries, 20)):
+                    return True
+    except OSError:
+        return False
+    return False

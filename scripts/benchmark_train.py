@@ -126,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.models, args.align = VAVAE_MODELS, ["none", "vae-repa"]
         if "--batch-size" not in (argv if argv is not None else sys.argv[1:]):
             args.batch_size = [32]
-    sets = set(",".join(args.align).split(","))
+    sets = {n.strip() for a in args.align for n in a.split(",") if n.strip()}  # as train.py reads --align
     rules = (("--steps", args.steps >= 1, "positive"), ("--warmup", args.warmup >= 0, "non-negative"),
              ("--profile-steps", args.profile_steps >= 0, "non-negative"),
              ("--trace-dir", not args.trace_dir or args.profile_steps, "given with --profile-steps N (N > 0)"),

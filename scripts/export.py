@@ -125,8 +125,9 @@ def export(args: argparse.Namespace) -> tuple[Path, bool]:
     suffix = ".safetensors" if args.format == "safetensors" else "-repa.pt"
     out = Path(args.out) if args.out else ckpt.with_name(ckpt.stem + suffix)
     if (out.suffix == ".safetensors") != (args.format == "safetensors"):  # the loaders go by the suffix
-        raise UsageError(f"--out {out}: a --format {args.format} file is read by its name, which must end in "
-                         + (".safetensors" if args.format == "safetensors" else ".pt, not .safetensors"))
+        raise UsageError(f"--out {out}: a --format {args.format} file is read by its name, which must "
+                         + ("end in .safetensors" if args.format == "safetensors" else "not end in .safetensors "
+                            "(e.g. .pt)"))
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
     if out.resolve() == ckpt.resolve():
