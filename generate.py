@@ -172,12 +172,11 @@ if __name__ == "__main__":
     parse_args()  # --help and usage errors answer here, before torch is imported (main parses again: cheap)
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import samplers
 from cli import UsageError
-from devices import barrier, init_processes, on_rank0, resolve_compile, together
+from devices import barrier, end_processes, init_processes, on_rank0, resolve_compile, together
 from latent_codecs.autoencoder import load_vae
 from sampling.batch import SamplingSettings, sample_batch
 from sampling.checkpoint import load_model, resolve_checkpoint, verify_checkpoint
@@ -205,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.print_error(f"{prefix}generate.py: error: {e}")
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_processes()
 
 
 def _precision(args: argparse.Namespace, device: torch.device, log) -> str:

@@ -261,9 +261,8 @@ def check_ranges(args: argparse.Namespace, error) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch.distributed as dist  # torch is imported from here on
-
     from cli import UsageError
+    from devices import end_processes  # torch is imported from here on
     from training import guard
     from training.loop import train
 
@@ -275,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         guard.discard_refused_run(getattr(args, "created_run_dir", None))  # refused before its first step
         return 2 if isinstance(e, UsageError) else 3
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_processes()
     return 0
 
 

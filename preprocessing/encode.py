@@ -94,7 +94,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cli import UsageError
-from devices import gpu_launch_problem
+from devices import end_processes, gpu_launch_problem
 from integrity import as_list, sha256_hex, worker_init
 from latent_codecs.autoencoder import load_vae
 from latent_data.format import FORMAT, FORMAT_VERSION, MANIFEST
@@ -391,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.print_error(f"error: {e}")
         return 2
     finally:
-        if world_size > 1:
-            dist.destroy_process_group()
+        end_processes()
     return 0
 
 
