@@ -157,7 +157,7 @@ def end_processes() -> None:
     """Tear the process group down (if any), then collect what still held on to it (pending work, the tensors the
     collectives used) while the interpreter is whole: left to the interpreter's exit, gloo's threads can abort a
     process whose work is done ("terminate called without an active exception", exit -6: seen in 2 of 28
-    two-process generate.py runs on a loaded CPU, in none of 30 with the collection)."""
+    two-process generate.py runs on a loaded CPU, in none of 50 with the collection)."""
     if dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()
